@@ -70,9 +70,11 @@ class Backend(Protocol):
         self,
         topic: str,
         values: Sequence[tuple[Optional[bytes], bytes]],
+        timestamp: Optional[int] = None,
     ) -> Deferred[list[Record]]:
         """Write (key, value) pairs to a topic; answers the stored records
-        (partition chosen by key hash, else round robin; timestamp = now)."""
+        (partition chosen by key hash, else round robin; timestamp = the
+        given one, else now)."""
 
     def tail(
         self,
