@@ -1,0 +1,374 @@
+"""The INI configuration, parsed once into frozen, typed objects.
+
+Every mistake becomes one ConfigError naming file, section, key and why, so
+the daemon can refuse to start with a single readable line.
+"""
+from __future__ import annotations
+
+import configparser
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, TypeVar
+
+from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+T = TypeVar("T")
+
+KNOWN_SECTIONS = (
+    "eventstreams",
+    "embedded",
+    "kafka",
+    "intake",
+    "demo",
+    "metrics",
+    "irc",
+    "rcstream",
+)
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, section: str, key: Optional[str], reason: str):
+        self.path, self.section, self.key, self.reason = path, section, key, reason
+        where = f"[{section}]" + (f" {key}" if key else "")
+        super().__init__(f"{path}: {where}: {reason}")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    name: str
+    topics: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    schema_title: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    listen: str = "tcp:8092"
+    backend: str = "embedded"
+    heartbeat: float = 15.0
+    id_updates: bool = True
+    client_ip_header: Optional[str] = None
+    client_ip_connection_limit: int = 0
+    max_connections: int = 0
+    max_lifetime: float = 0.0
+    ring_size: int = 10000
+    hub_linger: float = 10.0
+    cors_origin: str = "*"
+    content_security_policy: str = (
+        "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        "style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+    )
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    path: str = "var/eventstreams.sqlite"
+    retention: float = 7 * 86400.0
+    partitions: int = 1
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    listen: Optional[str] = "tcp:8192:interface=127.0.0.1"
+    streams: Optional[tuple[str, ...]] = None  # None: every configured stream
+    max_body: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    stream: Optional[str] = None  # None: no demo feed
+    file: Optional[str] = None  # None: the bundled sample events
+    rate: float = 25.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    service: ServiceConfig
+    embedded: EmbeddedConfig
+    kafka: dict[str, str]
+    streams: dict[str, StreamConfig]
+    intake: IntakeConfig
+    demo: DemoConfig
+    metrics: MetricsConfig
+    sections: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def stream(self, name: str) -> Optional[StreamConfig]:
+        """A stream by name or alias."""
+        return find_stream(self.streams, name)
+
+
+def find_stream(streams: dict[str, StreamConfig], name: str) -> Optional[StreamConfig]:
+    found = streams.get(name)
+    if found is not None:
+        return found
+    for stream in streams.values():
+        if name in stream.aliases:
+            return stream
+    return None
+
+
+# -- value parsers: each raises ValueError with the reason -----------------
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if value != value or value < 0 or value == float("inf"):
+        raise ValueError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    if not re.fullmatch(r"\d+", text):
+        raise ValueError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def _positive_count(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise ValueError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text.strip().lower())
+    if not match:
+        raise ValueError(f"expected a duration such as 30s, 12h or 7d, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", text.strip().lower())
+    if not match:
+        raise ValueError(f"expected a size such as 4096, 64k or 4M, got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def _endpoint(text: str) -> str:
+    if not text:
+        raise ValueError("expected a Twisted endpoint string such as tcp:8092")
+    try:
+        _parseServer(text, None)
+    except Exception as e:  # the endpoint parser raises many kinds
+        raise ValueError(f"not a valid endpoint string {text!r}: {e}") from None
+    return text
+
+
+def _optional_endpoint(text: str) -> Optional[str]:
+    if text.strip().lower() in ("", "none", "off", "no"):
+        return None
+    return _endpoint(text)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ValueError(f"{name!r} is not a valid name (letters, digits, . _ -)")
+    return names
+
+
+def _header_name(text: str) -> Optional[str]:
+    if not text:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
+        raise ValueError(f"{text!r} is not an HTTP header name")
+    return text
+
+
+def _text(text: str) -> str:
+    return text
+
+
+# -- loading ----------------------------------------------------------------
+
+
+def apply_overrides(
+    parser: configparser.ConfigParser, overrides: Iterable[str], path: str
+) -> None:
+    """Apply `SECTION.KEY=VALUE` overrides; the section is the longest prefix
+    naming a section in the file or a known one, else the text up to the
+    first dot."""
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or "." not in name:
+            raise ConfigError(path, "--set", None, f"expected SECTION.KEY=VALUE, got {item!r}")
+        sections = set(parser.sections()) | set(KNOWN_SECTIONS)
+        section, key = name.split(".", 1)
+        for candidate in sorted(sections, key=len, reverse=True):
+            if name.startswith(candidate + ".") and len(name) > len(candidate) + 1:
+                section, key = candidate, name[len(candidate) + 1 :]
+                break
+        if not parser.has_section(section):
+            parser.add_section(section)
+        parser.set(section, key, value)
+
+
+def load(path: str, overrides: Iterable[str] = ()) -> Config:
+    """Read and check a configuration file."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep key case (librdkafka keys)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except OSError as e:
+        raise ConfigError(path, "-", None, f"cannot read the file: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(path, "-", None, " ".join(str(e).split())) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "-", None, "the file is not UTF-8") from None
+    apply_overrides(parser, overrides, path)
+    return _build(parser, path)
+
+
+def _build(parser: configparser.ConfigParser, path: str) -> Config:
+    for section in parser.sections():
+        if section not in KNOWN_SECTIONS and not section.startswith("stream:"):
+            raise ConfigError(path, section, None, "unknown section")
+
+    def section(name: str, cls: type[T], fields: dict[str, Callable]) -> T:
+        values = dict(parser[name]) if parser.has_section(name) else {}
+        kwargs = {}
+        for key, text in values.items():
+            if key not in fields:
+                raise ConfigError(path, name, key, "unknown key")
+            try:
+                kwargs[key] = fields[key](text.strip())
+            except ValueError as e:
+                raise ConfigError(path, name, key, str(e)) from None
+        return cls(**kwargs)
+
+    service = section(
+        "eventstreams",
+        ServiceConfig,
+        {
+            "listen": _endpoint,
+            "backend": _text,
+            "heartbeat": _number,
+            "id_updates": _boolean,
+            "client_ip_header": _header_name,
+            "client_ip_connection_limit": _count,
+            "max_connections": _count,
+            "max_lifetime": _number,
+            "ring_size": _positive_count,
+            "hub_linger": _number,
+            "cors_origin": _text,
+            "content_security_policy": _text,
+        },
+    )
+    if service.backend not in ("embedded", "kafka"):
+        raise ConfigError(
+            path, "eventstreams", "backend", f"expected embedded or kafka, got {service.backend!r}"
+        )
+    embedded = section(
+        "embedded",
+        EmbeddedConfig,
+        {"path": _text, "retention": _duration, "partitions": _positive_count},
+    )
+    if not embedded.path:
+        raise ConfigError(path, "embedded", "path", "must not be empty")
+    intake = section(
+        "intake",
+        IntakeConfig,
+        {"listen": _optional_endpoint, "streams": _names, "max_body": _size},
+    )
+    demo = section(
+        "demo",
+        DemoConfig,
+        {
+            "stream": lambda t: t or None,
+            "file": lambda t: t or None,
+            "rate": _number,
+        },
+    )
+    metrics = section("metrics", MetricsConfig, {"listen": _optional_endpoint})
+    kafka = dict(parser["kafka"]) if parser.has_section("kafka") else {}
+
+    streams: dict[str, StreamConfig] = {}
+    for name in parser.sections():
+        if not name.startswith("stream:"):
+            continue
+        stream_name = name[len("stream:") :]
+        try:
+            _names(stream_name)
+        except ValueError as e:
+            raise ConfigError(path, name, None, str(e)) from None
+        streams[stream_name] = section(
+            name,
+            lambda **kw: StreamConfig(name=stream_name, **kw),  # type: ignore[arg-type]
+            {
+                "topics": _names,
+                "aliases": _names,
+                "description": _text,
+                "schema_title": _text,
+            },
+        )
+        if not streams[stream_name].topics:
+            raise ConfigError(path, name, "topics", "a stream needs at least one topic")
+    if not streams:
+        raise ConfigError(path, "stream:NAME", None, "no stream is configured")
+    seen: dict[str, str] = {}
+    for stream in streams.values():
+        for alias in (stream.name,) + stream.aliases:
+            if alias in seen and seen[alias] != stream.name:
+                raise ConfigError(
+                    path, f"stream:{stream.name}", "aliases",
+                    f"{alias!r} already names stream {seen[alias]!r}",
+                )
+            seen[alias] = stream.name
+
+    def check_stream(section_name: str, key: str, name: Optional[str]) -> Optional[str]:
+        if name is None:
+            return None
+        stream = find_stream(streams, name)
+        if stream is None:
+            raise ConfigError(path, section_name, key, f"no stream named {name!r}")
+        return stream.name
+
+    if demo.stream:
+        demo = DemoConfig(stream=check_stream("demo", "stream", demo.stream), file=demo.file, rate=demo.rate)
+        if demo.rate <= 0:
+            raise ConfigError(path, "demo", "rate", "must be above 0 events per second")
+    if intake.streams is not None:
+        intake = IntakeConfig(
+            listen=intake.listen,
+            streams=tuple(check_stream("intake", "streams", n) or n for n in intake.streams),
+            max_body=intake.max_body,
+        )
+
+    return Config(
+        path=path,
+        service=service,
+        embedded=embedded,
+        kafka=kafka,
+        streams=streams,
+        intake=intake,
+        demo=demo,
+        metrics=metrics,
+        sections={s: dict(parser[s]) for s in parser.sections()},
+    )

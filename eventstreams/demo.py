@@ -1,0 +1,128 @@
+"""The demo feed: replays bundled sample events into a stream so it looks live."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from typing import Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import gatherResults
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from .backends.base import Backend
+from .config import StreamConfig
+
+log = Logger()
+
+SAMPLE_EVENTS = os.path.join(os.path.dirname(__file__), "data", "recentchange-combined.jsonl")
+TICK = 0.1  # seconds between writes; events per write follow the rate
+
+
+def load_events(path: str) -> list[dict]:
+    """JSON objects, one per line; other lines are skipped."""
+    events = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                log.warn("{path}:{number}: not JSON, skipped", path=path, number=number)
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+def restamp(event: dict, stream: str, now: float) -> dict:
+    """A copy of a sample event that looks as if it just happened."""
+    event = dict(event)
+    meta = dict(event.get("meta") or {})
+    for key in ("topic", "partition", "offset"):
+        meta.pop(key, None)
+    meta["id"] = str(uuid.uuid4())
+    meta["dt"] = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    meta["stream"] = stream
+    event["meta"] = meta
+    if isinstance(event.get("timestamp"), int):
+        event["timestamp"] = int(now)
+    return event
+
+
+class DemoFeed(Service):
+    def __init__(
+        self,
+        backend: Backend,
+        stream: StreamConfig,
+        rate: float,
+        path: Optional[str],
+        clock: IReactorTime,
+    ):
+        self.backend = backend
+        self.stream = stream
+        self.rate = rate
+        self.path = path or SAMPLE_EVENTS
+        self.clock = clock
+        self.events: list[dict] = []
+        self.next = 0
+        self.written = 0
+        self._due = 0.0
+        self._busy = False
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        d = deferToThread(load_events, self.path)
+
+        def loaded(events: list[dict]) -> None:
+            if not events:
+                log.error("demo feed: no events in {path}", path=self.path)
+                return
+            self.events = events
+            log.info("demo feed: replaying {n} events from {path} into {stream} at {rate}/s",
+                     n=len(events), path=self.path, stream=self.stream.name, rate=self.rate)
+            if self.running:
+                self._loop.start(TICK, now=True)
+
+        d.addCallbacks(loaded, lambda f: log.failure("demo feed: cannot read {path}", f, path=self.path))
+
+    def stopService(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def _tick(self) -> None:
+        self._due += self.rate * TICK
+        count = int(self._due)
+        if count == 0 or self._busy:
+            return
+        self._due -= count
+        now = self.clock.seconds()
+        by_topic: dict[str, list[tuple[None, bytes]]] = {}
+        topics = self.stream.topics
+        for _ in range(count):
+            sample = self.events[self.next]
+            self.next = (self.next + 1) % len(self.events)
+            sample_topic = (sample.get("meta") or {}).get("topic")
+            topic = sample_topic if sample_topic in topics else topics[0]
+            event = restamp(sample, self.stream.name, now)
+            data = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            by_topic.setdefault(topic, []).append((None, data))
+        self._busy = True
+        pending = [self.backend.append(topic, values) for topic, values in by_topic.items()]
+        def written(results: list) -> None:
+            self._busy = False
+            self.written += sum(len(r) for r in results)
+
+        def failed(failure) -> None:
+            self._busy = False
+            log.failure("demo feed: write failed", failure)
+
+        gatherResults(pending, consumeErrors=True).addCallbacks(written, failed)

@@ -1,0 +1,76 @@
+"""Prometheus text exposition of the daemon's counters and gauges."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from twisted.web.resource import Resource
+
+from .hub import Hubs
+from .intake import Counts
+from .sse import Connections
+
+Sample = tuple[str, str, str, dict[str, str], float]  # name, type, help, labels, value
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items())) + "}"
+
+
+def render(samples: Iterable[Sample]) -> bytes:
+    lines: list[str] = []
+    seen: set[str] = set()
+    for name, kind, help_text, labels, value in samples:
+        if name not in seen:
+            seen.add(name)
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name}{_labels(labels)} {value}")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_names: Iterable[str]) -> list[Sample]:
+    c = connections.counters
+    samples: list[Sample] = []
+    for name in stream_names:
+        samples.append(("eventstreams_connected_clients", "gauge", "Open stream responses per stream.",
+                        {"stream": name}, connections.per_stream.get(name, 0)))
+    samples += [
+        ("eventstreams_connections_total", "counter", "Stream responses started.", {}, c.connections_total),
+        ("eventstreams_events_delivered_total", "counter", "Events written to stream clients.", {}, c.events_delivered),
+        ("eventstreams_bytes_sent_total", "counter", "Bytes written to stream clients.", {}, c.bytes_sent),
+        ("eventstreams_hubs", "gauge", "Running hubs (one log reader each).", {}, len(hubs.hubs)),
+    ]
+    for status, count in sorted(c.rejected.items()):
+        samples.append(("eventstreams_requests_rejected_total", "counter", "Stream requests answered with an error.",
+                        {"status": str(status)}, count))
+    for hub in hubs.hubs.values():
+        label = {"partitions": ",".join(f"{t}/{p}" for t, p in hub.tps)}
+        samples.append(("eventstreams_ring_entries", "gauge", "Records held in a hub's ring.", label, len(hub)))
+        samples.append(("eventstreams_catchup_cursors", "gauge", "Clients reading behind the live head.", label, hub.catching_up))
+        samples.append(("eventstreams_live_clients", "gauge", "Clients fed from the live head.", label,
+                        sum(len(s) for _, s in hub.groups.values())))
+        samples.append(("eventstreams_records_skipped_total", "counter", "Records that were not JSON objects.", label,
+                        hub.skipped_records))
+    if intake is not None:
+        for result, count in (("accepted", intake.accepted), ("invalid", intake.invalid), ("failed", intake.failed)):
+            samples.append(("eventstreams_intake_events_total", "counter", "Events posted to /v1/events.",
+                            {"result": result}, count))
+    return samples
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, collect: Callable[[], list[Sample]]):
+        super().__init__()
+        self.collect = collect
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader("content-type", "text/plain; version=0.0.4; charset=utf-8")
+        return render(self.collect())

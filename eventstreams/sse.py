@@ -1,0 +1,224 @@
+"""Server-Sent Events and NDJSON framing, and the sink that writes them to a response.
+
+Frames are cached on the hub entry, so every client of a hub gets the same
+bytes object; only catch-up cursors, whose ids are their own, encode frames
+for themselves.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+
+from .hub import Entry, Subscription
+
+OK = b":ok\n\n"
+HEARTBEAT = b":\n\n"
+NDJSON_START = b"\n"
+NDJSON_HEARTBEAT = b"\n"
+
+
+def event_frame(entry: Entry) -> bytes:
+    """`event: message`, the id over every partition, one `data:` line."""
+    frame = entry.frames.get("sse")
+    if frame is None:
+        frame = entry.frames["sse"] = b"".join(
+            (b"event: message\nid: ", entry.id_text().encode("utf-8"), b"\ndata: ", entry.data or b"", b"\n\n")
+        )
+    return frame
+
+
+def id_frame(entry: Entry) -> bytes:
+    """A block with only an id: moves the client's Last-Event-ID, dispatches nothing."""
+    frame = entry.frames.get("id")
+    if frame is None:
+        frame = entry.frames["id"] = b"id: " + entry.id_text().encode("utf-8") + b"\n\n"
+    return frame
+
+
+def ndjson_line(entry: Entry) -> bytes:
+    frame = entry.frames.get("ndjson")
+    if frame is None:
+        frame = entry.frames["ndjson"] = (entry.data or b"") + b"\n"
+    return frame
+
+
+def comment_frame(text: str) -> bytes:
+    lines = text.replace("\r", "").split("\n")
+    return b"".join(b": " + line.encode("utf-8") + b"\n" for line in lines) + b"\n"
+
+
+def error_frame(id_text: Optional[str], body: dict) -> bytes:
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    head = b"event: error\n"
+    if id_text is not None:
+        head += b"id: " + id_text.encode("utf-8") + b"\n"
+    return head + b"data: " + data + b"\n\n"
+
+
+class Counters:
+    """Totals the metrics endpoint reports."""
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.events_delivered = 0
+        self.bytes_sent = 0
+        self.rejected: dict[int, int] = {}
+
+
+class ResponseSink:
+    """Writes one client's stream to its HTTP response."""
+
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        finish: Callable[[], None],
+        ndjson: bool,
+        id_updates: bool,
+        connections: "Connections",
+        streams: tuple[str, ...],
+        client_ip: str,
+    ):
+        self._write = write
+        self._finish = finish
+        self.ndjson = ndjson
+        self.id_updates = id_updates and not ndjson
+        self.connections = connections
+        self.streams = streams
+        self.client_ip = client_ip
+        self.subscription: Optional[Subscription] = None
+        self.pending: Optional[Entry] = None  # last skipped entry, id not yet sent
+        self.quiet = True  # nothing written since the last heartbeat tick
+        self.closed = False
+        self.bytes_written = 0
+        self.counters = connections.counters
+
+    def write(self, data: bytes) -> None:
+        self.quiet = False
+        self.bytes_written += len(data)
+        self.counters.bytes_sent += len(data)
+        self._write(data)
+
+    def send(self, entry: Entry, matched: bool) -> None:
+        if matched:
+            self.pending = None
+            self.counters.events_delivered += 1
+            self.write(ndjson_line(entry) if self.ndjson else event_frame(entry))
+        elif self.id_updates:
+            if self.pending is None:
+                self.connections.pending_ids.add(self)
+            self.pending = entry
+
+    def flush_id(self) -> None:
+        entry, self.pending = self.pending, None
+        if entry is not None and not self.closed:
+            self.write(id_frame(entry))
+
+    def heartbeat(self) -> None:
+        if not self.quiet:
+            self.quiet = True
+            return
+        if self.subscription is not None and self.subscription.paused:
+            return
+        self.write(NDJSON_HEARTBEAT if self.ndjson else HEARTBEAT)
+        self.quiet = True
+
+    def comment(self, text: str) -> None:
+        if not self.ndjson:
+            self.write(comment_frame(text))
+
+    def current_id(self) -> Optional[str]:
+        return self.subscription.id_text() if self.subscription is not None else None
+
+    def fail(self, reason: str, status: int = 500, type: str = "internal_error") -> None:
+        """End the stream with `event: error` (EventSource then reconnects)."""
+        if self.closed:
+            return
+        body = {"status": status, "type": type, "title": "Stream Error", "detail": reason}
+        if self.ndjson:
+            self.write(json.dumps({"error": body}, separators=(",", ":")).encode() + b"\n")
+        else:
+            self.write(error_frame(self.current_id(), body))
+        self.close()
+
+    def close(self) -> None:
+        """End the response (max_lifetime, error or shutdown)."""
+        if self.closed:
+            return
+        self.lost()
+        self._finish()
+
+    def lost(self) -> None:
+        """The client went away, or we ended it: free everything it held."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pending = None
+        self.connections.remove(self)
+        if self.subscription is not None:
+            self.subscription.cancel()
+
+
+class Connections:
+    """Every open stream response: limits, heartbeats and coalesced id updates."""
+
+    def __init__(self, clock: IReactorTime, heartbeat: float, id_interval: float = 1.0):
+        self.clock = clock
+        self.counters = Counters()
+        self.sinks: set[ResponseSink] = set()
+        self.per_ip: dict[str, int] = {}
+        self.per_stream: dict[str, int] = {}
+        self.pending_ids: set[ResponseSink] = set()
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = clock
+        self._heartbeat_interval = heartbeat
+        self._ids = LoopingCall(self._flush_ids)
+        self._ids.clock = clock
+        self._id_interval = id_interval
+
+    def start(self) -> None:
+        if self._heartbeat_interval > 0:
+            self._heartbeat.start(self._heartbeat_interval, now=False)
+        self._ids.start(self._id_interval, now=False)
+
+    def stop(self) -> None:
+        for loop in (self._heartbeat, self._ids):
+            if loop.running:
+                loop.stop()
+        for sink in list(self.sinks):
+            sink.close()
+
+    def add(self, sink: ResponseSink) -> None:
+        self.sinks.add(sink)
+        self.counters.connections_total += 1
+        self.per_ip[sink.client_ip] = self.per_ip.get(sink.client_ip, 0) + 1
+        for name in sink.streams:
+            self.per_stream[name] = self.per_stream.get(name, 0) + 1
+
+    def remove(self, sink: ResponseSink) -> None:
+        if sink not in self.sinks:
+            return
+        self.sinks.discard(sink)
+        self.pending_ids.discard(sink)
+        count = self.per_ip[sink.client_ip] - 1
+        if count:
+            self.per_ip[sink.client_ip] = count
+        else:
+            del self.per_ip[sink.client_ip]
+        for name in sink.streams:
+            self.per_stream[name] -= 1
+
+    def count_for(self, ip: str) -> int:
+        return self.per_ip.get(ip, 0)
+
+    def _beat(self) -> None:
+        for sink in list(self.sinks):
+            sink.heartbeat()
+
+    def _flush_ids(self) -> None:
+        pending, self.pending_ids = self.pending_ids, set()
+        for sink in pending:
+            sink.flush_id()
+

@@ -1,0 +1,123 @@
+"""The twistd plugin's options and the service tree it builds."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.server import Site
+
+from .backends.base import Backend
+from .config import Config, ConfigError, load
+from .demo import DemoFeed
+from .hub import Hubs
+from .intake import Intake, intake_site
+from .metrics import MetricsResource, collect
+from .sse import Connections
+from .web import Api
+
+
+class Options(usage.Options):
+    synopsis = "[-c FILE] [--set SECTION.KEY=VALUE ...]"
+    longdesc = (
+        "Serve streams of JSON events over HTTP Server-Sent Events (EventStreams), "
+        "from the embedded event log or Kafka. --set overrides one configuration key "
+        "and may be repeated, e.g. --set eventstreams.listen=tcp:8093 or "
+        "--set stream:mediawiki.recentchange.topics=a,b."
+    )
+    optParameters = [
+        ["config", "c", "etc/streams.ini", "The configuration file (INI)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["set"] = []
+
+    def opt_set(self, value: str) -> None:
+        """Override a configuration key: SECTION.KEY=VALUE (repeatable)."""
+        self["set"].append(value)
+
+
+class _Lifecycle(Service):
+    """Starts and stops the parts that are not listeners."""
+
+    def __init__(self, backend: Backend, connections: Connections, hubs: Hubs):
+        self.backend, self.connections, self.hubs = backend, connections, hubs
+
+    def startService(self) -> None:
+        self.backend.start()
+        self.connections.start()
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.connections.stop()
+        self.hubs.stop()
+        return self.backend.stop()
+
+
+def make_backend(config: Config, reactor: Any) -> Backend:
+    if config.service.backend == "kafka":
+        raise ConfigError(config.path, "eventstreams", "backend", "the kafka engine is not built yet")
+    from .backends.embedded import EmbeddedBackend
+
+    e = config.embedded
+    return EmbeddedBackend(e.path, e.retention, e.partitions, reactor=reactor)
+
+
+def listener(reactor: Any, endpoint: str, factory: Any) -> IService:
+    service = StreamServerEndpointService(serverFromString(reactor, endpoint), factory)
+    service._raiseSynchronously = True  # a port in use stops start-up
+    return service
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """Everything the daemon runs, as one MultiService."""
+    top = MultiService()
+    backend = make_backend(config, reactor)
+    connections = Connections(reactor, config.service.heartbeat)
+    hubs = Hubs(backend, config.service.ring_size, config.service.hub_linger, reactor)
+    _Lifecycle(backend, connections, hubs).setServiceParent(top)
+
+    listeners: dict[str, IService] = {}
+    api = Api(config, backend, hubs, connections, reactor)
+    listeners["api"] = listener(reactor, config.service.listen, Site(api.resource()))
+
+    intake = None
+    if config.intake.listen:
+        intake = Intake(config, backend)
+        site = intake_site(intake.resource(), config.intake.max_body)
+        listeners["intake"] = listener(reactor, config.intake.listen, site)
+
+    if config.demo.stream:
+        stream = config.streams[config.demo.stream]
+        DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
+
+    if config.metrics.listen:
+        resource = MetricsResource(
+            lambda: collect(connections, hubs, intake.counts if intake else None, config.streams)
+        )
+        listeners["metrics"] = listener(reactor, config.metrics.listen, Site(resource))
+
+    for service in listeners.values():
+        service.setServiceParent(top)
+
+    top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
+    top.connections = connections  # type: ignore[attr-defined]
+    top.hubs = hubs  # type: ignore[attr-defined]
+    top.backend = backend  # type: ignore[attr-defined]
+    return top
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    try:
+        config = load(options["config"], options["set"])
+        return build_service(config, reactor)
+    except ConfigError as e:
+        sys.stderr.write(f"eventstreams: {e}\n")
+        raise SystemExit(1)

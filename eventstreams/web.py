@@ -1,0 +1,274 @@
+"""The public HTTP API: streams, spec, stream list, service info, CORS."""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from . import __version__
+from .assignment import resolve
+from .backends.base import Backend, BackendUnavailable
+from .config import Config
+from .errors import ApiError, bad_last_event_id, not_found, unavailable
+from .filters import FilterError, parse_filters
+from .hub import Hubs
+from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
+from .spec import openapi_spec
+from .sse import NDJSON_START, OK, Connections, ResponseSink
+
+log = Logger()
+
+SERVICE_INFO = {
+    "name": "eventstreams",
+    "version": __version__,
+    "description": "Streams of JSON events over HTTP Server-Sent Events",
+    "home": "https://wikitech.wikimedia.org/wiki/Event_Platform/EventStreams_HTTP_Service",
+}
+
+
+def client_ip(request: IRequest, header: Optional[str]) -> str:
+    """The trusted client address: a configured proxy header, else the peer."""
+    if header:
+        value = request.getHeader(header)
+        if value:
+            return value.split(",")[0].strip()
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or "local"
+
+
+def wants_ndjson(request: IRequest) -> bool:
+    accept = (request.getHeader("accept") or "").lower()
+    first = accept.split(",")[0].split(";")[0].strip()
+    return first == "application/json"
+
+
+class Api:
+    """Routes of the public site; one instance per daemon."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        hubs: Hubs,
+        connections: Connections,
+        clock: IReactorTime,
+    ):
+        self.config = config
+        self.service = config.service
+        self.backend = backend
+        self.hubs = hubs
+        self.connections = connections
+        self.clock = clock
+        self.spec = json.dumps(openapi_spec(config), separators=(",", ":")).encode()
+        self.stream_list = json.dumps(
+            [
+                {
+                    "name": s.name,
+                    "aliases": list(s.aliases),
+                    "topics": list(s.topics),
+                    "description": s.description,
+                    "schema_title": s.schema_title,
+                }
+                for s in config.streams.values()
+            ],
+            separators=(",", ":"),
+        ).encode()
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- helpers --------------------------------------------------------------
+
+    def _json(self, request: IRequest, body: Any, status: int = 200) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader("content-type", "application/json; charset=utf-8")
+        self._common_headers(request)
+        if isinstance(body, bytes):
+            return body
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    def _common_headers(self, request: IRequest) -> None:
+        request.setHeader("access-control-allow-origin", self.service.cors_origin)
+        request.setHeader("content-security-policy", self.service.content_security_policy)
+        request.setHeader("x-content-type-options", "nosniff")
+
+    def _error(self, request: IRequest, error: ApiError) -> bytes:
+        self.connections.counters.rejected[error.status] = (
+            self.connections.counters.rejected.get(error.status, 0) + 1
+        )
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after:
+            request.setHeader("retry-after", str(retry_after))
+        uri = request.uri.decode("utf-8", "replace")
+        method = request.method.decode("ascii", "replace")
+        return self._json(request, error.body(method, uri), error.status)
+
+    # -- routes ---------------------------------------------------------------
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> Any:
+        query = request.uri.partition(b"?")[2]
+        if any(part.split(b"=")[0] == b"spec" for part in query.split(b"&")):
+            return self._json(request, self.spec)
+        request.setResponseCode(303)
+        request.setHeader("location", "/v2/ui")
+        return b""
+
+    @app.route("/v2/streams", methods=["GET", "HEAD"])
+    def streams(self, request: IRequest) -> bytes:
+        return self._json(request, self.stream_list)
+
+    @app.route("/_info", methods=["GET", "HEAD"])
+    def info(self, request: IRequest) -> bytes:
+        return self._json(request, SERVICE_INFO)
+
+    @app.route("/_info/<string:field>", methods=["GET", "HEAD"])
+    def info_field(self, request: IRequest, field: str) -> bytes:
+        if field not in SERVICE_INFO:
+            return self._error(request, ApiError(404, "not_found", "Not Found", f"no such field {field!r}"))
+        return self._json(request, {field: SERVICE_INFO[field]})
+
+    @app.route("/robots.txt", methods=["GET", "HEAD"])
+    def robots(self, request: IRequest) -> bytes:
+        request.setHeader("content-type", "text/plain; charset=utf-8")
+        return b"User-agent: *\nDisallow: /\n"
+
+    @app.route("/", branch=True, methods=["OPTIONS"])
+    def options(self, request: IRequest) -> bytes:
+        request.setResponseCode(204)
+        self._common_headers(request)
+        request.setHeader("access-control-allow-methods", "GET, HEAD, OPTIONS")
+        request.setHeader(
+            "access-control-allow-headers",
+            request.getHeader("access-control-request-headers")
+            or "Accept, Last-Event-ID, Cache-Control, Content-Type",
+        )
+        request.setHeader("access-control-max-age", "86400")
+        return b""
+
+    @app.route("/v2/stream/<string:names>", methods=["GET"])
+    def stream(self, request: IRequest, names: str) -> Deferred:
+        return ensureDeferred(self._stream(request, names))
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Any) -> bytes:
+        if failure.check(CancelledError):
+            return b""
+        from werkzeug.exceptions import HTTPException
+
+        if failure.check(HTTPException):
+            e = failure.value
+            code = e.code
+            if code == 405 and set(getattr(e, "valid_methods", None) or ()) <= {"OPTIONS"}:
+                code = 404  # only the CORS catch-all matched: the path does not exist
+            if code == 404:
+                return self._error(request, ApiError(404, "not_found", "Not Found", "no such resource"))
+            return self._error(request, ApiError(code, "http_error", e.name, e.description or e.name))
+        log.failure("request failed", failure)
+        return self._error(request, ApiError(500, "internal_error", "Internal Server Error",
+                                             "the request could not be handled"))
+
+    # -- the stream -----------------------------------------------------------
+
+    async def _stream(self, request: IRequest, names_text: str) -> bytes:
+        config, service = self.config, self.service
+        names = [n for n in names_text.split(",")]
+        streams = [config.stream(n) for n in names]
+        unknown = [n for n, s in zip(names, streams) if s is None]
+        if unknown or not names:
+            return self._error(request, not_found(unknown or [names_text]))
+        stream_names = tuple(dict.fromkeys(s.name for s in streams if s is not None))
+        topics = list(dict.fromkeys(t for s in streams if s is not None for t in s.topics))
+        try:
+            args = [
+                (k.decode("utf-8"), v.decode("utf-8")) for k, vs in request.args.items() for v in vs
+            ]
+        except UnicodeDecodeError:
+            return self._error(request, ApiError(400, "invalid_query", "Invalid Query", "the query string is not UTF-8"))
+        try:
+            flt = parse_filters(args)
+        except FilterError as e:
+            return self._error(request, ApiError(400, "invalid_filter", "Invalid Filter", str(e)))
+        since = None
+        since_args = request.args.get(b"since")
+        if since_args:
+            try:
+                since = parse_since(since_args[0].decode("utf-8"))
+            except (TimestampError, UnicodeDecodeError) as e:
+                return self._error(request, ApiError(400, "invalid_timestamp", "Invalid Timestamp", str(e)))
+        assignments = None
+        header = request.getHeader("last-event-id")
+        if header is not None:
+            try:
+                assignments = parse_last_event_id(header)
+            except PositionError as e:
+                return self._error(request, bad_last_event_id(str(e)))
+
+        ip = client_ip(request, service.client_ip_header)
+        if service.max_connections and len(self.connections.sinks) >= service.max_connections:
+            return self._error(request, unavailable("the server is at its connection limit", 30))
+        limit = service.client_ip_connection_limit
+        if limit and self.connections.count_for(ip) >= limit:
+            return self._error(
+                request,
+                ApiError(429, "too_many_requests", "Too Many Requests",
+                         f"at most {limit} concurrent connections per client address"),
+            )
+
+        done: Deferred[bytes] = Deferred()
+        ndjson = wants_ndjson(request)
+
+        def finish() -> None:
+            if not done.called:
+                done.callback(b"")
+
+        sink = ResponseSink(
+            request.write, finish, ndjson, service.id_updates, self.connections, stream_names, ip
+        )
+        self.connections.add(sink)  # counts against the limits from now on
+        request.notifyFinish().addBoth(lambda _: sink.lost())
+        try:
+            start = await resolve(self.backend, topics, assignments, since)
+            hub = await self.hubs.get(start.tps)
+        except ApiError as e:
+            sink.lost()
+            return self._error(request, e)
+        except BackendUnavailable as e:
+            sink.lost()
+            return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
+        except CancelledError:
+            sink.lost()
+            raise
+        if sink.closed:  # the client left while we looked things up
+            return b""
+
+        request.setResponseCode(200)
+        request.setHeader("content-type", "application/json; charset=utf-8" if ndjson else "text/event-stream; charset=utf-8")
+        request.setHeader("cache-control", "no-cache")
+        request.setHeader("connection", "keep-alive")
+        request.setHeader("access-control-allow-origin", service.cors_origin)
+        request.setHeader("x-accel-buffering", "no")
+        sink.write(NDJSON_START if ndjson else OK)
+        for note in start.notes:
+            sink.comment(note)
+        sub = hub.subscribe(sink, start.offsets, start.stamps, flt)
+        sink.subscription = sub
+        if not sink.closed:
+            request.registerProducer(sub, True)
+        if service.max_lifetime > 0:
+            timer = self.clock.callLater(service.max_lifetime, sink.close)
+            done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        try:
+            return await done
+        finally:
+            if not sink.closed:
+                sink.lost()
+            if request.channel is not None and request.producer is sub:
+                request.unregisterProducer()

@@ -1,0 +1,291 @@
+"""Shared helpers for the end-to-end tests: a daemon in the test's reactor, and
+a raw HTTP/1.1 stream client whose reading the test controls byte by byte."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Callable, Optional
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import deferLater
+
+from eventstreams.config import load
+from eventstreams.tap import build_service
+
+BASE_CONFIG = """
+[eventstreams]
+listen = tcp:0:interface=127.0.0.1
+heartbeat = 0
+ring_size = 100
+hub_linger = 0
+
+[embedded]
+path = {path}
+retention = 0
+
+[intake]
+listen = tcp:0:interface=127.0.0.1
+max_body = 64k
+
+[metrics]
+listen = tcp:0:interface=127.0.0.1
+
+[stream:mediawiki.recentchange]
+topics = eqiad.mediawiki.recentchange,codfw.mediawiki.recentchange
+aliases = recentchange
+description = Mediawiki RecentChanges feed.
+schema_title = mediawiki/recentchange
+
+[stream:test]
+topics = eqiad.test.event
+description = A test stream.
+"""
+
+RC_TOPICS = ("eqiad.mediawiki.recentchange", "codfw.mediawiki.recentchange")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(directory: str, extra: str = "") -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "streams.ini")
+    with open(path, "w") as f:
+        f.write(BASE_CONFIG.format(path=os.path.join(directory, "log.sqlite")) + extra)
+    return path
+
+
+class Daemon:
+    """The real service tree, listening on free loopback ports."""
+
+    def __init__(self, directory: str, overrides: tuple[str, ...] = (), extra: str = ""):
+        self.config = load(write_config(directory, extra), overrides)
+        self.service = build_service(self.config, reactor)
+        self.ports: dict[str, int] = {}
+
+    async def start(self) -> "Daemon":
+        self.service.startService()
+        for name, listener in self.service.listeners.items():
+            port = await listener._waitingForPort
+            self.ports[name] = port.getHost().port
+        return self
+
+    def stop(self) -> Deferred:
+        return self.service.stopService()
+
+    @property
+    def hubs(self) -> Any:
+        return self.service.hubs
+
+    @property
+    def backend(self) -> Any:
+        return self.service.backend
+
+    def url(self, path: str, listener: str = "api") -> str:
+        return f"http://127.0.0.1:{self.ports[listener]}{path}"
+
+    async def append(self, topic: str, events: list[dict], timestamp: Optional[int] = None) -> list:
+        values = [(None, json.dumps(e).encode()) for e in events]
+        return await self.backend.append(topic, values, timestamp=timestamp)
+
+
+def rc_event(n: int, wiki: str = "enwiki", type: str = "edit", bot: bool = False, namespace: int = 0) -> dict:
+    """A small recentchange-shaped event."""
+    host = {"enwiki": "en.wikipedia.org", "dewiki": "de.wikipedia.org", "wikidatawiki": "www.wikidata.org"}.get(
+        wiki, "commons.wikimedia.org"
+    )
+    return {
+        "$schema": "/mediawiki/recentchange/1.0.0",
+        "meta": {"stream": "mediawiki.recentchange", "id": f"id-{n}", "dt": "2024-01-01T00:00:00Z", "domain": host},
+        "id": n,
+        "type": type,
+        "namespace": namespace,
+        "title": f"Page {n}",
+        "user": "Example",
+        "bot": bot,
+        "wiki": wiki,
+        "server_name": host,
+    }
+
+
+class StreamClient(Protocol):
+    """Sends one GET, parses the response head, de-chunks the body and splits
+    SSE blocks (or NDJSON lines). The test can pause reading entirely."""
+
+    def __init__(self, path: str, headers: dict[str, str]):
+        self.path = path
+        self.request_headers = headers
+        self.buffer = b""
+        self.status: Optional[int] = None
+        self.headers: dict[str, str] = {}
+        self.body = b""  # de-chunked body so far
+        self.blocks: list[dict[str, Any]] = []  # SSE blocks: fields, comments
+        self._body_pos = 0
+        self._chunk_left: Optional[int] = None
+        self._chunked = False
+        self.head_received: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self.done = False
+        self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
+
+    def connectionMade(self) -> None:
+        lines = [f"GET {self.path} HTTP/1.1", "Host: 127.0.0.1", "Connection: keep-alive"]
+        lines += [f"{k}: {v}" for k, v in self.request_headers.items()]
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if self.status is None:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            status_line, *header_lines = head.decode("latin-1").split("\r\n")
+            self.status = int(status_line.split()[1])
+            for line in header_lines:
+                k, _, v = line.partition(":")
+                self.headers[k.strip().lower()] = v.strip()
+            self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+            self.buffer = rest
+            self.head_received.callback(self)
+        self._decode_body()
+        self._parse_blocks()
+        self._check_waiters()
+
+    def _decode_body(self) -> None:
+        if not self._chunked:
+            self.body += self.buffer
+            self.buffer = b""
+            return
+        while True:
+            if self._chunk_left is None:
+                line, sep, rest = self.buffer.partition(b"\r\n")
+                if not sep:
+                    return
+                self._chunk_left = int(line.split(b";")[0], 16)
+                self.buffer = rest
+                if self._chunk_left == 0:
+                    self.done = True
+                    return
+            take = self.buffer[: self._chunk_left]
+            self.body += take
+            self.buffer = self.buffer[len(take) :]
+            self._chunk_left -= len(take)
+            if self._chunk_left:
+                return
+            if len(self.buffer) < 2:
+                self._chunk_left = 0
+                return
+            self.buffer = self.buffer[2:]
+            self._chunk_left = None
+
+    def _parse_blocks(self) -> None:
+        while True:
+            end = self.body.find(b"\n\n", self._body_pos)
+            if end < 0:
+                return
+            raw = self.body[self._body_pos : end]
+            self._body_pos = end + 2
+            block: dict[str, Any] = {"comments": []}
+            for line in raw.decode("utf-8").split("\n"):
+                if line.startswith(":"):
+                    block["comments"].append(line[1:].strip())
+                else:
+                    k, _, v = line.partition(":")
+                    block[k] = v[1:] if v.startswith(" ") else v
+            self.blocks.append(block)
+
+    @property
+    def events(self) -> list[dict]:
+        """Parsed `data` of every message event."""
+        return [json.loads(b["data"]) for b in self.blocks if b.get("event") == "message"]
+
+    @property
+    def last_id(self) -> Optional[str]:
+        ids = [b["id"] for b in self.blocks if "id" in b]
+        return ids[-1] if ids else None
+
+    def comments(self) -> list[str]:
+        return [c for b in self.blocks for c in b["comments"]]
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done = True
+        self.closed.callback(None)
+        self._check_waiters()
+
+    def _check_waiters(self) -> None:
+        for item in list(self._waiters):
+            predicate, d = item
+            if predicate():
+                self._waiters.remove(item)
+                d.callback(self)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
+        """Fires when predicate() holds; fails after timeout seconds."""
+        d: Deferred = Deferred()
+        if predicate():
+            d.callback(self)
+            return d
+        self._waiters.append((predicate, d))
+
+        def expire() -> None:
+            if not d.called:
+                self._waiters.remove((predicate, d))
+                d.errback(AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}"))
+
+        call = reactor.callLater(timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def wait_events(self, n: int, timeout: float = 10) -> Deferred:
+        return self.wait_for(lambda: len(self.events) >= n, timeout)
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+    def close(self) -> Deferred:
+        self.transport.loseConnection()
+        return self.closed
+
+
+async def open_stream(port: int, path: str, headers: Optional[dict[str, str]] = None) -> StreamClient:
+    """Connect and wait for the response head."""
+    client = StreamClient(path, headers or {})
+    factory = ClientFactory.forProtocol(lambda: client)
+    connected: Deferred = Deferred()
+    factory.clientConnectionFailed = lambda c, r: connected.errback(r)  # type: ignore[method-assign]
+    reactor.connectTCP("127.0.0.1", port, factory)
+    await client.head_received
+    return client
+
+
+def sleep(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def offsets_by_partition(events: list[dict]) -> dict[tuple[str, int], list[int]]:
+    seen: dict[tuple[str, int], list[int]] = {}
+    for e in events:
+        seen.setdefault((e["meta"]["topic"], e["meta"]["partition"]), []).append(e["meta"]["offset"])
+    return seen
+
+
+def async_test(f: Callable[..., Any]) -> Callable[..., Deferred]:
+    """Run an `async def` test method as a Deferred (trial waits for it)."""
+    import functools
+
+    from twisted.internet.defer import ensureDeferred
+
+    @functools.wraps(f)
+    def run(*args: Any, **kwargs: Any) -> Deferred:
+        return ensureDeferred(f(*args, **kwargs))
+
+    return run

@@ -1,0 +1,521 @@
+"""End to end: the real service tree on loopback ports, real HTTP clients."""
+from __future__ import annotations
+
+import json
+
+import treq
+from twisted.internet import reactor
+from twisted.web.client import HTTPConnectionPool
+from twisted.trial import unittest
+
+from .support import RC_TOPICS, Daemon, async_test, offsets_by_partition, open_stream, rc_event, sleep
+
+
+class StreamTestCase(unittest.TestCase):
+    overrides: tuple[str, ...] = ()
+
+    async def daemon(self, *overrides: str, extra: str = "") -> Daemon:
+        d = Daemon(self.mktemp(), self.overrides + overrides, extra)
+        await d.start()
+        self.addCleanup(d.stop)
+        return d
+
+    def request(self, method: str, url: str, **kwargs):
+        """One request on its own connection, closed before the test ends."""
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        return treq.request(method, url, pool=pool, **kwargs)
+
+    def get(self, url: str, **kwargs):
+        return self.request("GET", url, **kwargs)
+
+    async def stream(self, d: Daemon, path: str, headers: dict | None = None):
+        client = await open_stream(d.ports["api"], path, headers)
+        self.addCleanup(lambda: client.transport.loseConnection())
+        return client
+
+
+class StreamBasics(StreamTestCase):
+    @async_test
+    async def test_stream_starts_with_ok_and_upstream_headers(self):
+        d = await self.daemon()
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await client.wait_for(lambda: client.body.startswith(b":ok\n\n"))
+        self.assertEqual(client.status, 200)
+        self.assertEqual(client.headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(client.headers["cache-control"], "no-cache")
+        self.assertEqual(client.headers["connection"], "keep-alive")
+        self.assertEqual(client.headers["access-control-allow-origin"], "*")
+        self.assertEqual(client.headers["x-accel-buffering"], "no")
+        self.assertEqual(client.headers["transfer-encoding"], "chunked")
+        self.assertEqual(client.body, b":ok\n\n")
+
+    @async_test
+    async def test_event_frame_carries_meta_position_and_an_id_over_every_partition(self):
+        d = await self.daemon()
+        client = await self.stream(d, "/v2/stream/recentchange,test")
+        await d.append(RC_TOPICS[1], [rc_event(1)])
+        await client.wait_events(1)
+        block = client.blocks[-1]
+        self.assertEqual(block["event"], "message")
+        event = json.loads(block["data"])
+        self.assertEqual(event["meta"]["topic"], RC_TOPICS[1])
+        self.assertEqual((event["meta"]["partition"], event["meta"]["offset"]), (0, 0))
+        self.assertEqual(event["title"], "Page 1")
+        ids = json.loads(block["id"])
+        self.assertEqual(
+            [(i["topic"], i["partition"], i["offset"]) for i in ids],
+            [(RC_TOPICS[0], 0, 0), (RC_TOPICS[1], 0, 1), ("eqiad.test.event", 0, 0)],
+        )
+        codfw = ids[1]
+        self.assertEqual(codfw["timestamp"], d.hubs.hubs[tuple(sorted(
+            [(RC_TOPICS[0], 0), (RC_TOPICS[1], 0), ("eqiad.test.event", 0)]))].head[1][1])
+        # One data line of compact JSON, raw UTF-8.
+        self.assertNotIn(b"\ndata: {\n", client.body)
+
+    @async_test
+    async def test_non_ascii_is_sent_as_raw_utf8(self):
+        d = await self.daemon()
+        client = await self.stream(d, "/v2/stream/recentchange")
+        event = rc_event(1)
+        event["title"] = "Zürich 東京"
+        await d.append(RC_TOPICS[0], [event])
+        await client.wait_events(1)
+        self.assertIn("Zürich 東京".encode("utf-8"), client.body)
+        self.assertEqual(client.events[0]["title"], "Zürich 东京".replace("东", "東"))
+
+    @async_test
+    async def test_default_start_is_the_end_of_the_log(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(5)])
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await d.append(RC_TOPICS[0], [rc_event(99)])
+        await client.wait_events(1)
+        await sleep(0.1)
+        self.assertEqual([e["id"] for e in client.events], [99])
+
+    @async_test
+    async def test_ndjson_when_the_client_accepts_json(self):
+        d = await self.daemon()
+        client = await self.stream(d, "/v2/stream/recentchange", {"Accept": "application/json"})
+        await d.append(RC_TOPICS[0], [rc_event(1), rc_event(2)])
+        await client.wait_for(lambda: client.body.count(b"\n") >= 3)
+        self.assertEqual(client.headers["content-type"], "application/json; charset=utf-8")
+        self.assertTrue(client.body.startswith(b"\n{"))
+        lines = client.body.split(b"\n")[1:3]
+        self.assertEqual([json.loads(x)["id"] for x in lines], [1, 2])
+        self.assertNotIn(b"event:", client.body)
+
+    @async_test
+    async def test_heartbeat_comment_after_silence(self):
+        d = await self.daemon("eventstreams.heartbeat=0.2")
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await client.wait_for(lambda: b":ok\n\n:\n\n:\n\n" in client.body, timeout=5)
+        self.assertEqual(client.events, [])
+
+    @async_test
+    async def test_max_lifetime_ends_the_response(self):
+        d = await self.daemon("eventstreams.max_lifetime=0.3")
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await client.wait_for(lambda: client.done, timeout=5)
+        self.assertTrue(client.body.startswith(b":ok\n\n"))
+
+    @async_test
+    async def test_client_disconnect_leaves_no_reader_behind(self):
+        d = await self.daemon()
+        a = await self.stream(d, "/v2/stream/recentchange")
+        b = await self.stream(d, "/v2/stream/recentchange")
+        await d.append(RC_TOPICS[0], [rc_event(1)])
+        await a.wait_events(1)
+        self.assertEqual(len(d.hubs.hubs), 1)
+        hub = next(iter(d.hubs.hubs.values()))
+        self.assertEqual(len(hub.subscriptions), 2)
+        await a.close()
+        await sleep(0.05)
+        self.assertEqual(len(hub.subscriptions), 1)
+        await b.close()
+        await sleep(0.05)
+        self.assertEqual(d.hubs.hubs, {})
+        self.assertIsNone(hub._tail)
+        self.assertEqual(d.service.connections.sinks, set())
+        self.assertEqual(d.service.connections.per_ip, {})
+
+
+class Resume(StreamTestCase):
+    async def fill(self, d: Daemon, n: int) -> None:
+        """n events spread over both recentchange topics, in several writes."""
+        for start in range(0, n, 50):
+            batch = range(start, min(n, start + 50))
+            await d.append(RC_TOPICS[0], [rc_event(i) for i in batch if i % 3])
+            await d.append(RC_TOPICS[1], [rc_event(i) for i in batch if not i % 3])
+
+    async def resume_exactly(self, d: Daemon, total: int, first: int) -> None:
+        client = await self.stream(d, "/v2/stream/recentchange?since=0")
+        await client.wait_events(first)
+        await client.close()
+        got = client.events[:first]
+        last_id = [b["id"] for b in client.blocks if b.get("event") == "message"][first - 1]
+        again = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": last_id})
+        await again.wait_events(total - first)
+        await sleep(0.1)
+        got += again.events
+        self.assertEqual(sorted(e["id"] for e in got), list(range(total)))
+        for tp, offsets in offsets_by_partition(got).items():
+            self.assertEqual(offsets, list(range(len(offsets))), tp)
+
+    @async_test
+    async def test_resume_by_offset_id_is_exact_from_the_ring(self):
+        d = await self.daemon("eventstreams.ring_size=1000")
+        await self.fill(d, 300)
+        await self.resume_exactly(d, 300, 120)
+
+    @async_test
+    async def test_resume_by_offset_id_is_exact_from_the_log(self):
+        d = await self.daemon("eventstreams.ring_size=10")
+        await self.fill(d, 3000)
+        await self.resume_exactly(d, 3000, 1234)
+
+    @async_test
+    async def test_resume_while_events_keep_arriving(self):
+        d = await self.daemon("eventstreams.ring_size=50")
+        await self.fill(d, 200)
+        client = await self.stream(d, "/v2/stream/recentchange?since=0")
+        await client.wait_events(200)
+        await client.close()
+        await self.fill_range(d, 200, 400)
+        again = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": client.last_id})
+        await self.fill_range(d, 400, 600)
+        await again.wait_events(400)
+        got = client.events + again.events
+        self.assertEqual(sorted(e["id"] for e in got), list(range(600)))
+        for offsets in offsets_by_partition(got).values():
+            self.assertEqual(offsets, list(range(len(offsets))))
+
+    async def fill_range(self, d: Daemon, a: int, b: int) -> None:
+        await d.append(RC_TOPICS[0], [rc_event(i) for i in range(a, b) if i % 3])
+        await d.append(RC_TOPICS[1], [rc_event(i) for i in range(a, b) if not i % 3])
+
+    @async_test
+    async def test_resume_by_timestamp_id(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=1_000_000)
+        await d.append(RC_TOPICS[0], [rc_event(2)], timestamp=2_000_000)
+        await d.append(RC_TOPICS[0], [rc_event(3)], timestamp=3_000_000)
+        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "timestamp": 2_000_000}])
+        client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
+        await client.wait_events(2)
+        self.assertEqual([e["id"] for e in client.events], [2, 3])
+        ids = json.loads(client.last_id)
+        self.assertEqual(ids, [{"topic": RC_TOPICS[0], "partition": 0, "offset": 3, "timestamp": 3_000_001}])
+
+    @async_test
+    async def test_offset_wins_over_timestamp(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(5)], timestamp=1_000)
+        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "offset": 3, "timestamp": 0}])
+        client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
+        await client.wait_events(2)
+        self.assertEqual([e["id"] for e in client.events], [3, 4])
+
+    @async_test
+    async def test_subset_of_partitions_limits_the_stream(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(1)])
+        await d.append(RC_TOPICS[1], [rc_event(2)])
+        leid = json.dumps([{"topic": RC_TOPICS[1], "partition": 0, "offset": 0}])
+        client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
+        await client.wait_events(1)
+        await d.append(RC_TOPICS[0], [rc_event(3)])
+        await d.append(RC_TOPICS[1], [rc_event(4)])
+        await client.wait_events(2)
+        self.assertEqual([e["id"] for e in client.events], [2, 4])
+        self.assertEqual([i["topic"] for i in json.loads(client.last_id)], [RC_TOPICS[1]])
+
+    @async_test
+    async def test_topic_name_form_starts_at_since_or_the_end(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=5_000)
+        await d.append(RC_TOPICS[1], [rc_event(2)], timestamp=5_000)
+        leid = json.dumps([RC_TOPICS[0]])
+        client = await self.stream(d, "/v2/stream/recentchange?since=1000", {"Last-Event-ID": leid})
+        await client.wait_events(1)
+        self.assertEqual([e["id"] for e in client.events], [1])
+        latest = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
+        await d.append(RC_TOPICS[0], [rc_event(3)])
+        await latest.wait_events(1)
+        self.assertEqual([e["id"] for e in latest.events], [3])
+
+    @async_test
+    async def test_upstream_id_with_minus_one_offset_is_accepted(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=1_000)
+        await d.append(RC_TOPICS[0], [rc_event(2)], timestamp=2_000)
+        leid = json.dumps([
+            {"topic": RC_TOPICS[0], "partition": 0, "timestamp": 1_500},
+            {"topic": RC_TOPICS[1], "partition": 0, "offset": -1},
+        ])
+        client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
+        await client.wait_events(1)
+        self.assertEqual(client.events[0]["id"], 2)
+
+    @async_test
+    async def test_since_epoch_ms_and_iso8601(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=1_700_000_000_000)
+        await d.append(RC_TOPICS[0], [rc_event(2)], timestamp=1_700_000_100_000)
+        by_ms = await self.stream(d, "/v2/stream/recentchange?since=1700000050000")
+        by_iso = await self.stream(d, "/v2/stream/recentchange?since=2023-11-14T22:14:10Z")
+        await by_ms.wait_events(1)
+        await by_iso.wait_events(1)
+        self.assertEqual([e["id"] for e in by_ms.events], [2])
+        self.assertEqual([e["id"] for e in by_iso.events], [2])
+
+    @async_test
+    async def test_expired_offset_starts_at_oldest_and_says_so(self):
+        d = await self.daemon("embedded.retention=1h")
+        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(3)], timestamp=1_000)
+        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(3, 5)])
+        removed = await d.backend.prune()
+        self.assertEqual(removed, 3)
+        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "offset": 1}])
+        client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
+        await client.wait_events(2)
+        self.assertEqual([e["meta"]["offset"] for e in client.events], [3, 4])
+        self.assertTrue(any("no longer retained" in c and "3" in c for c in client.comments()), client.comments())
+
+    @async_test
+    async def test_offset_beyond_the_end_starts_at_the_end(self):
+        d = await self.daemon()
+        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(3)])
+        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "offset": 1000}])
+        client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
+        await d.append(RC_TOPICS[0], [rc_event(7)])
+        await client.wait_events(1)
+        self.assertEqual(client.events[0]["meta"]["offset"], 3)
+        self.assertTrue(any("beyond the end" in c for c in client.comments()))
+
+
+class Filters(StreamTestCase):
+    @async_test
+    async def test_filters_select_events_and_ids_still_advance(self):
+        d = await self.daemon()
+        client = await self.stream(
+            d, "/v2/stream/recentchange?filter.wiki=dewiki,enwiki&filter.bot=false&filter.namespace!=2"
+        )
+        events = [
+            rc_event(1, "enwiki"), rc_event(2, "wikidatawiki"), rc_event(3, "dewiki", bot=True),
+            rc_event(4, "dewiki", namespace=2), rc_event(5, "dewiki"),
+            rc_event(6, "wikidatawiki"), rc_event(7, "wikidatawiki"),
+        ]
+        await d.append(RC_TOPICS[0], events)
+        await client.wait_events(2)
+        self.assertEqual([e["id"] for e in client.events], [1, 5])
+        # The skipped tail still moves the client's id past offset 6.
+        await client.wait_for(lambda: json.loads(client.last_id)[0]["offset"] == 7, timeout=5)
+        last = client.blocks[-1]
+        self.assertNotIn("data", last)
+        self.assertNotIn("event", last)
+
+    @async_test
+    async def test_glob_filter_on_server_name(self):
+        d = await self.daemon()
+        client = await self.stream(d, "/v2/stream/recentchange?filter.server_name=*.wikipedia.org")
+        await d.append(RC_TOPICS[0], [rc_event(1, "wikidatawiki"), rc_event(2, "dewiki"), rc_event(3, "enwiki")])
+        await client.wait_events(2)
+        self.assertEqual([e["id"] for e in client.events], [2, 3])
+
+    @async_test
+    async def test_id_updates_can_be_turned_off(self):
+        d = await self.daemon("eventstreams.id_updates=false")
+        client = await self.stream(d, "/v2/stream/recentchange?filter.wiki=dewiki")
+        await d.append(RC_TOPICS[0], [rc_event(1, "enwiki"), rc_event(2, "dewiki"), rc_event(3, "enwiki")])
+        await client.wait_events(1)
+        await sleep(1.5)
+        self.assertEqual([b.get("event") for b in client.blocks], [None, "message"])
+
+
+class Errors(StreamTestCase):
+    async def error(self, d: Daemon, path: str, status: int, headers: dict | None = None) -> dict:
+        response = await self.get(d.url(path), headers=headers or {})
+        body = await response.json()
+        self.assertEqual(response.code, status, body)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
+        self.assertEqual(body["status"], status)
+        self.assertEqual(body["method"], "get")
+        self.assertEqual(body["uri"], path)
+        return body
+
+    @async_test
+    async def test_unknown_stream(self):
+        d = await self.daemon()
+        body = await self.error(d, "/v2/stream/recentchange,nope,other", 400)
+        self.assertEqual(body["type"], "not_found")
+        self.assertEqual(body["title"], "Stream Not Found")
+        self.assertEqual(body["detail"], "Invalid streams: nope,other")
+
+    @async_test
+    async def test_bad_since(self):
+        d = await self.daemon()
+        body = await self.error(d, "/v2/stream/recentchange?since=yesterday", 400)
+        self.assertEqual(body["type"], "invalid_timestamp")
+
+    @async_test
+    async def test_bad_last_event_id_forms(self):
+        d = await self.daemon()
+        for header in ("", "nope", "[]", '{"topic":"x"}', '[{"topic":"eqiad.mediawiki.recentchange","partition":"a"}]',
+                       '[{"topic":"eqiad.mediawiki.recentchange","partition":7,"offset":1}]'):
+            body = await self.error(d, "/v2/stream/recentchange", 400, {"Last-Event-ID": header})
+            self.assertEqual(body["type"], "invalid_last_event_id", header)
+            self.assertTrue(body["detail"], header)
+
+    @async_test
+    async def test_topic_outside_the_stream(self):
+        d = await self.daemon()
+        leid = json.dumps([{"topic": "eqiad.test.event", "partition": 0, "offset": 0}])
+        body = await self.error(d, "/v2/stream/recentchange", 404, {"Last-Event-ID": leid})
+        self.assertIn("eqiad.test.event", body["detail"])
+
+    @async_test
+    async def test_malformed_filter(self):
+        d = await self.daemon()
+        body = await self.error(d, "/v2/stream/recentchange?filter.=x", 400)
+        self.assertEqual(body["type"], "invalid_filter")
+
+    @async_test
+    async def test_per_ip_limit(self):
+        d = await self.daemon("eventstreams.client_ip_connection_limit=2")
+        await self.stream(d, "/v2/stream/recentchange")
+        await self.stream(d, "/v2/stream/test")
+        body = await self.error(d, "/v2/stream/recentchange", 429)
+        self.assertEqual(body["type"], "too_many_requests")
+
+    @async_test
+    async def test_per_ip_limit_uses_the_configured_header(self):
+        d = await self.daemon("eventstreams.client_ip_connection_limit=1", "eventstreams.client_ip_header=X-Client-IP")
+        await self.stream(d, "/v2/stream/recentchange", {"X-Client-IP": "192.0.2.1"})
+        other = await self.stream(d, "/v2/stream/recentchange", {"X-Client-IP": "192.0.2.2"})
+        self.assertEqual(other.status, 200)
+        await self.error(d, "/v2/stream/recentchange", 429, {"X-Client-IP": "192.0.2.1"})
+
+    @async_test
+    async def test_max_connections(self):
+        d = await self.daemon("eventstreams.max_connections=1")
+        await self.stream(d, "/v2/stream/recentchange")
+        body = await self.error(d, "/v2/stream/recentchange", 503)
+        self.assertEqual(body["type"], "service_unavailable")
+
+    @async_test
+    async def test_failure_after_200_is_an_error_event_with_the_current_id(self):
+        d = await self.daemon("eventstreams.ring_size=5")
+        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(20)])
+
+        def broken_read(positions, max_records):
+            from twisted.internet.defer import fail
+
+            return fail(OSError("disk on fire"))
+
+        d.backend.read = broken_read  # the log fails under a catch-up reader
+        client = await self.stream(d, "/v2/stream/recentchange?since=0")
+        await client.wait_for(lambda: client.done, timeout=5)
+        error = client.blocks[-1]
+        self.assertEqual(error["event"], "error")
+        self.assertIn("disk on fire", json.loads(error["data"])["detail"])
+        self.assertEqual(json.loads(error["id"])[0]["offset"], 0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class SlowClient(StreamTestCase):
+    @async_test
+    async def test_stalled_client_is_bounded_and_resumes_without_loss(self):
+        d = await self.daemon("eventstreams.ring_size=200")
+        slow = await self.stream(d, "/v2/stream/recentchange")
+        fast = await self.stream(d, "/v2/stream/recentchange")
+        slow.pause()
+        big = "x" * 4000
+        total = 3000
+        for start in range(0, total, 100):
+            batch = []
+            for n in range(start, start + 100):
+                event = rc_event(n)
+                event["comment"] = big
+                batch.append(event)
+            await d.append(RC_TOPICS[0], batch)
+        await fast.wait_events(total, timeout=30)
+        hub = next(iter(d.hubs.hubs.values()))
+        sub = next(s for s in hub.subscriptions if s.paused)
+        self.assertFalse(sub.live)
+        self.assertEqual(hub.catching_up, 1)
+        # Its memory is bounded: the server wrote far less than the ~12 MB produced.
+        written = sub.sink.bytes_written
+        self.assertLess(written, 4_000_000)
+        self.assertEqual(len(fast.events), total)
+        slow.resume()
+        await slow.wait_events(total, timeout=30)
+        self.assertEqual([e["id"] for e in slow.events], list(range(total)))
+        await sleep(0.1)
+        self.assertTrue(sub.live)
+        await d.append(RC_TOPICS[0], [rc_event(total)])
+        await slow.wait_events(total + 1)
+
+
+class ServiceRoutes(StreamTestCase):
+    @async_test
+    async def test_spec_is_valid_openapi_with_the_stream_enum(self):
+        from openapi_spec_validator import validate
+
+        d = await self.daemon()
+        response = await self.get(d.url("/?spec"))
+        spec = await response.json()
+        validate(spec)
+        param = spec["paths"]["/v2/stream/{streams}"]["get"]["parameters"][0]
+        self.assertEqual(param["schema"]["items"]["enum"], ["mediawiki.recentchange", "recentchange", "test"])
+
+    @async_test
+    async def test_stream_list_info_robots(self):
+        d = await self.daemon()
+        streams = await (await self.get(d.url("/v2/streams"))).json()
+        self.assertEqual([s["name"] for s in streams], ["mediawiki.recentchange", "test"])
+        self.assertEqual(streams[0]["aliases"], ["recentchange"])
+        info = await (await self.get(d.url("/_info"))).json()
+        self.assertEqual(info["name"], "eventstreams")
+        self.assertEqual(await (await self.get(d.url("/_info/name"))).json(), {"name": "eventstreams"})
+        self.assertIn("version", await (await self.get(d.url("/_info/version"))).json())
+        robots = await self.get(d.url("/robots.txt"))
+        self.assertEqual(await robots.text(), "User-agent: *\nDisallow: /\n")
+
+    @async_test
+    async def test_root_redirects_to_the_ui(self):
+        d = await self.daemon()
+        response = await self.get(d.url("/"), allow_redirects=False)
+        self.assertEqual(response.code, 303)
+        self.assertEqual(response.headers.getRawHeaders("location"), ["/v2/ui"])
+
+    @async_test
+    async def test_options_answers_cors(self):
+        d = await self.daemon()
+        response = await self.request(
+            "OPTIONS", d.url("/v2/stream/recentchange"),
+            headers={"Origin": "https://example.org", "Access-Control-Request-Headers": "last-event-id"},
+        )
+        self.assertEqual(response.code, 204)
+        self.assertEqual(response.headers.getRawHeaders("access-control-allow-origin"), ["*"])
+        self.assertIn("GET", response.headers.getRawHeaders("access-control-allow-methods")[0])
+        self.assertEqual(response.headers.getRawHeaders("access-control-allow-headers"), ["last-event-id"])
+
+    @async_test
+    async def test_unknown_route_is_a_json_404(self):
+        d = await self.daemon()
+        response = await self.get(d.url("/nope"))
+        self.assertEqual(response.code, 404)
+        self.assertEqual((await response.json())["status"], 404)
+
+    @async_test
+    async def test_metrics_report_clients_and_deliveries(self):
+        d = await self.daemon()
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await d.append(RC_TOPICS[0], [rc_event(1), rc_event(2)])
+        await client.wait_events(2)
+        text = await (await self.get(d.url("/metrics", "metrics"))).text()
+        self.assertIn('eventstreams_connected_clients{stream="mediawiki.recentchange"} 1', text)
+        self.assertIn("eventstreams_events_delivered_total 2", text)
+        self.assertIn("eventstreams_hubs 1", text)
+        self.assertIn("eventstreams_connections_total 1", text)
