@@ -181,6 +181,8 @@ class Subscription:
     # -- live ---------------------------------------------------------------
 
     def _deliver(self, entry: Entry, matched: bool) -> None:
+        if self.closed:
+            return
         self.last = entry
         if matched:
             self.delivered += 1

@@ -1,0 +1,81 @@
+"""SSE and NDJSON framing, byte for byte, and record decoding."""
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from eventstreams.backends.base import Record
+from eventstreams.hub import Entry, decode_record
+from eventstreams.sse import comment_frame, error_frame, event_frame, id_frame, ndjson_line
+
+TPS = (("eqiad.rc", 0), ("codfw.rc", 0))
+
+
+def entry(value: bytes, key: bytes | None = None) -> Entry:
+    record = Record("eqiad.rc", 0, 41, 1700000000122, key, value)
+    event, data = decode_record(record)
+    return Entry(7, record, event, data, TPS, ((42, 1700000000123), (5, None)))
+
+
+class Framing(SynchronousTestCase):
+    def test_event_frame_is_byte_exact(self):
+        e = entry(b'{"title": "Z\xc3\xbcrich", "meta": {"id": "x"}}')
+        self.assertEqual(
+            event_frame(e),
+            b"event: message\n"
+            b'id: [{"topic":"eqiad.rc","partition":0,"offset":42,"timestamp":1700000000123},'
+            b'{"topic":"codfw.rc","partition":0,"offset":5}]\n'
+            b'data: {"title":"Z\xc3\xbcrich","meta":{"id":"x","topic":"eqiad.rc","partition":0,"offset":41}}\n\n',
+        )
+
+    def test_frames_are_encoded_once_and_shared(self):
+        e = entry(b'{"a": 1}')
+        self.assertIs(event_frame(e), event_frame(e))
+        self.assertIs(id_frame(e), id_frame(e))
+        self.assertIs(ndjson_line(e), ndjson_line(e))
+
+    def test_id_only_block(self):
+        e = entry(b"{}")
+        self.assertEqual(
+            id_frame(e),
+            b'id: [{"topic":"eqiad.rc","partition":0,"offset":42,"timestamp":1700000000123},'
+            b'{"topic":"codfw.rc","partition":0,"offset":5}]\n\n',
+        )
+
+    def test_ndjson_line(self):
+        e = entry(b'{"a": [1, 2]}')
+        self.assertEqual(ndjson_line(e), b'{"a":[1,2],"meta":{"topic":"eqiad.rc","partition":0,"offset":41}}\n')
+
+    def test_newlines_in_values_stay_on_one_data_line(self):
+        e = entry(b'{"comment": "line one\\nline two\\r\\n"}')
+        frame = event_frame(e)
+        self.assertEqual(frame.count(b"\n"), 4)
+        self.assertNotIn(b"\r", frame)
+        self.assertIn(b'"comment":"line one\\nline two\\r\\n"', frame)
+
+    def test_comment_frame_prefixes_every_line(self):
+        self.assertEqual(comment_frame("one\ntwo\r"), b": one\n: two\n\n")
+
+    def test_error_frame(self):
+        self.assertEqual(
+            error_frame('[{"topic":"t","partition":0,"offset":1}]', {"status": 500, "detail": "é"}),
+            b'event: error\nid: [{"topic":"t","partition":0,"offset":1}]\ndata: {"status":500,"detail":"\xc3\xa9"}\n\n',
+        )
+        self.assertEqual(error_frame(None, {}), b"event: error\ndata: {}\n\n")
+
+
+class Decoding(SynchronousTestCase):
+    def test_key_becomes_meta_key_as_a_string(self):
+        e = entry(b'{"meta": {"dt": "2024"}}', key=b"Q42")
+        self.assertEqual(e.event["meta"], {"dt": "2024", "topic": "eqiad.rc", "partition": 0, "offset": 41, "key": "Q42"})
+
+    def test_event_without_meta_gets_one(self):
+        self.assertEqual(entry(b'{"a": 1}').event["meta"]["offset"], 41)
+
+    def test_values_that_are_not_json_objects_are_skipped(self):
+        for value in (b"[1, 2]", b'"text"', b"42", b"not json", b"\xff\xfe", b"", None):
+            record = Record("t", 0, 1, 1, None, value)
+            self.assertEqual(decode_record(record), (None, None), value)
+
+    def test_lone_surrogates_fall_back_to_ascii_escapes(self):
+        event, data = decode_record(Record("t", 0, 1, 1, None, b'{"x": "\\ud800"}'))
+        self.assertEqual(data, b'{"x":"\\ud800","meta":{"topic":"t","partition":0,"offset":1}}')
