@@ -389,23 +389,34 @@ class EmbeddedBackendTests(unittest.TestCase):
             stored = yield log.append("t", [(None, b"old-%d-%d" % (i, j)) for j in range(100)])
             remember(stored)
         got = Collector()
-        tail = log.tail({("t", 0): 0, ("t", 1): 0}, got)
-        self.addCleanup(tail.stop)
-        # 2000 more in 100 appends while the tail reads the old ones.
         pending = []
+
+        def on_records(records):
+            got(records)
+            # The first two catch-up batches (1000 each) each start 5 more
+            # appends, so writes surely land while the tail is behind.
+            if len(got.records) <= 2000:
+                for i in range(5):
+                    values = [(None, b"mid-%d-%d-%d" % (len(got.records), i, j)) for j in range(20)]
+                    pending.append(log.append("t", values).addCallback(remember))
+
+        tail = log.tail({("t", 0): 0, ("t", 1): 0}, on_records)
+        self.addCleanup(tail.stop)
+        # And 2000 more in 100 appends, racing with the catch-up reads.
         for i in range(100):
             pending.append(log.append("t", [(None, b"new-%d-%d" % (i, j)) for j in range(20)]).addCallback(remember))
             if i % 10 == 0:
                 yield sleep(0)
+        yield got.wait_for(5200)
         yield defer.gatherResults(pending)
-        yield got.wait_for(5000)
+        self.assertEqual(len(pending), 110)
         yield sleep(0.1)
-        self.assertEqual(len(got.records), 5000)
+        self.assertEqual(len(got.records), 5200)
         for p in (0, 1):
-            self.assertEqual(got.offsets(("t", p)), list(range(2500)))
+            self.assertEqual(got.offsets(("t", p)), list(range(2600)))
             self.assertEqual([r.value for r in got.records if r.partition == p], written[p])
+        self.assertEqual([len(batch) for batch in got.batches[:2]], [1000, 1000])
         self.assertTrue(max(len(batch) for batch in got.batches) <= 1000)
-        self.assertTrue(len(got.batches) > 5)
 
         # Caught up: new records come straight from the append, no read.
         reads = []
@@ -414,7 +425,7 @@ class EmbeddedBackendTests(unittest.TestCase):
         stored = yield log.append("t", [(None, b"live-1"), (None, b"live-2")])
         self.assertEqual(got.records[-2:], sorted(stored, key=lambda r: (r.timestamp, r.partition)))
         self.assertEqual(reads, [])
-        self.assertEqual(len(got.records), 5002)
+        self.assertEqual(len(got.records), 5202)
 
     @defer.inlineCallbacks
     def test_tail_from_below_retention_jumps_to_first_retained(self):
@@ -565,6 +576,38 @@ class EmbeddedBackendTests(unittest.TestCase):
         self.assertEqual([r.value for r in got.records if r.partition == 0],
                          [b"old-%d" % i for i in range(10)] + [b"new-10"])
         self.assertEqual(tail.positions, {("t", 0): 11, ("t", 1): 2})
+
+    @defer.inlineCallbacks
+    def test_no_duplicate_when_the_poll_sees_a_commit_before_its_notice(self):
+        # The race: the poll reads a commit of this process from the file
+        # before the reactor has handled that append's answer, so the
+        # records reach the tail both by a read and by the notice.
+        log = self.make(poll_interval=0)
+        got = Collector()
+        tail = log.tail({("t", 0): 0}, got)
+        self.addCleanup(tail.stop)
+        release = threading.Event()
+        real = log._read_sync
+
+        def slow_read(*args):
+            release.wait(10)
+            return real(*args)
+
+        log._read_sync = slow_read
+        self.addCleanup(release.set)
+        # Written without the notice (as if still on its way to the reactor).
+        stored = yield log._write(log._append_sync, "t", [(None, b"a"), (None, b"b")], None)
+        polled = log._poll()
+        yield sleep(0.05)
+        self.assertTrue(tail._reading)
+        log._appended(stored)  # the notice arrives: delivered directly
+        self.assertEqual([r.offset for r in got.records], [0, 1])
+        release.set()
+        yield polled
+        yield sleep(0.1)
+        self.assertEqual([r.offset for r in got.records], [0, 1])
+        yield log.append("t", [(None, b"c")])
+        self.assertEqual([r.offset for r in got.records], [0, 1, 2])
 
     @defer.inlineCallbacks
     def test_tail_sees_records_written_by_another_process(self):

@@ -22,7 +22,7 @@ import threading
 import time
 import zlib
 from itertools import islice
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
