@@ -31,18 +31,24 @@ SERVICE_INFO = {
 }
 
 
+def header_text(request: IRequest, name: str) -> Optional[str]:
+    """A request header as text; bytes that are not UTF-8 raise UnicodeDecodeError."""
+    value = request.getHeader(name.encode("ascii"))
+    return None if value is None else value.decode("utf-8")
+
+
 def client_ip(request: IRequest, header: Optional[str]) -> str:
     """The trusted client address: a configured proxy header, else the peer."""
     if header:
-        value = request.getHeader(header)
+        value = request.getHeader(header.encode("ascii"))
         if value:
-            return value.split(",")[0].strip()
+            return value.split(b",")[0].strip().decode("latin-1")
     address = request.getClientAddress()
     return getattr(address, "host", None) or "local"
 
 
 def wants_ndjson(request: IRequest) -> bool:
-    accept = (request.getHeader("accept") or "").lower()
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
     first = accept.split(",")[0].split(";")[0].strip()
     return first == "application/json"
 
@@ -145,10 +151,10 @@ class Api:
         request.setResponseCode(204)
         self._common_headers(request)
         request.setHeader("access-control-allow-methods", "GET, HEAD, OPTIONS")
+        requested = request.getHeader(b"access-control-request-headers")
         request.setHeader(
-            "access-control-allow-headers",
-            request.getHeader("access-control-request-headers")
-            or "Accept, Last-Event-ID, Cache-Control, Content-Type",
+            b"access-control-allow-headers",
+            requested or b"Accept, Last-Event-ID, Cache-Control, Content-Type",
         )
         request.setHeader("access-control-max-age", "86400")
         return b""
@@ -204,12 +210,14 @@ class Api:
             except (TimestampError, UnicodeDecodeError) as e:
                 return self._error(request, ApiError(400, "invalid_timestamp", "Invalid Timestamp", str(e)))
         assignments = None
-        header = request.getHeader("last-event-id")
-        if header is not None:
-            try:
+        try:
+            header = header_text(request, "last-event-id")
+            if header is not None:
                 assignments = parse_last_event_id(header)
-            except PositionError as e:
-                return self._error(request, bad_last_event_id(str(e)))
+        except PositionError as e:
+            return self._error(request, bad_last_event_id(str(e)))
+        except UnicodeDecodeError:
+            return self._error(request, bad_last_event_id("the header is not UTF-8"))
 
         ip = client_ip(request, service.client_ip_header)
         if service.max_connections and len(self.connections.sinks) >= service.max_connections:
