@@ -368,6 +368,13 @@ class Errors(StreamTestCase):
             self.assertTrue(body["detail"], header)
 
     @async_test
+    async def test_last_event_id_that_is_not_utf8(self):
+        d = await self.daemon()
+        body = await self.error(d, "/v2/stream/recentchange", 400, {b"Last-Event-ID": [b"[\xff\xfe]"]})
+        self.assertEqual(body["type"], "invalid_last_event_id")
+        self.assertIn("UTF-8", body["detail"])
+
+    @async_test
     async def test_topic_outside_the_stream(self):
         d = await self.daemon()
         leid = json.dumps([{"topic": "eqiad.test.event", "partition": 0, "offset": 0}])

@@ -48,7 +48,8 @@ class Backend(Protocol):
         """Stop every tail and thread and close the log."""
 
     def partitions(self, topic: str) -> Deferred[list[int]]:
-        """Partition numbers of a topic; an empty list when it does not exist."""
+        """Partition numbers of a topic; an empty list when it does not exist
+        (the embedded engine creates topics on demand, so it never answers [])."""
 
     def watermarks(self, tp: TopicPartition) -> Deferred[tuple[int, int]]:
         """(first retained offset, next offset to be written)."""
@@ -64,7 +65,9 @@ class Backend(Protocol):
     ) -> Deferred[list[Record]]:
         """Up to max_records records at or after each partition's position,
         in offset order per partition and roughly timestamp order across
-        partitions. May answer fewer (or none) when the log has no more."""
+        partitions. May answer fewer (or none) when the log has no more.
+        Records removed by retention are simply absent: the caller notices
+        the jump in offsets."""
 
     def append(
         self,
@@ -83,4 +86,4 @@ class Backend(Protocol):
     ) -> Tail:
         """Follow the log from positions, calling on_records (on the reactor
         thread) with every new record exactly once, gap-free and in offset
-        order per partition."""
+        order per partition. Read errors are logged and retried until stop()."""
