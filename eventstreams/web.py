@@ -235,6 +235,9 @@ class Api:
 
         def finish() -> None:
             if not done.called:
+                # Close the connection too: some old clients read below the
+                # chunked framing and would never see the response end.
+                request.persistent = False
                 done.callback(b"")
 
         sink = ResponseSink(
