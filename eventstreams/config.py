@@ -54,6 +54,8 @@ class ServiceConfig:
     max_lifetime: float = 0.0
     ring_size: int = 10000
     hub_linger: float = 10.0
+    backend_timeout: float = 10.0
+    catchup_consumers: int = 8
     cors_origin: str = "*"
     content_security_policy: str = (
         "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
@@ -277,6 +279,8 @@ def _build(parser: configparser.ConfigParser, path: str) -> Config:
             "max_lifetime": _number,
             "ring_size": _positive_count,
             "hub_linger": _number,
+            "backend_timeout": _number,
+            "catchup_consumers": _positive_count,
             "cors_origin": _text,
             "content_security_policy": _text,
         },

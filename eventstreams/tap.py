@@ -61,7 +61,19 @@ class _Lifecycle(Service):
 
 def make_backend(config: Config, reactor: Any) -> Backend:
     if config.service.backend == "kafka":
-        raise ConfigError(config.path, "eventstreams", "backend", "the kafka engine is not built yet")
+        if "bootstrap.servers" not in config.kafka:
+            raise ConfigError(config.path, "kafka", "bootstrap.servers", "required by backend = kafka")
+        try:
+            from .backends.kafka import KafkaBackend
+        except ImportError:
+            raise ConfigError(config.path, "eventstreams", "backend",
+                              "kafka needs confluent-kafka: pip install 'eventstreams[kafka]'") from None
+        backend = KafkaBackend(config.kafka, reactor, config.service.backend_timeout,
+                               config.service.catchup_consumers)
+        error = backend.check_settings()
+        if error:
+            raise ConfigError(config.path, "kafka", None, error)
+        return backend
     from .backends.embedded import EmbeddedBackend
 
     e = config.embedded

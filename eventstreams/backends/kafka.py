@@ -1,0 +1,355 @@
+"""The Kafka engine: confluent-kafka (librdkafka) with assign() only, no groups.
+
+Ids carry all client state, so no offsets are committed. Every call that
+can block runs in a thread: metadata and offset lookups in a small pool
+sharing one handle, catch-up reads on a bounded pool of consumers (requests
+beyond it wait their turn), and each hub's tail on a consumer of its own
+whose thread hands batches to the reactor with callFromThread.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as KafkaTP
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, gatherResults, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from .base import BackendUnavailable, Record, TopicPartition
+
+log = Logger()
+
+CONSUMER_DEFAULTS = {
+    "group.id": "eventstreams",  # never joined: assign() only
+    "enable.auto.commit": "false",
+    "enable.auto.offset.store": "false",
+    "enable.partition.eof": "false",
+    "fetch.queue.backoff.ms": "10",  # the default stalls fetches for ~1 s
+    "api.version.request": "true",
+}
+CATCHUP_DEFAULTS = {"queued.max.messages.kbytes": "2048"}  # bounds memory per pooled consumer
+POLL_BATCH = 1000
+POLL_TIMEOUT = 0.2
+PARTITIONS_TTL = 10.0  # seconds a topic's partition list is reused
+# librdkafka keys that only a producer or only a consumer understands
+PRODUCER_ONLY = {"acks", "linger.ms", "compression.type", "enable.idempotence", "batch.num.messages"}
+CONSUMER_ONLY = {"fetch.queue.backoff.ms", "queued.max.messages.kbytes", "fetch.wait.max.ms",
+                 "fetch.min.bytes", "fetch.max.bytes", "max.partition.fetch.bytes", "group.id",
+                 "enable.auto.commit", "enable.auto.offset.store", "enable.partition.eof",
+                 "auto.offset.reset", "isolation.level"}
+
+
+def to_record(message: Any) -> Record:
+    kind, timestamp = message.timestamp()
+    return Record(
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        timestamp if kind != 0 and timestamp >= 0 else int(time.time() * 1000),
+        message.key(),
+        message.value(),
+    )
+
+
+def _message(e: BaseException) -> str:
+    arg = e.args[0] if e.args else e
+    return arg.str() if isinstance(arg, KafkaError) else str(arg)
+
+
+def _unavailable(e: BaseException) -> BackendUnavailable:
+    return BackendUnavailable(_message(e))
+
+
+class KafkaTail:
+    """One consumer and thread following partitions for a hub."""
+
+    def __init__(self, backend: "KafkaBackend", positions: dict[TopicPartition, int],
+                 on_records: Callable[[list[Record]], None]):
+        self.backend = backend
+        self.on_records = on_records
+        self.positions = dict(positions)
+        self._stopped = threading.Event()
+        self._consumer = Consumer(backend.consumer_settings())
+        self._consumer.assign([KafkaTP(t, p, o) for (t, p), o in positions.items()])
+        self._thread = threading.Thread(target=self._run, name="kafka-tail", daemon=True)
+        self._thread.start()
+        self._reported: Optional[str] = None
+
+    def stop(self) -> None:
+        """No callback after this returns; the thread closes its consumer."""
+        self._stopped.set()
+        self.backend._tails.discard(self)
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        reactor = self.backend.reactor
+        try:
+            while not self._stopped.is_set():
+                try:
+                    messages = consumer.consume(POLL_BATCH, POLL_TIMEOUT)
+                except KafkaException as e:
+                    self._report(str(e))
+                    time.sleep(POLL_TIMEOUT)
+                    continue
+                records = []
+                for m in messages:
+                    error = m.error()
+                    if error is None:
+                        records.append(to_record(m))
+                    elif error.code() != KafkaError._PARTITION_EOF:
+                        self._report(error.str())
+                if records:
+                    self._reported = None
+                    reactor.callFromThread(self._deliver, records)
+        finally:
+            consumer.close()
+
+    def _deliver(self, records: list[Record]) -> None:
+        if self._stopped.is_set():
+            return
+        for r in records:
+            self.positions[r.tp] = r.offset + 1
+        try:
+            self.on_records(records)
+        except Exception:
+            log.failure("a tail's receiver failed")
+
+    def _report(self, text: str) -> None:
+        if text != self._reported:  # once per distinct problem, not per poll
+            self._reported = text
+            self.backend.reactor.callFromThread(log.warn, "kafka tail: {error}", error=text)
+
+
+class KafkaBackend:
+    def __init__(
+        self,
+        settings: dict[str, str],
+        reactor: Any,
+        timeout: float = 10.0,
+        catchup_consumers: int = 8,
+    ):
+        self.settings = dict(settings)
+        self.reactor = reactor
+        self.timeout = timeout
+        self.catchup_consumers = catchup_consumers
+        self._pool = ThreadPool(2, 4 + catchup_consumers, name="kafka")
+        self._catchup = DeferredSemaphore(catchup_consumers)
+        self._idle: list[tuple[dict[TopicPartition, int], Consumer]] = []
+        self._meta: Optional[Consumer] = None
+        self._producer: Optional[Producer] = None
+        self._producer_thread: Optional[threading.Thread] = None
+        self._running = False
+        self._missing: set[str] = set()
+        self._tails: set[KafkaTail] = set()
+        self._partitions: dict[str, tuple[float, list[int]]] = {}
+
+    # -- settings ---------------------------------------------------------------
+
+    def consumer_settings(self, catchup: bool = False) -> dict[str, str]:
+        settings = {k: v for k, v in self.settings.items() if k not in PRODUCER_ONLY}
+        for key, value in {**CONSUMER_DEFAULTS, **(CATCHUP_DEFAULTS if catchup else {})}.items():
+            settings.setdefault(key, value)
+        return settings
+
+    def producer_settings(self) -> dict[str, str]:
+        return {k: v for k, v in self.settings.items() if k not in CONSUMER_ONLY}
+
+    def check_settings(self) -> Optional[str]:
+        """librdkafka's complaint about the settings, if any (it connects lazily,
+        so building a handle does not touch the network)."""
+        try:
+            Consumer(self.consumer_settings()).close()
+            Producer(self.producer_settings())
+        except (KafkaException, ValueError, TypeError) as e:
+            return _message(e)
+        return None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._meta = Consumer(self.consumer_settings())
+        self._pool.start()
+        self._running = True
+
+    def stop(self) -> Deferred[None]:
+        self._running = False
+        for tail in list(self._tails):
+            tail.stop()
+        self._tails.clear()
+        idle, self._idle = self._idle, []
+
+        def close() -> None:
+            for _, consumer in idle:
+                consumer.close()
+            if self._producer is not None:
+                self._producer.flush(self.timeout)
+            if self._meta is not None:
+                self._meta.close()
+
+        d = self._run(close)
+        d.addBoth(lambda _: self.reactor.callInThread(self._pool.stop))
+        return d
+
+    def _run(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        return deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    def _blocking(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run f in a thread; Kafka errors and timeouts become BackendUnavailable."""
+        if not self._running:
+            return fail(BackendUnavailable("the Kafka engine is stopped"))
+
+        def call() -> Any:
+            try:
+                return f(*args)
+            except KafkaException as e:
+                raise _unavailable(e) from None
+
+        return self._run(call)
+
+    # -- metadata -------------------------------------------------------------------
+
+    def partitions(self, topic: str) -> Deferred[list[int]]:
+        """Partitions from metadata, cached briefly so connection storms do
+        not become metadata storms (a topic created later shows up soon)."""
+        cached = self._partitions.get(topic)
+        if cached is not None and cached[0] > self.reactor.seconds():
+            return succeed(cached[1])
+
+        def lookup() -> list[int]:
+            metadata = self._meta.list_topics(topic, timeout=self.timeout)  # type: ignore[union-attr]
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None:
+                if found is not None and found.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise BackendUnavailable(found.error.str())
+                return []
+            return sorted(found.partitions)
+
+        def report(partitions: list[int]) -> list[int]:
+            if not partitions and topic not in self._missing:
+                self._missing.add(topic)
+                log.warn("kafka topic {topic} does not exist; serving the other topics", topic=topic)
+            elif partitions:
+                self._missing.discard(topic)
+            self._partitions[topic] = (self.reactor.seconds() + PARTITIONS_TTL, partitions)
+            return partitions
+
+        return self._blocking(lookup).addCallback(report)
+
+    def watermarks(self, tp: TopicPartition) -> Deferred[tuple[int, int]]:
+        return self._blocking(
+            self._meta.get_watermark_offsets, KafkaTP(*tp), self.timeout  # type: ignore[union-attr]
+        ).addCallback(tuple)
+
+    def offsets_for_time(self, tps: Sequence[TopicPartition], timestamp: int) -> Deferred[dict[TopicPartition, int]]:
+        def lookup() -> dict[TopicPartition, int]:
+            found = self._meta.offsets_for_times(  # type: ignore[union-attr]
+                [KafkaTP(t, p, timestamp) for t, p in tps], timeout=self.timeout
+            )
+            result = {}
+            for ktp in found:
+                tp = (ktp.topic, ktp.partition)
+                if ktp.offset < 0:  # no record at or after the time: the end
+                    ktp.offset = self._meta.get_watermark_offsets(KafkaTP(*tp), self.timeout)[1]  # type: ignore[union-attr]
+                result[tp] = ktp.offset
+            return result
+
+        return self._blocking(lookup)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read(self, positions: dict[TopicPartition, int], max_records: int) -> Deferred[list[Record]]:
+        """A batch from a pooled catch-up consumer (at most catchup_consumers at once)."""
+        return self._catchup.run(self._blocking, self._read_sync, dict(positions), max_records)
+
+    def _take_consumer(self, positions: dict[TopicPartition, int]) -> Consumer:
+        for i, (where, consumer) in enumerate(self._idle):
+            if where == positions:  # continues exactly where it stopped: no re-fetch
+                del self._idle[i]
+                return consumer
+        if self._idle:
+            _, consumer = self._idle.pop(0)
+        else:
+            consumer = Consumer(self.consumer_settings(catchup=True))
+        consumer.assign([KafkaTP(t, p, o) for (t, p), o in positions.items()])
+        return consumer
+
+    def _read_sync(self, positions: dict[TopicPartition, int], max_records: int) -> list[Record]:
+        consumer = self._take_consumer(positions)
+        records: list[Record] = []
+        try:
+            deadline = time.monotonic() + self.timeout
+            ends: Optional[dict[TopicPartition, int]] = None
+            while not records and time.monotonic() < deadline:
+                for m in consumer.consume(max_records, POLL_TIMEOUT):
+                    if m.error() is None:
+                        records.append(to_record(m))
+                    elif m.error().code() != KafkaError._PARTITION_EOF:
+                        raise KafkaException(m.error())
+                if records:
+                    break
+                if ends is None:  # nothing yet: are we simply at the end?
+                    ends = {tp: consumer.get_watermark_offsets(KafkaTP(*tp), self.timeout)[1] for tp in positions}
+                    if all(positions[tp] >= end for tp, end in ends.items()):
+                        break
+            after = dict(positions)
+            for r in records:
+                after[r.tp] = r.offset + 1
+            records.sort(key=lambda r: (r.timestamp, r.topic, r.partition, r.offset))
+        except BaseException:
+            consumer.close()
+            raise
+        self.reactor.callFromThread(self._return_consumer, after, consumer)
+        return records
+
+    def _return_consumer(self, positions: dict[TopicPartition, int], consumer: Consumer) -> None:
+        if not self._running or len(self._idle) >= self.catchup_consumers:
+            self.reactor.callInThread(consumer.close)
+            return
+        self._idle.append((positions, consumer))
+
+    def tail(self, positions: dict[TopicPartition, int], on_records: Callable[[list[Record]], None]) -> KafkaTail:
+        if not self._running:
+            raise BackendUnavailable("the Kafka engine is stopped")
+        tail = KafkaTail(self, positions, on_records)
+        self._tails.add(tail)
+        return tail
+
+    # -- writing ----------------------------------------------------------------------
+
+    def append(self, topic: str, values: Sequence[tuple[Optional[bytes], bytes]],
+               timestamp: Optional[int] = None) -> Deferred[list[Record]]:
+        if not self._running:
+            return fail(BackendUnavailable("the Kafka engine is stopped"))
+        producer = self._ensure_producer()
+        results: list[Deferred] = []
+        for key, value in values:
+            d: Deferred = Deferred()
+            results.append(d)
+
+            def delivered(error: Any, message: Any, d: Deferred = d) -> None:
+                if error is not None:
+                    self.reactor.callFromThread(d.errback, BackendUnavailable(error.str()))
+                else:
+                    self.reactor.callFromThread(d.callback, to_record(message))
+
+            kwargs = {"timestamp": timestamp} if timestamp is not None else {}
+            try:
+                producer.produce(topic, value, key, on_delivery=delivered, **kwargs)
+            except (KafkaException, BufferError) as e:
+                d.errback(_unavailable(e))
+        return gatherResults(results, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+
+    def _ensure_producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(self.producer_settings())
+            self._producer_thread = threading.Thread(target=self._serve_producer, name="kafka-producer", daemon=True)
+            self._producer_thread.start()
+        return self._producer
+
+    def _serve_producer(self) -> None:
+        while self._running:
+            self._producer.poll(0.1)  # type: ignore[union-attr]  # runs delivery callbacks
