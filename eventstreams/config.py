@@ -36,7 +36,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class StreamConfig:
     name: str
-    topics: tuple[str, ...]
+    topics: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     description: str = ""
     schema_title: str = ""
@@ -222,6 +222,8 @@ def apply_overrides(
             raise ConfigError(path, "--set", None, f"expected SECTION.KEY=VALUE, got {item!r}")
         sections = set(parser.sections()) | set(KNOWN_SECTIONS)
         section, key = name.split(".", 1)
+        if section == parser.default_section:
+            raise ConfigError(path, section, None, "unknown section")
         for candidate in sorted(sections, key=len, reverse=True):
             if name.startswith(candidate + ".") and len(name) > len(candidate) + 1:
                 section, key = candidate, name[len(candidate) + 1 :]
@@ -249,6 +251,8 @@ def load(path: str, overrides: Iterable[str] = ()) -> Config:
 
 
 def _build(parser: configparser.ConfigParser, path: str) -> Config:
+    if parser.defaults():
+        raise ConfigError(path, parser.default_section, None, "unknown section")
     for section in parser.sections():
         if section not in KNOWN_SECTIONS and not section.startswith("stream:"):
             raise ConfigError(path, section, None, "unknown section")

@@ -32,7 +32,7 @@ def load_events(path: str) -> list[dict]:
                 continue
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 log.warn("{path}:{number}: not JSON, skipped", path=path, number=number)
                 continue
             if isinstance(event, dict):

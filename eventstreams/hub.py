@@ -95,7 +95,7 @@ def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
         return None, None
     try:
         event = json.loads(record.value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None, None
     if not isinstance(event, dict):
         return None, None

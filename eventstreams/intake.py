@@ -70,7 +70,8 @@ class Intake:
     def __init__(self, config: Config, backend: Backend):
         self.config = config
         self.backend = backend
-        self.allowed = set(config.intake.streams or config.streams)
+        streams = config.intake.streams
+        self.allowed = set(config.streams if streams is None else streams)
         self.counts = Counts()
 
     def resource(self) -> Any:
@@ -90,7 +91,7 @@ class Intake:
             })
         try:
             body = json.loads(request.content.read())
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:
             return self._reply(request, 400, {
                 "status": 400, "type": "invalid_json", "title": "Invalid JSON",
                 "detail": f"the body is not JSON: {e}",

@@ -92,7 +92,6 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     backend = make_backend(config, reactor)
     connections = Connections(reactor, config.service.heartbeat)
     hubs = Hubs(backend, config.service.ring_size, config.service.hub_linger, reactor)
-    _Lifecycle(backend, connections, hubs).setServiceParent(top)
 
     listeners: dict[str, IService] = {}
     api = Api(config, backend, hubs, connections, reactor)
@@ -104,9 +103,6 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         site = intake_site(intake.resource(), config.intake.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
 
-    if config.demo.stream:
-        stream = config.streams[config.demo.stream]
-        DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
 
     if config.metrics.listen:
         resource = MetricsResource(
@@ -114,8 +110,13 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         )
         listeners["metrics"] = listener(reactor, config.metrics.listen, Site(resource))
 
+    # Listeners first: a port in use fails start-up before any thread starts.
     for service in listeners.values():
         service.setServiceParent(top)
+    _Lifecycle(backend, connections, hubs).setServiceParent(top)
+    if config.demo.stream:
+        stream = config.streams[config.demo.stream]
+        DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
 
     top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
     top.connections = connections  # type: ignore[attr-defined]

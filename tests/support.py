@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
 
@@ -259,10 +260,7 @@ class StreamClient(Protocol):
 async def open_stream(port: int, path: str, headers: Optional[dict[str, str]] = None) -> StreamClient:
     """Connect and wait for the response head."""
     client = StreamClient(path, headers or {})
-    factory = ClientFactory.forProtocol(lambda: client)
-    connected: Deferred = Deferred()
-    factory.clientConnectionFailed = lambda c, r: connected.errback(r)  # type: ignore[method-assign]
-    reactor.connectTCP("127.0.0.1", port, factory)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(ClientFactory.forProtocol(lambda: client))
     await client.head_received
     return client
 
