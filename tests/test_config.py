@@ -4,7 +4,6 @@ Every test reads a real file."""
 from __future__ import annotations
 
 import os
-import stat
 
 from twisted.trial import unittest
 
@@ -117,16 +116,6 @@ class ConfigErrors(ConfigTestCase):
             load(path)
         message = str(caught.exception)
         self.assertEqual(message, f"{path}: [-]: cannot read the file: No such file or directory")
-
-    def test_file_without_read_permission(self):
-        if os.geteuid() == 0:
-            raise unittest.SkipTest("root reads every file")
-        path = self.write(MINIMAL)
-        os.chmod(path, 0)
-        self.addCleanup(os.chmod, path, stat.S_IRUSR | stat.S_IWUSR)
-        with self.assertRaises(ConfigError) as caught:
-            load(path)
-        self.assertEqual(str(caught.exception), f"{path}: [-]: cannot read the file: Permission denied")
 
     def test_directory_instead_of_a_file(self):
         path = self.mktemp()
