@@ -17,7 +17,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test]' --config-settings editable_mode=compat
+	$(PIP) -e '.[test,kafka]' --config-settings editable_mode=compat
 	touch $@
 
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
@@ -26,8 +26,20 @@ tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package
 run: $(VENV)/.installed
 	$(BIN)/twistd --nodaemon --pidfile= eventstreams -c etc/streams.ini
 
+# Starts a throw-away Apache Kafka broker (scripts/kafka) for tests/test_kafka.py
+# and stops it afterwards. Under CI=true a broker that does not start fails the run.
 test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json
-	$(BIN)/trial $(TRIAL_ARGS) tests
+	@export KAFKA_STATE=$${KAFKA_STATE:-/tmp/eventstreams-kafka-$$$$}; \
+	if bootstrap=$$(scripts/kafka start); then \
+	    export EVENTSTREAMS_KAFKA=$${bootstrap#bootstrap.servers=}; \
+	elif [ "$${CI:-}" = true ]; then \
+	    echo "make test: the Kafka broker did not start" >&2; exit 1; \
+	else \
+	    echo "make test: no Kafka broker; the Kafka tests are skipped" >&2; \
+	fi; \
+	status=0; $(BIN)/trial $(TRIAL_ARGS) tests || status=$$?; \
+	scripts/kafka stop || true; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) _trial_temp* var tests/js/node_modules

@@ -92,8 +92,14 @@ class ResponseSink:
         self.pending: Optional[Entry] = None  # last skipped entry, id not yet sent
         self.quiet = True  # nothing written since the last heartbeat tick
         self.closed = False
+        self.started = False  # the 200 and the first bytes are out
         self.bytes_written = 0
         self.counters = connections.counters
+
+    def begin(self) -> None:
+        """The response head is set: write the stream's first bytes."""
+        self.started = True
+        self.write(NDJSON_START if self.ndjson else OK)
 
     def write(self, data: bytes) -> None:
         self.quiet = False
@@ -117,6 +123,8 @@ class ResponseSink:
             self.write(id_frame(entry))
 
     def heartbeat(self) -> None:
+        if not self.started:  # still answering: an error may follow
+            return
         if not self.quiet:
             self.quiet = True
             return

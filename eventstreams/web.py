@@ -19,7 +19,7 @@ from .filters import FilterError, parse_filters
 from .hub import Hubs
 from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
 from .spec import openapi_spec
-from .sse import NDJSON_START, OK, Connections, ResponseSink
+from .sse import Connections, ResponseSink
 
 log = Logger()
 
@@ -266,7 +266,7 @@ class Api:
         request.setHeader("connection", "keep-alive")
         request.setHeader("access-control-allow-origin", service.cors_origin)
         request.setHeader("x-accel-buffering", "no")
-        sink.write(NDJSON_START if ndjson else OK)
+        sink.begin()
         for note in start.notes:
             sink.comment(note)
         sub = hub.subscribe(sink, start.offsets, start.stamps, flt)

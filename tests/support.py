@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import uuid
 from typing import Any, Callable, Optional
 
 from twisted.internet import reactor
@@ -35,17 +36,21 @@ max_body = 64k
 listen = tcp:0:interface=127.0.0.1
 
 [stream:mediawiki.recentchange]
-topics = eqiad.mediawiki.recentchange,codfw.mediawiki.recentchange
+topics = {prefix}eqiad.mediawiki.recentchange,{prefix}codfw.mediawiki.recentchange
 aliases = recentchange
 description = Mediawiki RecentChanges feed.
 schema_title = mediawiki/recentchange
 
 [stream:test]
-topics = eqiad.test.event
+topics = {prefix}eqiad.test.event
 description = A test stream.
 """
 
 RC_TOPICS = ("eqiad.mediawiki.recentchange", "codfw.mediawiki.recentchange")
+TEST_TOPIC = "eqiad.test.event"
+
+# bootstrap.servers of the test broker that `make test` starts (scripts/kafka)
+KAFKA = os.environ.get("EVENTSTREAMS_KAFKA")
 
 
 def free_port() -> int:
@@ -54,23 +59,69 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(directory: str, extra: str = "") -> str:
+def write_config(directory: str, extra: str = "", prefix: str = "") -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "streams.ini")
     with open(path, "w") as f:
-        f.write(BASE_CONFIG.format(path=os.path.join(directory, "log.sqlite")) + extra)
+        f.write((BASE_CONFIG + extra).format(path=os.path.join(directory, "log.sqlite"), prefix=prefix))
     return path
 
 
-class Daemon:
-    """The real service tree, listening on free loopback ports."""
+def kafka_admin() -> Any:
+    from confluent_kafka.admin import AdminClient
 
-    def __init__(self, directory: str, overrides: tuple[str, ...] = (), extra: str = ""):
-        self.config = load(write_config(directory, extra), overrides)
+    return AdminClient({"bootstrap.servers": KAFKA})
+
+
+def create_topics(topics: dict[str, int], config: Optional[dict[str, str]] = None) -> None:
+    """Create Kafka topics (name → partitions) and wait until they exist (blocking)."""
+    from confluent_kafka.admin import NewTopic
+
+    admin = kafka_admin()  # must outlive its futures
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=n, replication_factor=1, config=config or {}) for t, n in topics.items()]
+    )
+    for future in futures.values():
+        future.result(30)
+
+
+class Daemon:
+    """The real service tree, listening on free loopback ports, over the
+    embedded log or the test Kafka broker (with topics of its own)."""
+
+    def __init__(
+        self,
+        directory: str,
+        overrides: tuple[str, ...] = (),
+        extra: str = "",
+        backend: str = "embedded",
+        partitions: Optional[dict[str, int]] = None,
+    ):
+        self.kafka = backend == "kafka"
+        self.prefix = f"t{uuid.uuid4().hex[:10]}." if self.kafka else ""
+        self.partitions = partitions or {}
+        if self.kafka:
+            overrides = ("eventstreams.backend=kafka", f"kafka.bootstrap.servers={KAFKA}") + tuple(overrides)
+        self.config = load(write_config(directory, extra, self.prefix), overrides)
         self.service = build_service(self.config, reactor)
         self.ports: dict[str, int] = {}
 
+    @property
+    def rc(self) -> tuple[str, str]:
+        """The recentchange topics of this daemon."""
+        return (self.prefix + RC_TOPICS[0], self.prefix + RC_TOPICS[1])
+
+    def topic(self, name: str) -> str:
+        return self.prefix + name
+
     async def start(self) -> "Daemon":
+        if self.kafka:
+            from twisted.internet.threads import deferToThread
+
+            # partitions per topic (without prefix); 0: leave the topic missing
+            topics = {t: self.partitions.get(t[len(self.prefix):], 1)
+                      for s in self.config.streams.values() for t in s.topics}
+            await deferToThread(create_topics, {t: n for t, n in topics.items() if n})
         self.service.startService()
         for name, listener in self.service.listeners.items():
             port = await listener._waitingForPort

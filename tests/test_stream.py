@@ -2,20 +2,27 @@
 from __future__ import annotations
 
 import json
+import os
 
 import treq
 from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 from twisted.trial import unittest
 
-from .support import RC_TOPICS, Daemon, async_test, offsets_by_partition, open_stream, rc_event, sleep
+from .support import KAFKA, Daemon, async_test, offsets_by_partition, open_stream, rc_event, sleep
 
 
 class StreamTestCase(unittest.TestCase):
     overrides: tuple[str, ...] = ()
+    backend = "embedded"
 
-    async def daemon(self, *overrides: str, extra: str = "") -> Daemon:
-        d = Daemon(self.mktemp(), self.overrides + overrides, extra)
+    async def daemon(self, *overrides: str, extra: str = "", partitions: dict | None = None) -> Daemon:
+        if self.backend == "kafka" and not KAFKA:
+            message = "no Kafka broker: set EVENTSTREAMS_KAFKA (make test starts one with scripts/kafka)"
+            if os.environ.get("CI") == "true":
+                self.fail(message)
+            raise unittest.SkipTest(message)
+        d = Daemon(self.mktemp(), self.overrides + overrides, extra, self.backend, partitions)
         await d.start()
         self.addCleanup(d.stop)
         return d
@@ -53,22 +60,22 @@ class StreamBasics(StreamTestCase):
     async def test_event_frame_carries_meta_position_and_an_id_over_every_partition(self):
         d = await self.daemon()
         client = await self.stream(d, "/v2/stream/recentchange,test")
-        await d.append(RC_TOPICS[1], [rc_event(1)])
+        await d.append(d.rc[1], [rc_event(1)])
         await client.wait_events(1)
         block = client.blocks[-1]
         self.assertEqual(block["event"], "message")
         event = json.loads(block["data"])
-        self.assertEqual(event["meta"]["topic"], RC_TOPICS[1])
+        self.assertEqual(event["meta"]["topic"], d.rc[1])
         self.assertEqual((event["meta"]["partition"], event["meta"]["offset"]), (0, 0))
         self.assertEqual(event["title"], "Page 1")
         ids = json.loads(block["id"])
         self.assertEqual(
             [(i["topic"], i["partition"], i["offset"]) for i in ids],
-            [(RC_TOPICS[0], 0, 0), (RC_TOPICS[1], 0, 1), ("eqiad.test.event", 0, 0)],
+            [(d.rc[0], 0, 0), (d.rc[1], 0, 1), (d.topic("eqiad.test.event"), 0, 0)],
         )
         codfw = ids[1]
         self.assertEqual(codfw["timestamp"], d.hubs.hubs[tuple(sorted(
-            [(RC_TOPICS[0], 0), (RC_TOPICS[1], 0), ("eqiad.test.event", 0)]))].head[1][1])
+            [(d.rc[0], 0), (d.rc[1], 0), (d.topic("eqiad.test.event"), 0)]))].head[1][1])
         # One data line of compact JSON, raw UTF-8.
         self.assertNotIn(b"\ndata: {\n", client.body)
 
@@ -78,7 +85,7 @@ class StreamBasics(StreamTestCase):
         client = await self.stream(d, "/v2/stream/recentchange")
         event = rc_event(1)
         event["title"] = "Zürich 東京"
-        await d.append(RC_TOPICS[0], [event])
+        await d.append(d.rc[0], [event])
         await client.wait_events(1)
         self.assertIn("Zürich 東京".encode("utf-8"), client.body)
         self.assertEqual(client.events[0]["title"], "Zürich 东京".replace("东", "東"))
@@ -86,9 +93,9 @@ class StreamBasics(StreamTestCase):
     @async_test
     async def test_default_start_is_the_end_of_the_log(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(5)])
+        await d.append(d.rc[0], [rc_event(n) for n in range(5)])
         client = await self.stream(d, "/v2/stream/recentchange")
-        await d.append(RC_TOPICS[0], [rc_event(99)])
+        await d.append(d.rc[0], [rc_event(99)])
         await client.wait_events(1)
         await sleep(0.1)
         self.assertEqual([e["id"] for e in client.events], [99])
@@ -97,7 +104,7 @@ class StreamBasics(StreamTestCase):
     async def test_ndjson_when_the_client_accepts_json(self):
         d = await self.daemon()
         client = await self.stream(d, "/v2/stream/recentchange", {"Accept": "application/json"})
-        await d.append(RC_TOPICS[0], [rc_event(1), rc_event(2)])
+        await d.append(d.rc[0], [rc_event(1), rc_event(2)])
         await client.wait_for(lambda: client.body.count(b"\n") >= 3)
         self.assertEqual(client.headers["content-type"], "application/json; charset=utf-8")
         self.assertTrue(client.body.startswith(b"\n{"))
@@ -124,7 +131,7 @@ class StreamBasics(StreamTestCase):
         d = await self.daemon()
         a = await self.stream(d, "/v2/stream/recentchange")
         b = await self.stream(d, "/v2/stream/recentchange")
-        await d.append(RC_TOPICS[0], [rc_event(1)])
+        await d.append(d.rc[0], [rc_event(1)])
         await a.wait_events(1)
         self.assertEqual(len(d.hubs.hubs), 1)
         hub = next(iter(d.hubs.hubs.values()))
@@ -145,8 +152,8 @@ class Resume(StreamTestCase):
         """n events spread over both recentchange topics, in several writes."""
         for start in range(0, n, 50):
             batch = range(start, min(n, start + 50))
-            await d.append(RC_TOPICS[0], [rc_event(i) for i in batch if i % 3])
-            await d.append(RC_TOPICS[1], [rc_event(i) for i in batch if not i % 3])
+            await d.append(d.rc[0], [rc_event(i) for i in batch if i % 3])
+            await d.append(d.rc[1], [rc_event(i) for i in batch if not i % 3])
 
     async def resume_exactly(self, d: Daemon, total: int, first: int) -> None:
         client = await self.stream(d, "/v2/stream/recentchange?since=0")
@@ -191,27 +198,27 @@ class Resume(StreamTestCase):
             self.assertEqual(offsets, list(range(len(offsets))))
 
     async def fill_range(self, d: Daemon, a: int, b: int) -> None:
-        await d.append(RC_TOPICS[0], [rc_event(i) for i in range(a, b) if i % 3])
-        await d.append(RC_TOPICS[1], [rc_event(i) for i in range(a, b) if not i % 3])
+        await d.append(d.rc[0], [rc_event(i) for i in range(a, b) if i % 3])
+        await d.append(d.rc[1], [rc_event(i) for i in range(a, b) if not i % 3])
 
     @async_test
     async def test_resume_by_timestamp_id(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=1_000_000)
-        await d.append(RC_TOPICS[0], [rc_event(2)], timestamp=2_000_000)
-        await d.append(RC_TOPICS[0], [rc_event(3)], timestamp=3_000_000)
-        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "timestamp": 2_000_000}])
+        await d.append(d.rc[0], [rc_event(1)], timestamp=1_000_000)
+        await d.append(d.rc[0], [rc_event(2)], timestamp=2_000_000)
+        await d.append(d.rc[0], [rc_event(3)], timestamp=3_000_000)
+        leid = json.dumps([{"topic": d.rc[0], "partition": 0, "timestamp": 2_000_000}])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
         await client.wait_events(2)
         self.assertEqual([e["id"] for e in client.events], [2, 3])
         ids = json.loads(client.last_id)
-        self.assertEqual(ids, [{"topic": RC_TOPICS[0], "partition": 0, "offset": 3, "timestamp": 3_000_001}])
+        self.assertEqual(ids, [{"topic": d.rc[0], "partition": 0, "offset": 3, "timestamp": 3_000_001}])
 
     @async_test
     async def test_offset_wins_over_timestamp(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(5)], timestamp=1_000)
-        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "offset": 3, "timestamp": 0}])
+        await d.append(d.rc[0], [rc_event(n) for n in range(5)], timestamp=1_000)
+        leid = json.dumps([{"topic": d.rc[0], "partition": 0, "offset": 3, "timestamp": 0}])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
         await client.wait_events(2)
         self.assertEqual([e["id"] for e in client.events], [3, 4])
@@ -219,39 +226,39 @@ class Resume(StreamTestCase):
     @async_test
     async def test_subset_of_partitions_limits_the_stream(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(1)])
-        await d.append(RC_TOPICS[1], [rc_event(2)])
-        leid = json.dumps([{"topic": RC_TOPICS[1], "partition": 0, "offset": 0}])
+        await d.append(d.rc[0], [rc_event(1)])
+        await d.append(d.rc[1], [rc_event(2)])
+        leid = json.dumps([{"topic": d.rc[1], "partition": 0, "offset": 0}])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
         await client.wait_events(1)
-        await d.append(RC_TOPICS[0], [rc_event(3)])
-        await d.append(RC_TOPICS[1], [rc_event(4)])
+        await d.append(d.rc[0], [rc_event(3)])
+        await d.append(d.rc[1], [rc_event(4)])
         await client.wait_events(2)
         self.assertEqual([e["id"] for e in client.events], [2, 4])
-        self.assertEqual([i["topic"] for i in json.loads(client.last_id)], [RC_TOPICS[1]])
+        self.assertEqual([i["topic"] for i in json.loads(client.last_id)], [d.rc[1]])
 
     @async_test
     async def test_topic_name_form_starts_at_since_or_the_end(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=5_000)
-        await d.append(RC_TOPICS[1], [rc_event(2)], timestamp=5_000)
-        leid = json.dumps([RC_TOPICS[0]])
+        await d.append(d.rc[0], [rc_event(1)], timestamp=5_000)
+        await d.append(d.rc[1], [rc_event(2)], timestamp=5_000)
+        leid = json.dumps([d.rc[0]])
         client = await self.stream(d, "/v2/stream/recentchange?since=1000", {"Last-Event-ID": leid})
         await client.wait_events(1)
         self.assertEqual([e["id"] for e in client.events], [1])
         latest = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
-        await d.append(RC_TOPICS[0], [rc_event(3)])
+        await d.append(d.rc[0], [rc_event(3)])
         await latest.wait_events(1)
         self.assertEqual([e["id"] for e in latest.events], [3])
 
     @async_test
     async def test_upstream_id_with_minus_one_offset_is_accepted(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=1_000)
-        await d.append(RC_TOPICS[0], [rc_event(2)], timestamp=2_000)
+        await d.append(d.rc[0], [rc_event(1)], timestamp=1_000)
+        await d.append(d.rc[0], [rc_event(2)], timestamp=2_000)
         leid = json.dumps([
-            {"topic": RC_TOPICS[0], "partition": 0, "timestamp": 1_500},
-            {"topic": RC_TOPICS[1], "partition": 0, "offset": -1},
+            {"topic": d.rc[0], "partition": 0, "timestamp": 1_500},
+            {"topic": d.rc[1], "partition": 0, "offset": -1},
         ])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
         await client.wait_events(1)
@@ -260,8 +267,8 @@ class Resume(StreamTestCase):
     @async_test
     async def test_since_epoch_ms_and_iso8601(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(1)], timestamp=1_700_000_000_000)
-        await d.append(RC_TOPICS[0], [rc_event(2)], timestamp=1_700_000_100_000)
+        await d.append(d.rc[0], [rc_event(1)], timestamp=1_700_000_000_000)
+        await d.append(d.rc[0], [rc_event(2)], timestamp=1_700_000_100_000)
         by_ms = await self.stream(d, "/v2/stream/recentchange?since=1700000050000")
         by_iso = await self.stream(d, "/v2/stream/recentchange?since=2023-11-14T22:14:10Z")
         await by_ms.wait_events(1)
@@ -272,11 +279,11 @@ class Resume(StreamTestCase):
     @async_test
     async def test_expired_offset_starts_at_oldest_and_says_so(self):
         d = await self.daemon("embedded.retention=1h")
-        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(3)], timestamp=1_000)
-        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(3, 5)])
+        await d.append(d.rc[0], [rc_event(n) for n in range(3)], timestamp=1_000)
+        await d.append(d.rc[0], [rc_event(n) for n in range(3, 5)])
         removed = await d.backend.prune()
         self.assertEqual(removed, 3)
-        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "offset": 1}])
+        leid = json.dumps([{"topic": d.rc[0], "partition": 0, "offset": 1}])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
         await client.wait_events(2)
         self.assertEqual([e["meta"]["offset"] for e in client.events], [3, 4])
@@ -285,10 +292,10 @@ class Resume(StreamTestCase):
     @async_test
     async def test_offset_beyond_the_end_starts_at_the_end(self):
         d = await self.daemon()
-        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(3)])
-        leid = json.dumps([{"topic": RC_TOPICS[0], "partition": 0, "offset": 1000}])
+        await d.append(d.rc[0], [rc_event(n) for n in range(3)])
+        leid = json.dumps([{"topic": d.rc[0], "partition": 0, "offset": 1000}])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
-        await d.append(RC_TOPICS[0], [rc_event(7)])
+        await d.append(d.rc[0], [rc_event(7)])
         await client.wait_events(1)
         self.assertEqual(client.events[0]["meta"]["offset"], 3)
         self.assertTrue(any("beyond the end" in c for c in client.comments()))
@@ -306,7 +313,7 @@ class Filters(StreamTestCase):
             rc_event(4, "dewiki", namespace=2), rc_event(5, "dewiki"),
             rc_event(6, "wikidatawiki"), rc_event(7, "wikidatawiki"),
         ]
-        await d.append(RC_TOPICS[0], events)
+        await d.append(d.rc[0], events)
         await client.wait_events(2)
         self.assertEqual([e["id"] for e in client.events], [1, 5])
         # The skipped tail still moves the client's id past offset 6.
@@ -319,7 +326,7 @@ class Filters(StreamTestCase):
     async def test_glob_filter_on_server_name(self):
         d = await self.daemon()
         client = await self.stream(d, "/v2/stream/recentchange?filter.server_name=*.wikipedia.org")
-        await d.append(RC_TOPICS[0], [rc_event(1, "wikidatawiki"), rc_event(2, "dewiki"), rc_event(3, "enwiki")])
+        await d.append(d.rc[0], [rc_event(1, "wikidatawiki"), rc_event(2, "dewiki"), rc_event(3, "enwiki")])
         await client.wait_events(2)
         self.assertEqual([e["id"] for e in client.events], [2, 3])
 
@@ -327,7 +334,7 @@ class Filters(StreamTestCase):
     async def test_id_updates_can_be_turned_off(self):
         d = await self.daemon("eventstreams.id_updates=false")
         client = await self.stream(d, "/v2/stream/recentchange?filter.wiki=dewiki")
-        await d.append(RC_TOPICS[0], [rc_event(1, "enwiki"), rc_event(2, "dewiki"), rc_event(3, "enwiki")])
+        await d.append(d.rc[0], [rc_event(1, "enwiki"), rc_event(2, "dewiki"), rc_event(3, "enwiki")])
         await client.wait_events(1)
         await sleep(1.5)
         self.assertEqual([b.get("event") for b in client.blocks], [None, "message"])
@@ -361,8 +368,8 @@ class Errors(StreamTestCase):
     @async_test
     async def test_bad_last_event_id_forms(self):
         d = await self.daemon()
-        for header in ("", "nope", "[]", '{"topic":"x"}', '[{"topic":"eqiad.mediawiki.recentchange","partition":"a"}]',
-                       '[{"topic":"eqiad.mediawiki.recentchange","partition":7,"offset":1}]'):
+        for header in ("", "nope", "[]", '{"topic":"x"}', json.dumps([{"topic": d.rc[0], "partition": "a"}]),
+                       json.dumps([{"topic": d.rc[0], "partition": 7, "offset": 1}])):
             body = await self.error(d, "/v2/stream/recentchange", 400, {"Last-Event-ID": header})
             self.assertEqual(body["type"], "invalid_last_event_id", header)
             self.assertTrue(body["detail"], header)
@@ -377,9 +384,9 @@ class Errors(StreamTestCase):
     @async_test
     async def test_topic_outside_the_stream(self):
         d = await self.daemon()
-        leid = json.dumps([{"topic": "eqiad.test.event", "partition": 0, "offset": 0}])
+        leid = json.dumps([{"topic": d.topic("eqiad.test.event"), "partition": 0, "offset": 0}])
         body = await self.error(d, "/v2/stream/recentchange", 404, {"Last-Event-ID": leid})
-        self.assertIn("eqiad.test.event", body["detail"])
+        self.assertIn(d.topic("eqiad.test.event"), body["detail"])
 
     @async_test
     async def test_malformed_filter(self):
@@ -413,7 +420,7 @@ class Errors(StreamTestCase):
     @async_test
     async def test_failure_after_200_is_an_error_event_with_the_current_id(self):
         d = await self.daemon("eventstreams.ring_size=5")
-        await d.append(RC_TOPICS[0], [rc_event(n) for n in range(20)])
+        await d.append(d.rc[0], [rc_event(n) for n in range(20)])
 
         def broken_read(positions, max_records):
             from twisted.internet.defer import fail
@@ -445,7 +452,7 @@ class SlowClient(StreamTestCase):
                 event = rc_event(n)
                 event["comment"] = big
                 batch.append(event)
-            await d.append(RC_TOPICS[0], batch)
+            await d.append(d.rc[0], batch)
         await fast.wait_events(total, timeout=30)
         hub = next(iter(d.hubs.hubs.values()))
         sub = next(s for s in hub.subscriptions if s.paused)
@@ -460,7 +467,7 @@ class SlowClient(StreamTestCase):
         self.assertEqual([e["id"] for e in slow.events], list(range(total)))
         await sleep(0.1)
         self.assertTrue(sub.live)
-        await d.append(RC_TOPICS[0], [rc_event(total)])
+        await d.append(d.rc[0], [rc_event(total)])
         await slow.wait_events(total + 1)
 
 
@@ -519,7 +526,7 @@ class ServiceRoutes(StreamTestCase):
     async def test_metrics_report_clients_and_deliveries(self):
         d = await self.daemon()
         client = await self.stream(d, "/v2/stream/recentchange")
-        await d.append(RC_TOPICS[0], [rc_event(1), rc_event(2)])
+        await d.append(d.rc[0], [rc_event(1), rc_event(2)])
         await client.wait_events(2)
         text = await (await self.get(d.url("/metrics", "metrics"))).text()
         self.assertIn('eventstreams_connected_clients{stream="mediawiki.recentchange"} 1', text)

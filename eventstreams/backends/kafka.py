@@ -8,6 +8,8 @@ whose thread hands batches to the reactor with callFromThread.
 """
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -29,11 +31,11 @@ CONSUMER_DEFAULTS = {
     "enable.auto.offset.store": "false",
     "enable.partition.eof": "false",
     "fetch.queue.backoff.ms": "10",  # the default stalls fetches for ~1 s
-    "api.version.request": "true",
 }
 CATCHUP_DEFAULTS = {"queued.max.messages.kbytes": "2048"}  # bounds memory per pooled consumer
 POLL_BATCH = 1000
 POLL_TIMEOUT = 0.2
+REPEAT = 60.0  # seconds before the same librdkafka line is logged again
 PARTITIONS_TTL = 10.0  # seconds a topic's partition list is reused
 # librdkafka keys that only a producer or only a consumer understands
 PRODUCER_ONLY = {"acks", "linger.ms", "compression.type", "enable.idempotence", "batch.num.messages"}
@@ -41,6 +43,28 @@ CONSUMER_ONLY = {"fetch.queue.backoff.ms", "queued.max.messages.kbytes", "fetch.
                  "fetch.min.bytes", "fetch.max.bytes", "max.partition.fetch.bytes", "group.id",
                  "enable.auto.commit", "enable.auto.offset.store", "enable.partition.eof",
                  "auto.offset.reset", "isolation.level"}
+
+
+class LibrdkafkaLog(logging.Logger):
+    """librdkafka's log lines into twisted.logger, each distinct line at most
+    once a minute (a broker that is down is otherwise reported 20 times a second)."""
+
+    def __init__(self, reactor: Any):
+        super().__init__("librdkafka")
+        self.reactor = reactor
+        self._seen: dict[str, float] = {}
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        text = msg % args if args else str(msg)
+        key = re.sub(r"\(after \d+ms[^)]*\)", "", text)
+        now = time.monotonic()
+        if now - self._seen.get(key, -REPEAT) < REPEAT:
+            return
+        self._seen[key] = now
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        emit = log.warn if level >= logging.WARNING else log.info
+        self.reactor.callFromThread(emit, "librdkafka: {text}", text=text)
 
 
 def to_record(message: Any) -> Record:
@@ -146,17 +170,21 @@ class KafkaBackend:
         self._missing: set[str] = set()
         self._tails: set[KafkaTail] = set()
         self._partitions: dict[str, tuple[float, list[int]]] = {}
+        self._librdkafka_log = LibrdkafkaLog(reactor)
 
     # -- settings ---------------------------------------------------------------
 
-    def consumer_settings(self, catchup: bool = False) -> dict[str, str]:
-        settings = {k: v for k, v in self.settings.items() if k not in PRODUCER_ONLY}
+    def consumer_settings(self, catchup: bool = False) -> dict[str, Any]:
+        settings: dict[str, Any] = {k: v for k, v in self.settings.items() if k not in PRODUCER_ONLY}
         for key, value in {**CONSUMER_DEFAULTS, **(CATCHUP_DEFAULTS if catchup else {})}.items():
             settings.setdefault(key, value)
+        settings["logger"] = self._librdkafka_log
         return settings
 
-    def producer_settings(self) -> dict[str, str]:
-        return {k: v for k, v in self.settings.items() if k not in CONSUMER_ONLY}
+    def producer_settings(self) -> dict[str, Any]:
+        settings: dict[str, Any] = {k: v for k, v in self.settings.items() if k not in CONSUMER_ONLY}
+        settings["logger"] = self._librdkafka_log
+        return settings
 
     def check_settings(self) -> Optional[str]:
         """librdkafka's complaint about the settings, if any (it connects lazily,
