@@ -131,6 +131,14 @@ class KafkaOnly(OverKafka, test_stream.StreamTestCase):
         self.flushLoggedErrors()
 
     @async_test
+    async def test_a_read_below_the_log_start_continues_at_the_oldest_record(self):
+        d = await self.daemon()
+        await d.append(d.rc[0], [rc_event(n) for n in range(6)])
+        await deferToThread(delete_records, d.rc[0], 0, 4)
+        records = await d.backend.read({(d.rc[0], 0): 1}, 100)
+        self.assertEqual([r.offset for r in records], [4, 5])
+
+    @async_test
     async def test_a_stream_with_none_of_its_topics_is_a_503(self):
         d = await self.daemon(extra="\n[stream:ghost]\ntopics = {prefix}nowhere\n", partitions={"nowhere": 0})
         response = await self.get(d.url("/v2/stream/ghost"))

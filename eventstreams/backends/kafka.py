@@ -31,6 +31,9 @@ CONSUMER_DEFAULTS = {
     "enable.auto.offset.store": "false",
     "enable.partition.eof": "false",
     "fetch.queue.backoff.ms": "10",  # the default stalls fetches for ~1 s
+    # A position below the log start continues at the oldest record (the hub
+    # notices the jump and tells the client), never silently at the end.
+    "auto.offset.reset": "earliest",
 }
 CATCHUP_DEFAULTS = {"queued.max.messages.kbytes": "2048"}  # bounds memory per pooled consumer
 POLL_BATCH = 1000
@@ -313,10 +316,13 @@ class KafkaBackend:
             ends: Optional[dict[TopicPartition, int]] = None
             while not records and time.monotonic() < deadline:
                 for m in consumer.consume(max_records, POLL_TIMEOUT):
-                    if m.error() is None:
+                    error = m.error()
+                    if error is None:
                         records.append(to_record(m))
-                    elif m.error().code() != KafkaError._PARTITION_EOF:
-                        raise KafkaException(m.error())
+                    elif error.fatal():
+                        raise KafkaException(error)
+                    elif error.code() != KafkaError._PARTITION_EOF:
+                        self._librdkafka_log.log(logging.WARNING, "catch-up read: %s", error.str())
                 if records:
                     break
                 if ends is None:  # nothing yet: are we simply at the end?
