@@ -169,13 +169,17 @@ class BadStart(DaemonTestCase):
         self.assertEqual(len(lines), 1, child.output)
         self.assertTrue(lines[0].startswith(f"eventstreams: {path}: [kafka] bootstrap.servers: "), lines[0])
 
-    @async_test
-    async def test_port_in_use_exits_non_zero(self):
+    def busy_port(self) -> int:
+        """A loopback port something else is listening on."""
         busy = socket.socket()
         self.addCleanup(busy.close)
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = busy.getsockname()[1]
+        return busy.getsockname()[1]
+
+    @async_test
+    async def test_port_in_use_exits_non_zero(self):
+        port = self.busy_port()
         path, overrides = self.good_config(eventstreams=port, intake=free_port(), metrics=free_port())
         child = await self.finish(self.spawn("-c", path, *overrides))
         self.assertNotEqual(child.exit_code, 0, child.output)
@@ -188,11 +192,7 @@ class BadStart(DaemonTestCase):
         # `python -m twisted eventstreams` starts services in startService:
         # the embedded log's threads are already running when the listener
         # fails, and must not keep the failed process alive.
-        busy = socket.socket()
-        self.addCleanup(busy.close)
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+        port = self.busy_port()
         path, overrides = self.good_config(eventstreams=port, intake=free_port(), metrics=free_port())
         child = await self.finish(self.spawn("-c", path, *overrides, runner=TWIST))
         self.assertNotEqual(child.exit_code, 0, child.output)

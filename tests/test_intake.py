@@ -7,15 +7,13 @@ import re
 import uuid
 from datetime import datetime, timezone
 
-import treq
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from twisted.trial import unittest
 from zope.interface import implementer
 
-from .support import RC_TOPICS, Daemon, async_test, open_stream, rc_event, sleep
+from .test_stream import StreamTestCase
+from .support import RC_TOPICS, Daemon, async_test, rc_event, sleep
 
 TEST_TOPIC = "eqiad.test.event"
 MAX_BODY = 64 * 1024  # support.BASE_CONFIG: [intake] max_body = 64k
@@ -79,18 +77,8 @@ def padded(event: dict, size: int) -> bytes:
     return data
 
 
-class IntakeTestCase(unittest.TestCase):
+class IntakeTestCase(StreamTestCase):
     timeout = 60
-
-    async def daemon(self, *overrides: str, extra: str = "") -> Daemon:
-        d = Daemon(self.mktemp(), overrides, extra)
-        await d.start()
-        self.addCleanup(d.stop)
-        return d
-
-    def request(self, method: str, url: str, **kwargs):
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        return treq.request(method, url, pool=pool, **kwargs)
 
     async def post(self, d: Daemon, body, query: str = "", listener: str = "intake", **kwargs):
         """POST to /v1/events: (status, parsed JSON body, response)."""
@@ -110,11 +98,6 @@ class IntakeTestCase(unittest.TestCase):
     async def stored(self, d: Daemon, topic: str) -> list[dict]:
         records = await d.backend.read({(topic, 0): 0}, 1000)
         return [json.loads(r.value) for r in records if r.topic == topic]
-
-    async def stream(self, d: Daemon, path: str):
-        client = await open_stream(d.ports["api"], path)
-        self.addCleanup(lambda: client.transport.loseConnection())
-        return client
 
 
 class Accepting(IntakeTestCase):
