@@ -246,18 +246,19 @@ class Subscription:
             self.offsets = offsets = [slot[0] for slot in vector]
             self.stamps = stamps = [slot[1] for slot in vector]
             self.last = entry
-            matched = entry.event is not None and (
-                self.filter is None or self.filter.matches(entry.event)
-            )
-            if matched:
-                self.delivered += 1
-            self.sink.send(entry, matched)
+            self._send(entry)
             sent += 1
             if self.closed or self.paused:
                 return False
             if sent >= REPLAY_CHUNK:
                 return False
         return True
+
+    def _send(self, entry: Entry) -> None:
+        matched = entry.event is not None and (self.filter is None or self.filter.matches(entry.event))
+        if matched:
+            self.delivered += 1
+        self.sink.send(entry, matched)
 
     def _read(self) -> None:
         hub = self.hub
@@ -298,21 +299,15 @@ class Subscription:
                 continue
             if record.offset > self.offsets[i]:
                 self.sink.comment(
-                    f"offsets {self.offsets[i]} to {record.offset - 1} of "
-                    f"{record.topic}/{record.partition} are no longer retained; "
+                    f"no records at offsets {self.offsets[i]} to {record.offset - 1} of "
+                    f"{record.topic}/{record.partition} (no longer retained); "
                     f"continuing at {record.offset}"
                 )
             self.offsets[i] = record.offset + 1
             self.stamps[i] = record.timestamp + 1
             self.last = None
             event, data = decode_record(record)
-            if event is None:
-                hub.skipped_records += 1
-            entry = Entry(-1, record, event, data, hub.tps, tuple(zip(self.offsets, self.stamps)))
-            matched = event is not None and (self.filter is None or self.filter.matches(event))
-            if matched:
-                self.delivered += 1
-            self.sink.send(entry, matched)
+            self._send(Entry(-1, record, event, data, hub.tps, tuple(zip(self.offsets, self.stamps))))
             if self.closed or self.paused:
                 break
         self._pending = records[n:]
