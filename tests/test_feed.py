@@ -1,0 +1,46 @@
+"""The in-process stream subscriber the bridges use."""
+from __future__ import annotations
+
+from twisted.internet import reactor
+
+from eventstreams.feed import StreamFeed
+
+from .support import rc_event, sleep, async_test
+from .test_stream import StreamTestCase
+
+
+class Feed(StreamTestCase):
+    async def feed(self, d, retry: float = 0.1):
+        seen: list[dict] = []
+        feed = StreamFeed(d.backend, d.hubs, d.config.streams["mediawiki.recentchange"],
+                          lambda event, entry: seen.append(event), reactor, retry)
+        feed.startService()
+        self.addCleanup(feed.stopService)
+        await sleep(0.1)
+        return feed, seen
+
+    @async_test
+    async def test_delivers_new_events_of_every_topic(self):
+        d = await self.daemon()
+        await d.append(d.rc[0], [rc_event(0)])  # before the feed: not delivered
+        feed, seen = await self.feed(d)
+        await d.append(d.rc[0], [rc_event(1)])
+        await d.append(d.rc[1], [rc_event(2)])
+        await sleep(0.2)
+        self.assertEqual([e["id"] for e in seen], [1, 2])
+        self.assertEqual(seen[1]["meta"]["topic"], d.rc[1])
+
+    @async_test
+    async def test_resubscribes_where_it_stopped_after_a_failure(self):
+        d = await self.daemon("eventstreams.ring_size=2")
+        feed, seen = await self.feed(d)
+        await d.append(d.rc[0], [rc_event(1)])
+        await sleep(0.1)
+        broken = feed.subscription
+        feed.fail("the log went away")  # what a subscription whose read failed does
+        broken.cancel()
+        await d.append(d.rc[0], [rc_event(n) for n in range(2, 8)])
+        await sleep(0.5)
+        self.assertEqual([e["id"] for e in seen], list(range(1, 8)))
+        self.assertIsNotNone(feed.subscription)
+        self.assertIsNot(feed.subscription, broken)
