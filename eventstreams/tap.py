@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -15,7 +15,7 @@ from .config import Config, ConfigError, load
 from .demo import DemoFeed
 from .hub import Hubs
 from .intake import Intake, intake_site
-from .metrics import MetricsResource, collect
+from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
 from .web import Api
 
@@ -103,10 +103,16 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         site = intake_site(intake.resource(), config.intake.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
 
+    feeds: list[IService] = []  # bridges' StreamFeeds, started after the log
+    # -- bridges: IRC (bridges.irc) --
+    # -- bridges: RCStream (bridges.rcstream) --
 
+    # Bridges append callables returning more samples (see eventstreams.metrics).
+    metric_sources: list[Callable[[], list[Sample]]] = []
     if config.metrics.listen:
         resource = MetricsResource(
             lambda: collect(connections, hubs, intake.counts if intake else None, config.streams)
+            + [sample for source in metric_sources for sample in source()]
         )
         listeners["metrics"] = listener(reactor, config.metrics.listen, Site(resource))
 
@@ -117,9 +123,12 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if config.demo.stream:
         stream = config.streams[config.demo.stream]
         DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
+    for feed in feeds:
+        feed.setServiceParent(top)
 
     top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
     top.connections = connections  # type: ignore[attr-defined]
+    top.metric_sources = metric_sources  # type: ignore[attr-defined]
     top.hubs = hubs  # type: ignore[attr-defined]
     top.backend = backend  # type: ignore[attr-defined]
     return top
