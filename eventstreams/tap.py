@@ -104,11 +104,21 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         listeners["intake"] = listener(reactor, config.intake.listen, site)
 
     feeds: list[IService] = []  # bridges' StreamFeeds, started after the log
-    # -- bridges: IRC (bridges.irc) --
-    # -- bridges: RCStream (bridges.rcstream) --
-
     # Bridges append callables returning more samples (see eventstreams.metrics).
     metric_sources: list[Callable[[], list[Sample]]] = []
+    # -- bridges: IRC (bridges.irc) --
+    from bridges.irc import IRCServer, irc_config as read_irc_config
+    from .feed import StreamFeed
+
+    irc_config = read_irc_config(config)  # None: no [irc] section, the bridge is off
+    if irc_config is not None:
+        irc = IRCServer(irc_config, reactor)
+        listeners["irc"] = listener(reactor, irc_config.listen, irc.factory)
+        feeds.append(irc)  # the keepalive timer; closes the clients on stop
+        feeds.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_event, reactor))
+        metric_sources.append(irc.samples)
+    # -- bridges: RCStream (bridges.rcstream) --
+
     if config.metrics.listen:
         resource = MetricsResource(
             lambda: collect(connections, hubs, intake.counts if intake else None, config.streams)

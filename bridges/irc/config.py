@@ -1,0 +1,93 @@
+"""The [irc] section, parsed into a frozen IRCConfig (None: the bridge is off)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from eventstreams.config import Config, ConfigError, _endpoint, _number, _positive_count
+
+_WORD = re.compile(r"[^\s:,\x00\x07]+")
+
+
+def _word(text: str) -> str:
+    if not _WORD.fullmatch(text):
+        raise ValueError(f"expected one word without spaces, ':' or ',', got {text!r}")
+    return text
+
+
+def _motd(text: str) -> tuple[str, ...]:
+    """One MOTD line per line of the value (INI continuation lines)."""
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    while lines and not lines[0]:
+        lines.pop(0)
+    return tuple(lines)
+
+
+@dataclass(frozen=True)
+class IRCConfig:
+    listen: str = "tcp:6667"
+    servername: str = "irc.wikimedia.org"
+    botname: str = "rc-pmtpa"
+    network: str = "Wikimedia"
+    stream: str = "mediawiki.recentchange"  # resolved to the stream's name
+    motd: tuple[str, ...] = (
+        "*******************************************************",
+        "This is the Wikimedia RC->IRC gateway",
+        "*******************************************************",
+        "Sending messages to channels is not allowed.",
+        "",
+        "A channel exists for all Wikimedia wikis which have been",
+        "changed since the last time the server was restarted. In",
+        "general, the name is just the domain name with the .org",
+        "left off. For example, the changes on the English Wikipedia",
+        "are available at #en.wikipedia",
+    )
+    ping_interval: float = 45.0
+    ping_timeout: float = 180.0
+    queue_size: int = 1000  # lines waiting for one slow client
+
+
+FIELDS: dict[str, Callable] = {
+    "listen": _endpoint,
+    "servername": _word,
+    "botname": _word,
+    "network": _word,
+    "stream": lambda t: t,
+    "motd": _motd,
+    "ping_interval": _number,
+    "ping_timeout": _number,
+    "queue_size": _positive_count,
+}
+
+
+def irc_config(config: Config) -> Optional[IRCConfig]:
+    """The bridge's settings, or None without an [irc] section (or with
+    `listen = none`). Raises ConfigError, like the core sections."""
+    values = config.sections.get("irc")
+    if values is None:
+        return None
+    if values.get("listen", "").strip().lower() in ("none", "off", "no"):
+        return None
+    kwargs = {}
+    for key, text in values.items():
+        if key not in FIELDS:
+            raise ConfigError(config.path, "irc", key, "unknown key")
+        try:
+            kwargs[key] = FIELDS[key](text.strip())
+        except ValueError as e:
+            raise ConfigError(config.path, "irc", key, str(e)) from None
+    if "listen" not in kwargs:
+        raise ConfigError(config.path, "irc", "listen", "required (an endpoint string such as tcp:6667)")
+    result = IRCConfig(**kwargs)
+    stream = config.stream(result.stream)
+    if stream is None:
+        raise ConfigError(config.path, "irc", "stream", f"no stream named {result.stream!r}")
+    if result.ping_interval <= 0:
+        raise ConfigError(config.path, "irc", "ping_interval", "must be above 0 seconds")
+    if result.ping_timeout <= 0:
+        raise ConfigError(config.path, "irc", "ping_timeout", "must be above 0 seconds")
+    return IRCConfig(**{**kwargs, "stream": stream.name})
+
