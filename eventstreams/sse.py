@@ -7,11 +7,12 @@ for themselves.
 from __future__ import annotations
 
 import json
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from .fastwrite import writer_for
 from .hub import Entry, Subscription
 
 OK = b":ok\n\n"
@@ -42,6 +43,20 @@ def ndjson_line(entry: Entry) -> bytes:
     frame = entry.frames.get("ndjson")
     if frame is None:
         frame = entry.frames["ndjson"] = (entry.data or b"") + b"\n"
+    return frame
+
+
+def chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
+    """An event as a ready HTTP chunk, built once per entry and shared."""
+    key = "ndjson-chunk" if ndjson else "sse-chunk"
+    frame = entry.frames.get(key)
+    if frame is None:
+        frame = entry.frames[key] = chunk(ndjson_line(entry) if ndjson else event_frame(entry))
     return frame
 
 
@@ -82,6 +97,7 @@ class ResponseSink:
         client_ip: str,
     ):
         self._write = write
+        self._transport: Optional[Any] = None  # set: write ready chunks straight to it
         self._finish = finish
         self.ndjson = ndjson
         self.id_updates = id_updates and not ndjson
@@ -101,17 +117,34 @@ class ResponseSink:
         self.started = True
         self.write(NDJSON_START if self.ndjson else OK)
 
+    def use_transport(self, transport: Any) -> None:
+        """Write chunk-encoded frames to the connection directly (the response
+        is chunked and its head is out): the shared bytes of an event go to
+        every client without per-client framing work."""
+        self._transport = transport
+        self._raw_write = writer_for(transport)
+
     def write(self, data: bytes) -> None:
         self.quiet = False
         self.bytes_written += len(data)
         self.counters.bytes_sent += len(data)
-        self._write(data)
+        if self._transport is not None:
+            self._raw_write(chunk(data))
+        else:
+            self._write(data)
 
     def send(self, entry: Entry, matched: bool) -> None:
         if matched:
             self.pending = None
             self.counters.events_delivered += 1
-            self.write(ndjson_line(entry) if self.ndjson else event_frame(entry))
+            if self._transport is not None:
+                frame = chunked_frame(entry, self.ndjson)
+                self.quiet = False
+                self.bytes_written += len(frame)
+                self.counters.bytes_sent += len(frame)
+                self._raw_write(frame)
+            else:
+                self.write(ndjson_line(entry) if self.ndjson else event_frame(entry))
         elif self.id_updates:
             if self.pending is None:
                 self.connections.pending_ids.add(self)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Optional
 
 from klein import Klein
@@ -22,6 +23,16 @@ from .spec import openapi_spec
 from .sse import Connections, ResponseSink
 
 log = Logger()
+
+# The stream browser's static files (eventstreams/ui), served at /v2/ui/<name>.
+UI_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui")
+UI_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
 
 SERVICE_INFO = {
     "name": "eventstreams",
@@ -126,6 +137,24 @@ class Api:
         request.setResponseCode(303)
         request.setHeader("location", "/v2/ui")
         return b""
+
+    @app.route("/v2/ui", methods=["GET", "HEAD"])
+    @app.route("/v2/ui/", methods=["GET", "HEAD"])
+    def ui(self, request: IRequest) -> bytes:
+        return self.ui_file(request, "index.html")
+
+    @app.route("/v2/ui/<string:name>", methods=["GET", "HEAD"])
+    def ui_file(self, request: IRequest, name: str) -> bytes:
+        kind = UI_TYPES.get(os.path.splitext(name)[1])
+        path = os.path.join(UI_DIR, name)
+        if kind is None or name.startswith(".") or not os.path.isfile(path):
+            return self._error(request, ApiError(404, "not_found", "Not Found", "no such resource"))
+        with open(path, "rb") as f:
+            body = f.read()
+        request.setHeader("content-type", kind)
+        request.setHeader("cache-control", "no-cache")
+        self._common_headers(request)
+        return body
 
     @app.route("/v2/streams", methods=["GET", "HEAD"])
     def streams(self, request: IRequest) -> bytes:
@@ -267,6 +296,8 @@ class Api:
         request.setHeader("access-control-allow-origin", service.cors_origin)
         request.setHeader("x-accel-buffering", "no")
         sink.begin()
+        if getattr(request, "chunked", False) and request.channel is not None:
+            sink.use_transport(request.channel.transport)
         for note in start.notes:
             sink.comment(note)
         sub = hub.subscribe(sink, start.offsets, start.stamps, flt)

@@ -1,0 +1,219 @@
+"""Load benchmarks: `python -m bench SCENARIO [--clients N] [--seconds S]`.
+
+Starts the real daemon (twistd, embedded log, no demo feed) pinned to one
+core, drives it from load-generator processes pinned to the other, and
+prints one line per figure plus the server's CPU seconds and RSS.
+
+Scenarios:
+  idle       S1: ramp to N idle SSE clients (memory per client, connect rate)
+  firehose   S2: N clients, 30 real recentchange events/s (deliveries/s, latency)
+  broadcast  S3: N idle clients, one event a second (latency of one event to all)
+  burst      S4: 300 events/s with N clients (latency under an input burst)
+  stalled    S6: firehose where 10% of clients stop reading
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+from . import load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(ROOT, "eventstreams", "data", "recentchange-combined.jsonl")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+CONFIG = """
+[eventstreams]
+listen = tcp:{port}:interface=127.0.0.1:backlog=4096
+heartbeat = 15
+client_ip_connection_limit = 0
+max_connections = 0
+ring_size = 10000
+
+[embedded]
+path = {dir}/bench.sqlite
+retention = 1h
+
+[intake]
+listen = tcp:{intake}:interface=127.0.0.1
+
+[metrics]
+listen = tcp:{metrics}:interface=127.0.0.1
+
+[stream:mediawiki.recentchange]
+topics = eqiad.mediawiki.recentchange,codfw.mediawiki.recentchange
+aliases = recentchange
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The daemon under test, pinned to core 0."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="es-bench-")
+        self.port, self.intake, self.metrics = free_port(), free_port(), free_port()
+        path = os.path.join(self.dir, "streams.ini")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(port=self.port, intake=self.intake, metrics=self.metrics, dir=self.dir))
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", "0", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
+             "eventstreams", "-c", path],
+            cwd=ROOT,
+        )
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+    def cpu(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def connected(self) -> int:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/", timeout=5).read().decode()
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("eventstreams_connected_clients{"))
+
+    def wait_connected(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.connected() < n:
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class Publisher(threading.Thread):
+    """Posts real recentchange events at a rate, stamped with bench_ts."""
+
+    def __init__(self, server: Server, rate: float, seconds: float, batch: int = 1):
+        super().__init__(daemon=True)
+        self.server, self.rate, self.seconds, self.batch = server, rate, seconds, batch
+        with open(SAMPLES, "rb") as f:
+            self.samples = [json.loads(line) for line in f][:2000]
+        self.sent = 0
+
+    def run(self) -> None:
+        url = f"http://127.0.0.1:{self.server.intake}/v1/events"
+        interval = self.batch / self.rate
+        end = time.monotonic() + self.seconds
+        next_at = time.monotonic()
+        while time.monotonic() < end:
+            events = []
+            for _ in range(self.batch):
+                event = dict(self.samples[self.sent % len(self.samples)])
+                event["meta"] = dict(event["meta"], stream="mediawiki.recentchange")
+                event["bench_ts"] = time.time()
+                events.append(event)
+                self.sent += 1
+            request = urllib.request.Request(url, json.dumps(events).encode(), {"content-type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).read()
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+def percentile(values: list, p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def report(name: str, value: object, unit: str = "") -> None:
+    print(f"{name:<44} {value} {unit}".rstrip(), flush=True)
+
+
+def run_scenario(args: argparse.Namespace) -> None:
+    server = Server()
+    try:
+        rss0, cpu0 = server.rss_kib(), server.cpu()
+        processes = max(1, min(4, (args.clients + 4999) // 5000))
+        rate_per_event = {"firehose": 30, "broadcast": 1, "burst": 300, "stalled": 30}.get(args.scenario, 0)
+        hold = args.seconds + 5
+        sample_every = max(1, args.clients // 200)
+        stalled_every = 10 if args.scenario == "stalled" else 0
+        results: dict = {}
+
+        def drive() -> None:
+            results["load"] = load.run("127.0.0.1", server.port, "/v2/stream/recentchange", args.clients,
+                                       processes, sample_every, hold, args.connect_rate, stalled_every)
+
+        t0 = time.monotonic()
+        driver = threading.Thread(target=drive)
+        driver.start()
+        server.wait_connected(args.clients)
+        ramp = time.monotonic() - t0
+        rss1, cpu1 = server.rss_kib(), server.cpu()
+        report("clients connected", server.connected())
+        report("ramp time", f"{ramp:.1f}", "s")
+        report("connect rate (server-side count / ramp)", f"{args.clients / ramp:.0f}", "conn/s")
+        report("server RSS idle before / after", f"{rss0 // 1024} / {rss1 // 1024}", "MiB")
+        report("server RSS per client", f"{(rss1 - rss0) / max(1, args.clients):.2f}", "KiB")
+        if rate_per_event:
+            publisher = Publisher(server, rate_per_event, args.seconds, batch=10 if rate_per_event >= 300 else 1)
+            publisher.start()
+            publisher.join()
+            cpu_pub = server.cpu()
+        driver.join()
+        r = results["load"]
+        cpu2 = server.cpu()
+        report("load: connected (200) / failed", f"{r.connected} / {r.failed}")
+        if rate_per_event:
+            report("events published", publisher.sent)
+            report("frames received", r.frames)
+            report("deliveries per second (frames / publish time)", f"{r.frames / args.seconds:.0f}", "/s")
+            report("server CPU during publishing", f"{cpu_pub - cpu1:.1f}", "s")
+            report("deliveries per server CPU second", f"{r.frames / max(0.01, cpu_pub - cpu1):.0f}", "/s")
+            report("latency p50 / p99 / max (sampled clients)",
+                   f"{percentile(r.latencies, .5) * 1000:.1f} / {percentile(r.latencies, .99) * 1000:.1f} / "
+                   f"{max(r.latencies, default=float('nan')) * 1000:.1f}", "ms")
+            report("sampled latencies", len(r.latencies))
+            report("gaps / duplicates (sampled clients)", f"{r.gaps} / {r.duplicates}")
+        report("server CPU total", f"{cpu2 - cpu0:.1f}", "s")
+        report("server RSS at end", server.rss_kib() // 1024, "MiB")
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled"])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
+    parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
+    args = parser.parse_args()
+    args.seconds = min(args.seconds, 60)
+    print(f"# {args.scenario}: {args.clients} clients, {args.seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"{os.cpu_count()} cores", flush=True)
+    run_scenario(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The load generator: processes of asyncio+uvloop holding raw SSE connections.
+
+Each worker opens its share of connections (spread over several 127.x
+source addresses so one address never runs out of ports), counts frames on
+every connection, and on sampled connections parses events to check
+per-partition `meta.offset` continuity and measure publish→receive latency
+from the `bench_ts` the publisher puts in each event.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+SOURCE_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 12)]
+
+
+@dataclass
+class WorkerResult:
+    connected: int = 0
+    failed: int = 0
+    statuses: dict = field(default_factory=dict)
+    frames: int = 0
+    latencies: list = field(default_factory=list)
+    gaps: int = 0
+    duplicates: int = 0
+    connect_seconds: float = 0.0
+    first_byte: list = field(default_factory=list)  # seconds from connect to the first event
+
+
+class SSEClient(asyncio.Protocol):
+    def __init__(self, path: str, sample: bool, result: WorkerResult, headers: str = "", read: bool = True):
+        self.path = path
+        self.sample = sample
+        self.result = result
+        self.headers = headers
+        self.read = read
+        self.buffer = b""
+        self.head_done = False
+        self.offsets: dict = {}
+        self.started = time.monotonic()
+        self.got_first = False
+        self.connected = asyncio.get_running_loop().create_future()
+        self.last_id: Optional[str] = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n{self.headers}\r\n".encode()
+        )
+        if not self.read:
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.head_done:
+            self.buffer += data
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = int(self.buffer.split(b" ", 2)[1])
+            self.result.statuses[status] = self.result.statuses.get(status, 0) + 1
+            self.head_done = True
+            data = self.buffer[end + 4:]
+            self.buffer = b""
+            if not self.connected.done():
+                self.connected.set_result(status)
+        count = data.count(b"event: message")
+        if count:
+            self.result.frames += count
+            if not self.got_first:
+                self.got_first = True
+                self.result.first_byte.append(time.monotonic() - self.started)
+        if self.sample:
+            self.buffer += data
+            self._parse()
+
+    def _parse(self) -> None:
+        now = time.time()
+        while True:
+            start = self.buffer.find(b"\ndata: ")
+            if start < 0:
+                return
+            end = self.buffer.find(b"\n", start + 7)
+            if end < 0:
+                return
+            line = self.buffer[start + 7:end]
+            self.buffer = self.buffer[end:]
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a chunk-size line cut through the data: rare, skip
+            meta = event.get("meta", {})
+            tp = (meta.get("topic"), meta.get("partition"))
+            offset = meta.get("offset")
+            previous = self.offsets.get(tp)
+            if previous is not None:
+                if offset <= previous:
+                    self.result.duplicates += 1
+                elif offset > previous + 1:
+                    self.result.gaps += 1
+            self.offsets[tp] = offset
+            if "bench_ts" in event:
+                self.result.latencies.append(now - event["bench_ts"])
+
+    def connection_lost(self, exc) -> None:
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+
+async def run_worker(host: str, port: int, path: str, count: int, sample_every: int, hold: float,
+                     rate: float, stalled_every: int, worker: int) -> WorkerResult:
+    loop = asyncio.get_running_loop()
+    result = WorkerResult()
+    clients = []
+    started = time.monotonic()
+    interval = 1.0 / rate if rate else 0
+    for i in range(count):
+        source = SOURCE_ADDRESSES[(worker + i) % len(SOURCE_ADDRESSES)]
+        sample = sample_every and i % sample_every == 0
+        read = not (stalled_every and i % stalled_every == stalled_every - 1)
+        try:
+            _, client = await loop.create_connection(
+                lambda: SSEClient(path, bool(sample), result, read=read), host, port, local_addr=(source, 0)
+            )
+            clients.append(client)
+        except OSError:
+            result.failed += 1
+        if interval:
+            await asyncio.sleep(interval)
+    statuses = await asyncio.gather(*(c.connected for c in clients))
+    result.connected = sum(1 for s in statuses if s == 200)
+    result.connect_seconds = time.monotonic() - started
+    await asyncio.sleep(hold)
+    for c in clients:
+        c.transport.abort()
+    return result
+
+
+def _worker_main(args: tuple, queue: multiprocessing.Queue) -> None:
+    import uvloop
+
+    if len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {1})  # the server has core 0
+    uvloop.install()
+    result = asyncio.run(run_worker(*args))
+    queue.put(result)
+
+
+def run(host: str, port: int, path: str, total: int, processes: int, sample_every: int, hold: float,
+        rate: float = 0, stalled_every: int = 0) -> WorkerResult:
+    """Open `total` connections from `processes` workers, hold them `hold` s."""
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    per = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
+    procs = [
+        multiprocessing.Process(
+            target=_worker_main,
+            args=((host, port, path, n, sample_every, hold, rate / processes if rate else 0, stalled_every, i), queue),
+        )
+        for i, n in enumerate(per)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    merged = WorkerResult()
+    for r in results:
+        merged.connected += r.connected
+        merged.failed += r.failed
+        merged.frames += r.frames
+        merged.gaps += r.gaps
+        merged.duplicates += r.duplicates
+        merged.latencies += r.latencies
+        merged.first_byte += r.first_byte
+        merged.connect_seconds = max(merged.connect_seconds, r.connect_seconds)
+        for k, v in r.statuses.items():
+            merged.statuses[k] = merged.statuses.get(k, 0) + v
+    return merged
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,43 @@
+"""Write-through for plain TCP connections.
+
+Twisted buffers every write and sends it on the next reactor turn, adding
+and removing the socket from epoll around each one: two epoll_ctl calls per
+event per client, which dominated fan-out CPU. When nothing is queued on the
+connection, sending at once costs one send() and no epoll change; whatever
+the kernel does not take goes through the normal buffered path, so ordering,
+flow control and producer pausing stay Twisted's.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import tcp
+
+
+def writer_for(transport: Any) -> Callable[[bytes], None]:
+    """A write function for transport: write-through when it is a plain TCP
+    connection (not TLS, not a test transport), else transport.write."""
+    if not isinstance(transport, tcp.Connection) or not hasattr(transport, "socket"):
+        return transport.write
+    sock = transport.socket
+    buffered = transport.write
+
+    def write(data: bytes) -> None:
+        if (
+            transport.connected
+            and not transport.disconnecting
+            and not transport._tempDataBuffer
+            and len(transport.dataBuffer) == transport.offset
+        ):
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # let the buffered path meet the error and close properly
+            if sent == len(data):
+                return
+            data = data[sent:]
+        buffered(data)
+
+    return write
