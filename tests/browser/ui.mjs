@@ -1,0 +1,90 @@
+// Drives the stream browser at /v2/ui: the stream list, choosing a stream,
+// live rows, a filter, a row's JSON; then a screenshot.
+//
+//   node ui.mjs --base http://127.0.0.1:PORT --stream NAME --screenshot out.png [--width 1280]
+//
+// Prints one line {"result": {...}} and exits 0; the caller asserts on it.
+import { args, deadline, emit, launch } from './chromium.mjs';
+
+const opt = args();
+const width = Number(opt.width || 1280);
+const { context, close } = await launch({ viewport: { width, height: 900 } });
+const timer = deadline(Number(opt.timeout || 60), close);
+const result = { console_errors: [], failed_requests: [] };
+
+try {
+  const page = context.pages()[0] || await context.newPage();
+  page.on('console', (m) => { if (m.type() === 'error') result.console_errors.push(m.text()); });
+  page.on('pageerror', (e) => result.console_errors.push(String(e)));
+  page.on('requestfailed', (r) => {
+    // Leaving a stream (a new selection, the end of the test) aborts its request.
+    if (!r.url().includes('/v2/stream/')) result.failed_requests.push(`${r.url()}: ${r.failure()?.errorText}`);
+  });
+
+  const response = await page.goto(opt.base + '/v2/ui');
+  result.status = response.status();
+  result.csp = response.headers()['content-security-policy'] || null;
+  await page.waitForSelector('#streams input');
+  result.streams = await page.$$eval('#streams li', (items) => items.map((li) => ({
+    name: li.querySelector('input').value,
+    description: li.querySelector('.description').textContent,
+    label: li.querySelector('label').textContent,
+  })));
+  result.labelled = await page.$$eval('input:not([type=hidden]), select, button', (controls) =>
+    controls.filter((c) => !(c.labels && c.labels.length) && !c.getAttribute('aria-label') && !c.textContent.trim())
+      .map((c) => c.id || c.className));
+
+  // Choose the stream with the keyboard: focus its checkbox, Space, then Enter in "since".
+  await page.focus(`#streams input[value="${opt.stream}"]`);
+  await page.keyboard.press('Space');
+  await page.focus('#since');
+  await page.keyboard.press('Enter');
+  await page.waitForFunction(() => document.querySelectorAll('#events li').length >= 5, null, { timeout: 20000 });
+  result.rows = await page.$$eval('#events li', (rows) => rows.length);
+  result.first_row = await page.$eval('#events li summary', (s) => s.textContent);
+  result.status_open = await page.textContent('#status');
+  result.hash = await page.evaluate(() => location.hash);
+
+  // A filter: only dewiki, and not bots.
+  await page.fill('#filter-wiki', 'dewiki');
+  await page.selectOption('#filter-bot', 'true');
+  await page.check('#filter-bot-not');
+  await page.click('#connect');
+  await page.waitForFunction(() => document.querySelectorAll('#events li').length >= 3, null, { timeout: 20000 });
+  result.filtered_wikis = await page.$$eval('#events .c-wiki', (cells) => cells.map((c) => c.textContent));
+  result.filtered_hash = await page.evaluate(() => location.hash);
+
+  // Expand the newest row: its JSON appears.
+  await page.click('#events li summary');
+  const json = JSON.parse(await page.textContent('#events li pre.json'));
+  result.expanded = { wiki: json.wiki, bot: json.bot };
+
+  // Copy the curl command (shown in the snippet box too).
+  await page.click('#copy-curl');
+  await page.waitForFunction(() => !document.getElementById('snippet').hidden);
+  result.curl = await page.textContent('#snippet');
+
+  // Pause: rows stop changing while events keep arriving.
+  await page.click('#pause');
+  const before = await page.$eval('#events li', (li) => li.dataset.topic + '/' + li.dataset.offset);
+  await page.waitForFunction(() => /not shown/.test(document.getElementById('counts').textContent), null, { timeout: 10000 });
+  result.paused_same_top = before === await page.$eval('#events li', (li) => li.dataset.topic + '/' + li.dataset.offset);
+  await page.click('#pause');
+  result.rate = Number(await page.textContent('#rate'));
+  result.status_text = await page.textContent('#status');
+
+  if (opt.screenshot) {
+    await page.screenshot({ path: opt.screenshot, fullPage: opt.full === 'true' });
+    result.screenshot = opt.screenshot;
+  }
+  await page.click('#disconnect');
+  emit({ result });
+} catch (e) {
+  process.stderr.write(String(e.stack || e) + '\n');
+  process.stderr.write(JSON.stringify(result) + '\n');
+  process.exitCode = 1;
+} finally {
+  clearTimeout(timer);
+  await close();
+}
+process.exit();
