@@ -31,6 +31,7 @@ from .rcfmt import format_event
 log = Logger()
 
 VERSION = f"eventstreams-{__version__}"
+CLOSE_TIMEOUT = 10.0  # seconds a closing connection may take to flush
 MAX_INPUT = 512  # bytes of one client line, CRLF included
 NICKLEN = 30
 CHANNELLEN = 50
@@ -178,6 +179,7 @@ class IRCClient(Protocol):
         self.queue: collections.deque[bytes] = collections.deque()
         self.closed: Deferred = Deferred()
         self.closing = False
+        self._abort: Any = None  # the delayed abort of a close that does not finish
 
     # -- connection ------------------------------------------------------------
 
@@ -190,6 +192,8 @@ class IRCClient(Protocol):
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Any) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         self.server.clients.discard(self)
         for channel in self.channels:
             channel.members.discard(self)
@@ -206,7 +210,11 @@ class IRCClient(Protocol):
         self.send(Message("ERROR", (f"Closing Link: {self.host} ({reason})",)))
         self.closing = True
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        if self.paused:  # it does not read: nothing more will reach it
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+            self._abort = self.server.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
 
     # -- output ------------------------------------------------------------------
 
@@ -222,8 +230,10 @@ class IRCClient(Protocol):
         if not self.closing:
             self.transport.write((str(message) + "\r\n").encode("utf-8"))
 
-    def reply(self, numeric: Any, *params: str) -> None:
-        self.send(Message(str(numeric), (self.me,) + params, self.config.servername))
+    def reply(self, numeric: Any, *params: str, trailing: bool = True) -> None:
+        """A numeric to this client; the last parameter is text (after ':')
+        unless trailing is False."""
+        self.send(Message(str(numeric), (self.me,) + params, self.config.servername, trailing))
 
     def send_line(self, data: bytes) -> None:
         """A bot line: written now, queued while paused, dropped when the queue is full."""
@@ -239,10 +249,14 @@ class IRCClient(Protocol):
         self.server.counters.lines_sent += 1
 
     def pauseProducing(self) -> None:
+        """The transport's buffer is full: queue bot lines, and stop reading
+        this client's commands so its replies cannot pile up either."""
         self.paused = True
+        self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.transport.resumeProducing()
         while self.queue and not self.paused and not self.closing:
             self.transport.write(self.queue.popleft())
             self.server.counters.lines_sent += 1
@@ -331,9 +345,9 @@ class IRCClient(Protocol):
         self.reply(RPL.WELCOME, f"Welcome to the {c.network} IRC Network {self.mask}")
         self.reply(RPL.YOURHOST, f"Your host is {c.servername}, running version {VERSION}")
         self.reply(RPL.CREATED, f"This server was created {created}")
-        self.reply(RPL.MYINFO, c.servername, VERSION, "i", "bklmtns")
+        self.reply(RPL.MYINFO, c.servername, VERSION, "i", "bklmtns", trailing=False)
         self.reply(RPL.ISUPPORT, f"NETWORK={c.network}", *ISUPPORT, "are available on this server")
-        self.reply(RPL.UMODEIS, "+i")
+        self.reply(RPL.UMODEIS, "+i", trailing=False)
         self.handle_MOTD(())
 
     def handle_QUIT(self, params: tuple[str, ...]) -> None:
@@ -388,7 +402,7 @@ class IRCClient(Protocol):
 
     def _topic(self, channel: Channel) -> None:
         self.reply(RPL.TOPIC, channel.name, channel.topic)
-        self.reply(RPL.TOPICWHOTIME, channel.name, self.config.botname, str(channel.created))
+        self.reply(RPL.TOPICWHOTIME, channel.name, self.config.botname, str(channel.created), trailing=False)
 
     def _names(self, channel: Channel) -> None:
         names = ([self.nick] if channel in self.channels else []) + ["@" + self.config.botname]
@@ -404,7 +418,7 @@ class IRCClient(Protocol):
         channel = self._channel(name)
         if channel not in self.channels:
             raise IRCError(ERR.NOTONCHANNEL, channel.name, "You're not on that channel")
-        self.send(Message("PART", (channel.name,) + reason, self.mask))
+        self.send(Message("PART", (channel.name,) + reason, self.mask, bool(reason)))
         self.channels.discard(channel)
         channel.members.discard(self)
 
@@ -443,8 +457,8 @@ class IRCClient(Protocol):
         if target.startswith("#"):
             channel = self._channel(target)
             if len(params) == 1:
-                self.reply(RPL.CHANNELMODEIS, channel.name, "+mts")
-                self.reply(RPL.CREATIONTIME, channel.name, str(channel.created))
+                self.reply(RPL.CHANNELMODEIS, channel.name, "+mts", trailing=False)
+                self.reply(RPL.CREATIONTIME, channel.name, str(channel.created), trailing=False)
             elif params[1].lstrip("+") == "b":
                 self.reply(RPL.ENDOFBANLIST, channel.name, "End of channel ban list")
             else:
@@ -452,7 +466,7 @@ class IRCClient(Protocol):
         elif irc_lower(target) != irc_lower(self.nick or ""):
             raise IRCError(ERR.USERSDONTMATCH, "Cant change mode for other users")
         elif len(params) == 1:
-            self.reply(RPL.UMODEIS, "+i")
+            self.reply(RPL.UMODEIS, "+i", trailing=False)
         elif set(params[1]) - set("+-i"):
             raise IRCError(ERR.UMODEUNKNOWNFLAG, "Unknown MODE flag")
 
