@@ -1,0 +1,322 @@
+"""End to end: the daemon with the IRC bridge on a loopback port, events
+posted to the intake, raw-socket clients and a jaraco `irc` bot."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.threads import deferToThread
+
+from .support import Daemon, async_test, rc_event, sleep
+from .test_stream import StreamTestCase
+
+IRC = ("irc.listen=tcp:0:interface=127.0.0.1",)
+BOT = ":rc-pmtpa!rc-pmtpa@irc.wikimedia.org"
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "irc", "ircstream-rcfmt")
+
+
+def golden_event(name: str) -> dict:
+    with open(os.path.join(GOLDEN, name + ".json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def golden(name: str) -> tuple[dict, str, str]:
+    """The event, its channel and its line."""
+    event = golden_event(name)
+    with open(os.path.join(GOLDEN, name + ".out"), encoding="utf-8") as f:
+        channel, line = f.read().rstrip("\n").split("\t ", 1)
+    return event, channel, line
+
+
+class RawIRC(Protocol):
+    """Lines as the server sent them (CRLF-split bytes, decoded)."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.lines: list[str] = []
+        self.closed: Deferred = Deferred()
+        self.done = False
+        self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        *complete, self.buffer = self.buffer.split(b"\r\n")
+        self.lines += [line.decode("utf-8") for line in complete]
+        self._check()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done = True
+        self.closed.callback(None)
+        self._check()
+
+    def send(self, *lines: str) -> None:
+        self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+
+    def _check(self) -> None:
+        for item in list(self._waiters):
+            if item[0]():
+                self._waiters.remove(item)
+                item[1].callback(self)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
+        d: Deferred = Deferred()
+        if predicate():
+            d.callback(self)
+            return d
+        item = (predicate, d)
+        self._waiters.append(item)
+
+        def expire() -> None:
+            if not d.called:
+                self._waiters.remove(item)
+                d.errback(AssertionError(f"timed out; got {self.lines[-10:]!r}"))
+
+        call = reactor.callLater(timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+    def wait_line(self, start: int, test: Callable[[str], bool], timeout: float = 10) -> Deferred:
+        """Fires when a line after index start passes test."""
+        return self.wait_for(lambda: any(test(line) for line in self.lines[start:]), timeout)
+
+    def numerics(self) -> list[str]:
+        return [line.split()[1] for line in self.lines]
+
+
+class IRCTestCase(StreamTestCase):
+    timeout = 60
+
+    async def irc_daemon(self, *overrides: str) -> Daemon:
+        return await self.daemon(*IRC, *overrides)
+
+    async def connect(self, d: Daemon) -> RawIRC:
+        client = RawIRC()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", d.ports["irc"]).connect(ClientFactory.forProtocol(lambda: client))
+
+        async def close() -> None:
+            if not client.done:
+                client.transport.loseConnection()
+            await client.closed
+
+        self.addCleanup(close)
+        return client
+
+    async def registered(self, d: Daemon, nick: str = "alice") -> RawIRC:
+        client = await self.connect(d)
+        client.send(f"NICK {nick}", f"USER {nick} 0 * :Test client")
+        await client.wait_line(0, lambda line: " 376 " in line)
+        return client
+
+    async def post(self, d: Daemon, events: list[dict]) -> None:
+        response = await self.request("POST", d.url("/v1/events", "intake"), data=json.dumps(events).encode(),
+                                      headers={"Content-Type": "application/json"})
+        body = await response.json()
+        self.assertEqual((response.code, body["accepted"]), (201, len(events)), body)
+
+    async def channel_exists(self, client: RawIRC, channel: str) -> None:
+        """Polls LIST until the channel shows (the bot has written to it)."""
+        deadline = time.monotonic() + 10
+        while True:
+            start = len(client.lines)
+            client.send("LIST")
+            await client.wait_line(start, lambda line: " 323 " in line)
+            if any(f" 322 {client_nick(client)} {channel} " in line for line in client.lines[start:]):
+                return
+            self.assertLess(time.monotonic(), deadline, f"{channel} never appeared")
+            await sleep(0.05)
+
+
+def client_nick(client: RawIRC) -> str:
+    return client.lines[0].split()[2]
+
+
+class RawSockets(IRCTestCase):
+    @async_test
+    async def test_the_bridge_is_off_without_an_irc_section(self):
+        d = await self.daemon()
+        self.assertNotIn("irc", d.ports)
+
+    @async_test
+    async def test_registration_burst(self):
+        d = await self.irc_daemon("irc.network=TestNet")
+        client = await self.registered(d)
+        self.assertEqual(client.numerics()[:6], ["001", "002", "003", "004", "005", "221"])
+        self.assertEqual(client.numerics()[6], "375")
+        self.assertEqual(client.numerics()[-1], "376")
+        self.assertEqual(client.lines[0], ":irc.wikimedia.org 001 alice :Welcome to the TestNet IRC Network alice!alice@127.0.0.1")
+        self.assertTrue(client.lines[4].startswith(":irc.wikimedia.org 005 alice NETWORK=TestNet CASEMAPPING=rfc1459 "))
+        self.assertIn(" PREFIX=(o)@ SAFELIST :are available on this server", client.lines[4])
+
+    @async_test
+    async def test_join_an_existing_and_a_missing_channel_then_receive_the_exact_line(self):
+        d = await self.irc_daemon()
+        client = await self.registered(d)
+        await self.post(d, [rc_event(1)])  # the bot writes to #en.wikipedia: it exists from now on
+        await self.channel_exists(client, "#en.wikipedia")
+        start = len(client.lines)
+        client.send("JOIN #en.wikipedia,#xx.wikipedia")
+        await client.wait_line(start, lambda line: " 403 " in line)
+        self.assertEqual(client.lines[start:], [
+            ":alice!alice@127.0.0.1 JOIN #en.wikipedia",
+            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic en.wikipedia",
+            client.lines[start + 2],
+            ":irc.wikimedia.org 353 alice = #en.wikipedia :alice @rc-pmtpa",
+            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list.",
+            ":irc.wikimedia.org 403 alice #xx.wikipedia :No such channel",
+        ])
+        self.assertRegex(client.lines[start + 2], r"^:irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa \d+$")
+
+        event, channel, line = golden("02-edit")
+        self.assertEqual(channel, "#en.wikipedia")
+        start = len(client.lines)
+        await self.post(d, [golden_event("04-type-categorize"), event, golden_event("05-type-new")])
+        await client.wait_line(start, lambda line: "PRIVMSG" in line)
+        await sleep(0.2)  # the wikidata line goes to a channel alice did not join
+        self.assertEqual(client.lines[start:], [f"{BOT} PRIVMSG #en.wikipedia :{line}"])
+
+    @async_test
+    async def test_privmsg_is_refused_and_unknown_commands_answered(self):
+        d = await self.irc_daemon()
+        client = await self.registered(d)
+        await self.post(d, [rc_event(1)])
+        await self.channel_exists(client, "#en.wikipedia")
+        start = len(client.lines)
+        client.send("JOIN #en.wikipedia", "PRIVMSG #en.wikipedia :hello", "PRIVMSG rc-pmtpa :hello", "FROB")
+        await client.wait_line(start, lambda line: " 421 " in line)
+        self.assertIn(":irc.wikimedia.org 404 alice #en.wikipedia :Cannot send to channel", client.lines[start:])
+        self.assertEqual(client.lines[-1], ":irc.wikimedia.org 421 alice FROB :Unknown command")
+
+    @async_test
+    async def test_quit_closes_with_an_error_line(self):
+        d = await self.irc_daemon()
+        client = await self.registered(d)
+        client.send("QUIT :done here")
+        await client.closed
+        self.assertEqual(client.lines[-1], "ERROR :Closing Link: 127.0.0.1 (done here)")
+
+    @async_test
+    async def test_ping_timeout_drops_a_silent_client_and_keeps_an_answering_one(self):
+        d = await self.irc_daemon("irc.ping_interval=0.2", "irc.ping_timeout=0.7")
+        silent = await self.registered(d, "silent")
+        answering = await self.registered(d, "answering")
+
+        def pong() -> None:
+            if not answering.done:
+                answering.send("PONG :irc.wikimedia.org")
+                calls.append(reactor.callLater(0.1, pong))
+
+        calls = [reactor.callLater(0.1, pong)]
+        self.addCleanup(lambda: [c.cancel() for c in calls if c.active()])
+        await silent.wait_for(lambda: silent.done, timeout=5)
+        self.assertIn("PING :irc.wikimedia.org", silent.lines)
+        self.assertRegex(silent.lines[-1], r"^ERROR :Closing Link: 127\.0\.0\.1 \(Ping timeout: \d+ seconds\)$")
+        self.assertFalse(answering.done)
+        self.assertIn("PING :irc.wikimedia.org", answering.lines)
+
+    @async_test
+    async def test_a_utf8_character_split_across_tcp_reads(self):
+        d = await self.irc_daemon()
+        client = await self.registered(d)
+        data = "PING :zoë ☺\r\n".encode("utf-8")
+        cut = data.index("ë".encode("utf-8")) + 1  # inside the two bytes of ë
+        start = len(client.lines)
+        client.transport.setTcpNoDelay(True)
+        client.transport.write(data[:cut])
+        await sleep(0.1)
+        client.transport.write(data[cut:] + b"PING :\xff\r\n")
+        await client.wait_line(start, lambda line: line.endswith("\ufffd"))
+        self.assertEqual(client.lines[start:], [
+            ":irc.wikimedia.org PONG irc.wikimedia.org :zoë ☺",
+            ":irc.wikimedia.org PONG irc.wikimedia.org :\ufffd",
+        ])
+
+    @async_test
+    async def test_stopping_the_daemon_closes_the_clients(self):
+        d = Daemon(self.mktemp(), IRC)
+        await d.start()
+        client = await self.registered(d)
+        await d.stop()
+        await client.closed
+        self.assertEqual(client.lines[-1], "ERROR :Closing Link: 127.0.0.1 (Server shutting down)")
+
+    @async_test
+    async def test_metrics_count_clients_and_lines(self):
+        d = await self.irc_daemon()
+        client = await self.registered(d)
+        await self.post(d, [rc_event(1)])
+        await self.channel_exists(client, "#en.wikipedia")
+        start = len(client.lines)
+        client.send("JOIN #en.wikipedia")
+        await client.wait_line(start, lambda line: " 366 " in line)
+        await self.post(d, [rc_event(2), rc_event(3)])
+        await client.wait_for(lambda: sum("PRIVMSG" in line for line in client.lines) == 2)
+        response = await self.get(d.url("/metrics", "metrics"))
+        text = (await response.content()).decode()
+        self.assertIn("eventstreams_irc_clients 1\n", text)
+        self.assertIn("eventstreams_irc_lines_sent_total 2\n", text)
+        self.assertIn("eventstreams_irc_lines_dropped_total 0\n", text)
+
+
+def run_bot(port: int, channel: str, joined: threading.Event, wanted: int, timeout: float = 15) -> dict:
+    """A jaraco `irc` bot (blocking, for a thread): joins, collects channel
+    messages until it has `wanted` of them, then quits."""
+    import irc.client
+
+    seen: dict[str, Any] = {"messages": [], "names": [], "features": None, "errors": []}
+    client_reactor = irc.client.Reactor()
+    connection = client_reactor.server()
+
+    def on_welcome(conn: Any, event: Any) -> None:
+        conn.join(channel)
+
+    def on_join(conn: Any, event: Any) -> None:
+        joined.set()
+
+    client_reactor.add_global_handler("welcome", on_welcome)
+    client_reactor.add_global_handler("join", on_join)
+    client_reactor.add_global_handler("namreply", lambda c, e: seen["names"].extend(e.arguments[-1].split()))
+    client_reactor.add_global_handler("pubmsg", lambda c, e: seen["messages"].append((e.source, e.target, e.arguments[0])))
+    client_reactor.add_global_handler("nosuchchannel", lambda c, e: seen["errors"].append(e.arguments))
+    connection.connect("127.0.0.1", port, "jaraco")
+    try:
+        deadline = time.monotonic() + timeout
+        while len(seen["messages"]) < wanted and time.monotonic() < deadline and connection.is_connected():
+            client_reactor.process_once(0.05)
+        seen["features"] = (connection.features.network, dict(connection.features.prefix))
+        if connection.is_connected():
+            connection.quit("bye")
+            end = time.monotonic() + 2
+            while connection.is_connected() and time.monotonic() < end:
+                client_reactor.process_once(0.05)
+    finally:
+        connection.close()
+    return seen
+
+
+class JaracoBot(IRCTestCase):
+    @async_test
+    async def test_a_jaraco_irc_bot_joins_and_receives_the_lines(self):
+        d = await self.irc_daemon()
+        watcher = await self.registered(d, "watcher")
+        event, channel, line = golden("10-szdiff-negative-large")
+        await self.post(d, [rc_event(1, wiki="wikidatawiki")])
+        await self.channel_exists(watcher, channel)
+
+        joined = threading.Event()
+        bot = deferToThread(run_bot, d.ports["irc"], channel, joined, 2)
+        self.assertTrue(await deferToThread(joined.wait, 10), "the bot did not join")
+        await self.post(d, [event, golden("01-log")[0], golden("05-type-new")[0]])
+        seen = await bot
+        self.assertEqual(seen["features"], ("Wikimedia", {"@": "o"}))  # 005 parsed: no "+"
+        self.assertEqual(seen["names"], ["jaraco", "@rc-pmtpa"])
+        self.assertEqual(seen["messages"], [
+            ("rc-pmtpa!rc-pmtpa@irc.wikimedia.org", channel, line),
+            ("rc-pmtpa!rc-pmtpa@irc.wikimedia.org", channel, golden("05-type-new")[2]),
+        ])

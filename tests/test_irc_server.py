@@ -1,0 +1,398 @@
+"""The IRC server without sockets: in-memory transports, a fake clock."""
+from __future__ import annotations
+
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from bridges.irc import IRCConfig, IRCServer, irc_config
+from bridges.irc.message import Message
+from bridges.irc.numerics import ERR, RPL
+from eventstreams.config import ConfigError, load
+
+from .support import write_config
+
+BOT = ":rc-pmtpa!rc-pmtpa@irc.wikimedia.org"
+
+
+class Client:
+    """One protocol instance over a StringTransport."""
+
+    def __init__(self, server: IRCServer):
+        self.protocol = server.factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 4242))
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, *lines: str) -> None:
+        for line in lines:
+            self.protocol.dataReceived(line.encode("utf-8") + b"\r\n")
+
+    def lines(self) -> list[str]:
+        """What the server wrote since the last call."""
+        data = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return data.split("\r\n")[:-1]
+
+    def register(self, nick: str = "alice") -> list[str]:
+        self.send(f"NICK {nick}", "USER al 0 * :Alice Liddell")
+        return self.lines()
+
+    def lose(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionError("gone")))
+
+
+class ServerTestCase(unittest.TestCase):
+    config = IRCConfig(motd=("Hello", "world"), ping_interval=45, ping_timeout=180, queue_size=3)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.server = IRCServer(self.config, self.clock, wall=lambda: 1700000000.0)
+        self.server.startService()
+        self.addCleanup(self.stop)
+        self.server.broadcast("#en.wikipedia", "first line")  # the channel exists from now on
+
+    def stop(self):
+        d = self.server.stopService()
+        for protocol in list(self.server.clients):  # StringTransport never closes by itself
+            protocol.connectionLost(Failure(ConnectionError("closed")))
+        return d
+
+    def client(self, register: bool = True) -> Client:
+        client = Client(self.server)
+        if register:
+            client.register()
+        return client
+
+
+class Messages(unittest.TestCase):
+    def test_numerics_are_their_wire_form(self):
+        self.assertEqual(str(RPL.WELCOME), "001")
+        self.assertEqual(str(ERR.NOSUCHCHANNEL), "403")
+        self.assertEqual(f"{ERR.CANNOTSENDTOCHAN}", "404")
+
+    def test_parse_prefix_params_trailing_and_tags(self):
+        self.assertEqual(Message.parse(":nick!u@h privmsg #a :hello  world"),
+                         Message("PRIVMSG", ("#a", "hello  world"), "nick!u@h"))
+        self.assertEqual(Message.parse("@time=x JOIN #a,#b"), Message("JOIN", ("#a,#b",)))
+        self.assertEqual(Message.parse("USER a 0 *  :"), Message("USER", ("a", "0", "*", "")))
+        self.assertIsNone(Message.parse("   "))
+
+    def test_format_uses_a_trailing_parameter_only_when_needed_or_asked(self):
+        self.assertEqual(str(Message("004", ("me", "srv", "v1", "i", "bklmtns"), "srv")), ":srv 004 me srv v1 i bklmtns")
+        self.assertEqual(str(Message("332", ("me", "#a", "a topic"))), "332 me #a :a topic")
+        self.assertEqual(str(Message("PING", ("srv",), trailing=True)), "PING :srv")
+        self.assertEqual(str(Message("X", ("",))), "X :")
+
+
+class Config(unittest.TestCase):
+    def load(self, *overrides: str):
+        return irc_config(load(write_config(self.mktemp()), overrides))
+
+    def test_no_section_means_no_bridge(self):
+        self.assertIsNone(self.load())
+        self.assertIsNone(self.load("irc.listen=none"))
+
+    def test_defaults_and_alias_resolution(self):
+        config = self.load("irc.listen=tcp:6667", "irc.stream=recentchange")
+        self.assertEqual(config.stream, "mediawiki.recentchange")
+        self.assertEqual((config.servername, config.botname, config.ping_interval, config.ping_timeout),
+                         ("irc.wikimedia.org", "rc-pmtpa", 45.0, 180.0))
+
+    def test_multi_line_motd(self):
+        path = write_config(self.mktemp(), "\n[irc]\nlisten = tcp:6667\nmotd = first line\n  second line\n\n")
+        self.assertEqual(irc_config(load(path)).motd, ("first line", "second line"))
+
+    def test_bad_values_are_one_config_error_each(self):
+        cases = {
+            "irc.bogus=1": "[irc] bogus: unknown key",
+            "irc.ping_interval=soon": "[irc] ping_interval: expected a number",
+            "irc.ping_timeout=0": "[irc] ping_timeout: must be above 0",
+            "irc.queue_size=0": "[irc] queue_size: expected an integer >= 1",
+            "irc.stream=nope": "[irc] stream: no stream named 'nope'",
+            "irc.listen=bogus:1": "[irc] listen: not a valid endpoint",
+            "irc.botname=two words": "[irc] botname: expected one word",
+        }
+        for override, message in cases.items():
+            with self.assertRaises(ConfigError) as caught:
+                self.load("irc.listen=tcp:6667", override)
+            self.assertIn(message, str(caught.exception), override)
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_the_shipped_configuration_enables_irc_on_loopback_6667(self):
+        path = os.path.join(os.path.dirname(__file__), "..", "etc", "streams.ini")
+        config = irc_config(load(path))
+        self.assertEqual(config.listen, "tcp:6667:interface=127.0.0.1")
+        self.assertEqual(config.stream, "mediawiki.recentchange")
+
+
+class Registration(ServerTestCase):
+    def test_welcome_burst_after_nick_and_user_in_either_order(self):
+        for order in (("NICK alice", "USER al 0 * :Alice Liddell"), ("USER al 0 * :Alice Liddell", "NICK alice")):
+            client = self.client(register=False)
+            client.send(*order)
+            self.assertEqual(client.lines(), [
+                ":irc.wikimedia.org 001 alice :Welcome to the Wikimedia IRC Network alice!al@10.0.0.7",
+                ":irc.wikimedia.org 002 alice :Your host is irc.wikimedia.org, running version eventstreams-0.1.0",
+                ":irc.wikimedia.org 003 alice :This server was created 2023-11-14 22:13:20 UTC",
+                ":irc.wikimedia.org 004 alice irc.wikimedia.org eventstreams-0.1.0 i bklmtns",
+                ":irc.wikimedia.org 005 alice NETWORK=Wikimedia CASEMAPPING=rfc1459 CHANLIMIT=#:2000 "
+                "CHANMODES=b,k,l,mtns NICKLEN=30 CHANNELLEN=50 CHANTYPES=# PREFIX=(o)@ SAFELIST "
+                ":are available on this server",
+                ":irc.wikimedia.org 221 alice +i",
+                ":irc.wikimedia.org 375 alice :- irc.wikimedia.org Message of the day - ",
+                ":irc.wikimedia.org 372 alice :- Hello",
+                ":irc.wikimedia.org 372 alice :- world",
+                ":irc.wikimedia.org 376 alice :End of /MOTD command.",
+            ])
+
+    def test_cap_is_ignored_and_other_commands_need_registration(self):
+        client = self.client(register=False)
+        client.send("CAP LS 302", "PING x", "JOIN #en.wikipedia", "USER a b c")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org PONG irc.wikimedia.org :x",
+            ":irc.wikimedia.org 451 * :You have not registered",
+            ":irc.wikimedia.org 461 * USER :Not enough parameters",
+        ])
+
+    def test_bad_nicks_and_reregistration(self):
+        client = self.client(register=False)
+        client.send("NICK", "NICK 1abc", "NICK rc-pmtpa", "NICK " + "a" * 31)
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org 431 * :No nickname given",
+            ":irc.wikimedia.org 432 * 1abc :Erroneous nickname",
+            ":irc.wikimedia.org 433 * rc-pmtpa :Nickname is already in use",
+            ":irc.wikimedia.org 432 * " + "a" * 31 + " :Erroneous nickname",
+        ])
+        client.register()
+        client.send("USER x 0 * :x", "NICK bob")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org 462 alice :You may not reregister",
+            ":alice!al@10.0.0.7 NICK :bob",
+        ])
+
+    def test_unknown_command(self):
+        client = self.client()
+        client.send("FROB x", "handle_join #a")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org 421 alice FROB :Unknown command",
+            ":irc.wikimedia.org 421 alice HANDLE_JOIN :Unknown command",
+        ])
+
+    def test_quit_sends_error_and_closes(self):
+        client = self.client()
+        client.send("QUIT :see you")
+        self.assertEqual(client.lines(), ["ERROR :Closing Link: 10.0.0.7 (see you)"])
+        self.assertTrue(client.transport.disconnecting)
+        client.send("PING x")
+        self.assertEqual(client.lines(), [])
+
+
+class Channels(ServerTestCase):
+    def test_join_existing_and_missing_channels(self):
+        client = self.client()
+        client.send("JOIN #EN.wikipedia,#nope")
+        self.assertEqual(client.lines(), [
+            ":alice!al@10.0.0.7 JOIN #en.wikipedia",
+            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic en.wikipedia",
+            ":irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa 1700000000",
+            ":irc.wikimedia.org 353 alice = #en.wikipedia :alice @rc-pmtpa",
+            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list.",
+            ":irc.wikimedia.org 403 alice #nope :No such channel",
+        ])
+        client.send("JOIN #en.wikipedia")  # already there: nothing
+        self.assertEqual(client.lines(), [])
+
+    def test_bot_lines_reach_joined_clients_only(self):
+        joined, other = self.client(), self.client()
+        joined.send("JOIN #en.wikipedia")
+        joined.lines()
+        self.server.broadcast("#en.wikipedia", "a line")
+        self.server.broadcast("#de.wikipedia", "elsewhere")
+        self.assertEqual(joined.lines(), [f"{BOT} PRIVMSG #en.wikipedia :a line"])
+        self.assertEqual(other.lines(), [])
+        self.assertEqual(self.server.counters.lines_sent, 1)
+
+    def test_events_become_lines_through_the_formatter(self):
+        client = self.client()
+        self.server.on_event({"type": "edit", "title": "T", "server_name": "de.wikipedia.org", "user": "U"})
+        client.send("JOIN #de.wikipedia")
+        client.lines()
+        self.server.on_event({"type": "edit", "title": "T", "server_name": "de.wikipedia.org", "user": "U"})
+        self.server.on_event({"type": "categorize", "title": "T", "server_name": "de.wikipedia.org"})
+        self.assertEqual(client.lines(), [
+            f"{BOT} PRIVMSG #de.wikipedia :\x0314[[\x0307T\x0314]]\x034 \x0310 \x0302\x03 \x035*\x03 "
+            "\x0303U\x03 \x035*\x03  \x0310\x03"
+        ])
+
+    def test_part(self):
+        client = self.client()
+        client.send("JOIN #en.wikipedia")
+        client.lines()
+        client.send("PART #en.wikipedia :bye", "PART #en.wikipedia", "PART #nope")
+        self.assertEqual(client.lines(), [
+            ":alice!al@10.0.0.7 PART #en.wikipedia :bye",
+            ":irc.wikimedia.org 442 alice #en.wikipedia :You're not on that channel",
+            ":irc.wikimedia.org 403 alice #nope :No such channel",
+        ])
+        self.server.broadcast("#en.wikipedia", "after part")
+        self.assertEqual(client.lines(), [])
+
+    def test_list_names_topic_mode(self):
+        self.server.broadcast("#de.wikipedia", "x")
+        client = self.client()
+        client.send("LIST", "NAMES #de.wikipedia", "NAMES", "TOPIC #de.wikipedia", "TOPIC #de.wikipedia :mine",
+                    "MODE #de.wikipedia", "MODE #de.wikipedia b", "MODE #de.wikipedia +o alice", "MODE alice",
+                    "MODE alice +i", "MODE alice +o", "MODE rc-pmtpa")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org 321 alice Channel :Users  Name",
+            ":irc.wikimedia.org 322 alice #de.wikipedia 1 :Stream for topic de.wikipedia",
+            ":irc.wikimedia.org 322 alice #en.wikipedia 1 :Stream for topic en.wikipedia",
+            ":irc.wikimedia.org 323 alice :End of /LIST",
+            ":irc.wikimedia.org 353 alice = #de.wikipedia :@rc-pmtpa",
+            ":irc.wikimedia.org 366 alice #de.wikipedia :End of /NAMES list.",
+            ":irc.wikimedia.org 366 alice * :End of /NAMES list.",
+            ":irc.wikimedia.org 332 alice #de.wikipedia :Stream for topic de.wikipedia",
+            ":irc.wikimedia.org 333 alice #de.wikipedia rc-pmtpa 1700000000",
+            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not channel operator",
+            ":irc.wikimedia.org 324 alice #de.wikipedia +mts",
+            ":irc.wikimedia.org 329 alice #de.wikipedia 1700000000",
+            ":irc.wikimedia.org 368 alice #de.wikipedia :End of channel ban list",
+            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not channel operator",
+            ":irc.wikimedia.org 221 alice +i",
+            ":irc.wikimedia.org 501 alice :Unknown MODE flag",
+            ":irc.wikimedia.org 502 alice :Cant change mode for other users",
+        ])
+
+    def test_privmsg_is_refused_in_channels_and_dropped_for_the_bot(self):
+        client = self.client()
+        client.send("PRIVMSG #en.wikipedia :hello", "PRIVMSG rc-pmtpa :hello", "PRIVMSG bob :hi",
+                    "PRIVMSG #nope :x", "NOTICE #en.wikipedia :x", "PRIVMSG", "PRIVMSG rc-pmtpa")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org 404 alice #en.wikipedia :Cannot send to channel",
+            ":irc.wikimedia.org 401 alice bob :No such nick/channel",
+            ":irc.wikimedia.org 401 alice #nope :No such nick/channel",
+            ":irc.wikimedia.org 411 alice :No recipient given (PRIVMSG)",
+            ":irc.wikimedia.org 412 alice :No text to send",
+        ])
+
+
+class Users(ServerTestCase):
+    def test_each_client_sees_only_itself_and_the_bot(self):
+        client = self.client()
+        Client(self.server).register("bob")
+        client.send("WHO #en.wikipedia", "WHOIS bob", "WHOIS alice", "WHOIS rc-pmtpa", "WHOWAS bob",
+                    "USERHOST alice rc-pmtpa bob")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org 315 alice #en.wikipedia :End of /WHO list.",
+            ":irc.wikimedia.org 401 alice bob :No such nick/channel",
+            ":irc.wikimedia.org 318 alice bob :End of /WHOIS list.",
+            ":irc.wikimedia.org 311 alice alice al 10.0.0.7 * :Alice Liddell",
+            ":irc.wikimedia.org 312 alice alice irc.wikimedia.org :Wikimedia",
+            ":irc.wikimedia.org 318 alice alice :End of /WHOIS list.",
+            ":irc.wikimedia.org 311 alice rc-pmtpa rc-pmtpa irc.wikimedia.org * :rc-pmtpa",
+            ":irc.wikimedia.org 312 alice rc-pmtpa irc.wikimedia.org :Wikimedia",
+            ":irc.wikimedia.org 313 alice rc-pmtpa :is a bot",
+            ":irc.wikimedia.org 318 alice rc-pmtpa :End of /WHOIS list.",
+            ":irc.wikimedia.org 406 alice bob :There was no such nickname",
+            ":irc.wikimedia.org 369 alice bob :End of WHOWAS",
+            ":irc.wikimedia.org 302 alice :alice=+al@10.0.0.7 rc-pmtpa*=+rc-pmtpa@irc.wikimedia.org",
+        ])
+
+
+class Input(ServerTestCase):
+    def test_a_utf8_character_split_across_reads(self):
+        client = self.client()
+        data = "NICK zoë\r\n".encode("utf-8")
+        split = data.index("ë".encode("utf-8")) + 1
+        client.protocol.dataReceived(data[:split])
+        client.protocol.dataReceived(data[split:])
+        self.assertEqual(client.lines(), [":irc.wikimedia.org 432 alice zoë :Erroneous nickname"])
+
+    def test_invalid_utf8_is_replaced_not_fatal(self):
+        client = self.client()
+        client.protocol.dataReceived(b"FOO\xff\xfe bar\r\nPING ok\n")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org 421 alice FOO\ufffd\ufffd :Unknown command",
+            ":irc.wikimedia.org PONG irc.wikimedia.org :ok",
+        ])
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_lines_over_512_bytes_are_refused_politely(self):
+        client = self.client()
+        client.send("PING " + "x" * 505)  # 512 bytes with CRLF: fine
+        client.send("PING " + "x" * 506)
+        client.protocol.dataReceived(b"PING " + b"y" * 600)  # no newline yet
+        client.protocol.dataReceived(b"yyy\r\nPING after\r\n")
+        self.assertEqual(client.lines(), [
+            ":irc.wikimedia.org PONG irc.wikimedia.org :" + "x" * 505,
+            ":irc.wikimedia.org 417 alice :Input line was too long",
+            ":irc.wikimedia.org 417 alice :Input line was too long",
+            ":irc.wikimedia.org PONG irc.wikimedia.org :after",
+        ])
+        self.assertFalse(client.transport.disconnecting)
+
+
+class Keepalive(ServerTestCase):
+    def test_ping_every_interval_and_drop_after_timeout_without_pong(self):
+        quiet, answering, unregistered = self.client(), self.client(), self.client(register=False)
+        for _ in range(4):
+            self.clock.advance(45)
+            self.assertEqual(quiet.lines(), ["PING :irc.wikimedia.org"])
+            self.assertEqual(answering.lines(), ["PING :irc.wikimedia.org"])
+            answering.send("PONG :irc.wikimedia.org")
+        self.assertEqual(unregistered.lines(), [])
+        self.clock.advance(45)  # 225 s without a PONG
+        self.assertEqual(quiet.lines(), ["ERROR :Closing Link: 10.0.0.7 (Ping timeout: 225 seconds)"])
+        self.assertTrue(quiet.transport.disconnecting)
+        self.assertTrue(unregistered.transport.disconnecting)
+        self.assertEqual(answering.lines(), ["PING :irc.wikimedia.org"])
+        self.assertFalse(answering.transport.disconnecting)
+
+
+class Queue(ServerTestCase):
+    def test_a_paused_client_queues_then_drops_its_own_lines_only(self):
+        slow, fast = self.client(), self.client()
+        for client in (slow, fast):
+            client.send("JOIN #en.wikipedia")
+            client.lines()
+        slow.protocol.pauseProducing()  # what the transport does when its buffer is full
+        self.assertEqual(slow.transport.producerState, "paused")  # no more reading of its commands
+        for n in range(5):
+            self.server.broadcast("#en.wikipedia", f"line {n}")
+        self.assertEqual(slow.lines(), [])
+        self.assertEqual(len(fast.lines()), 5)
+        self.assertEqual(self.server.counters.lines_dropped, 2)  # queue_size = 3
+        slow.protocol.resumeProducing()
+        self.assertEqual(slow.transport.producerState, "producing")
+        self.assertEqual(slow.lines(), [f"{BOT} PRIVMSG #en.wikipedia :line {n}" for n in range(3)])
+        samples = {name: value for name, _, _, _, value in self.server.samples()}
+        self.assertEqual(samples["eventstreams_irc_lines_dropped_total"], 2)
+        self.assertEqual(samples["eventstreams_irc_lines_sent_total"], 8)
+        self.assertEqual(samples["eventstreams_irc_clients"], 2)
+
+    def test_lost_clients_leave_channels_and_stop_closes_everyone(self):
+        client, other = self.client(), self.client()
+        client.send("JOIN #en.wikipedia")
+        client.lose()
+        self.assertEqual(self.server.channels["#en.wikipedia"].members, set())
+        self.assertEqual(self.server.clients, {other.protocol})
+        d = self.server.stopService()
+        self.assertEqual(other.lines()[-1], "ERROR :Closing Link: 10.0.0.7 (Server shutting down)")
+        self.assertNoResult(d)
+        other.lose()
+        self.successResultOf(d)
+        self.assertIsNone(self.server.factory.buildProtocol(None))
+
+    def test_a_closed_client_that_does_not_read_is_aborted(self):
+        paused, stuck = self.client(), self.client()
+        paused.protocol.pauseProducing()
+        self.clock.advance(181)  # ping timeout for both
+        self.assertTrue(paused.transport.disconnected)  # aborted at once: it reads nothing
+        self.assertTrue(stuck.transport.disconnecting)
+        self.assertFalse(stuck.transport.disconnected)
+        self.clock.advance(10)  # its close did not finish in time
+        self.assertTrue(stuck.transport.disconnected)
