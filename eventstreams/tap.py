@@ -118,6 +118,17 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         feeds.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_event, reactor))
         metric_sources.append(irc.samples)
     # -- bridges: RCStream (bridges.rcstream) --
+    from bridges.rcstream import config as rcstream_config, sessions as rcstream_sessions, web as rcstream_web
+
+    rcstream = rcstream_config.parse(config)  # None: no [rcstream] section, the bridge is off
+    if rcstream is not None:
+        bridge = rcstream_sessions.Bridge(rcstream, reactor)
+        site = listeners["api"].factory  # type: ignore[attr-defined]
+        site.resource = rcstream_web.mount(site.resource, bridge, reactor)  # /socket.io/, /rcstream_status
+        feeds.append(bridge)  # the heartbeat timer; closes the sessions on stop
+        feeds.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor))
+        metric_sources.append(bridge.samples)
+        top.rcstream = bridge  # type: ignore[attr-defined]  # for tests
 
     if config.metrics.listen:
         resource = MetricsResource(

@@ -1,0 +1,306 @@
+"""Wire formats, as pure functions: Socket.IO 0.9 packets and their polling
+payloads, and Engine.IO 3/4 packets and payloads (Socket.IO v4/v5 inside).
+
+Every parser raises PacketError on bad input; nothing here does I/O.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Optional
+
+BOUNDARY = "\ufffd"  # Socket.IO 0.9 payload framing: \ufffd<len>\ufffd<packet>
+EIO4_SEPARATOR = "\x1e"  # Engine.IO 4 polling payloads: packets joined by RS
+
+
+class PacketError(ValueError):
+    """A packet or payload that cannot be parsed."""
+
+
+def utf16_len(text: str) -> int:
+    """The length JavaScript gives a string (UTF-16 code units)."""
+    return len(text) + sum(1 for c in text if ord(c) > 0xFFFF)
+
+
+def _take_utf16(text: str, start: int, units: int) -> int:
+    """The index after `units` UTF-16 code units of text from start."""
+    i = start
+    while units > 0:
+        if i >= len(text):
+            raise PacketError("payload shorter than its declared length")
+        units -= 2 if ord(text[i]) > 0xFFFF else 1
+        i += 1
+    if units < 0:
+        raise PacketError("declared length splits a character")
+    return i
+
+
+def ascii_json(value: Any) -> str:
+    """Compact JSON with every non-ASCII character escaped (\\uXXXX)."""
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+# -- Socket.IO 0.9 -----------------------------------------------------------
+
+
+class T(IntEnum):
+    """Socket.IO 0.9 packet types; str() is the wire digit."""
+
+    DISCONNECT = 0
+    CONNECT = 1
+    HEARTBEAT = 2
+    MESSAGE = 3
+    JSON = 4
+    EVENT = 5
+    ACK = 6
+    ERROR = 7
+    NOOP = 8
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+# error packet reasons and advice of Socket.IO 0.9 (`7:::reason+advice`)
+REASON_TRANSPORT_NOT_SUPPORTED = 0
+REASON_CLIENT_NOT_HANDSHAKEN = 1
+REASON_UNAUTHORIZED = 2
+ADVICE_RECONNECT = 0
+
+_PACKET = re.compile(r"([0-9]):([0-9]*\+?):([^:]*)(?::([\s\S]*))?\Z")
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One Socket.IO 0.9 packet: `type:id:endpoint[:data]`."""
+
+    type: T
+    id: str = ""  # "N" or "N+" (the client wants the ack's data)
+    endpoint: str = ""
+    data: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Packet":
+        match = _PACKET.match(text)
+        if not match:
+            raise PacketError(f"not a Socket.IO 0.9 packet: {text[:80]!r}")
+        try:
+            kind = T(int(match.group(1)))
+        except ValueError:
+            raise PacketError(f"unknown packet type {match.group(1)}") from None
+        return cls(kind, match.group(2), match.group(3), match.group(4))
+
+    def __str__(self) -> str:
+        parts = [str(self.type), self.id, self.endpoint]
+        if self.data is not None:
+            parts.append(self.data)
+        return ":".join(parts)
+
+    @property
+    def namespace(self) -> str:
+        """The endpoint without a query string."""
+        return self.endpoint.split("?", 1)[0]
+
+    def event(self) -> tuple[str, list]:
+        """(name, args) of an EVENT packet."""
+        try:
+            value = json.loads(self.data or "")
+        except ValueError:
+            raise PacketError("event data is not JSON") from None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise PacketError("event data needs a name")
+        args = value.get("args", [])
+        if not isinstance(args, list):
+            raise PacketError("event args must be a list")
+        return value["name"], args
+
+
+def event_packet(endpoint: str, name: str, args_json: str) -> str:
+    """`5::/rc:{"name":…,"args":…}` with args already encoded as JSON."""
+    return f'5::{endpoint}:{{"name":{ascii_json(name)},"args":{args_json}}}'
+
+
+def ack_packet(endpoint: str, packet_id: str, args: list) -> str:
+    ack = packet_id.rstrip("+")
+    data = f"{ack}+{ascii_json(args)}" if packet_id.endswith("+") else ack
+    return str(Packet(T.ACK, "", endpoint, data))
+
+
+def error_packet(endpoint: str = "", reason: Optional[int] = None, advice: Optional[int] = None) -> str:
+    data = "" if reason is None else str(reason) + ("" if advice is None else f"+{advice}")
+    return str(Packet(T.ERROR, "", endpoint, data))
+
+
+def encode_payload(packets: list[str]) -> str:
+    """A polling body: one packet as is, several framed."""
+    if len(packets) == 1:
+        return packets[0]
+    return "".join(f"{BOUNDARY}{utf16_len(p)}{BOUNDARY}{p}" for p in packets)
+
+
+def decode_payload(text: str) -> list[str]:
+    """The packets of a polling body (lengths in UTF-16 units, as JS counts)."""
+    if not text.startswith(BOUNDARY):
+        return [text] if text else []
+    packets, i = [], 0
+    while i < len(text):
+        if text[i] != BOUNDARY:
+            raise PacketError("framing: expected \\ufffd")
+        end = text.find(BOUNDARY, i + 1)
+        digits = text[i + 1 : end] if end > 0 else ""
+        if not digits.isdigit() or not digits.isascii() or len(digits) > 9:
+            raise PacketError(f"framing: bad length {digits[:12]!r}")
+        start = end + 1
+        i = _take_utf16(text, start, int(digits))
+        packets.append(text[start:i])
+    return packets
+
+
+def jsonp_body(index: str, packets: list[str]) -> str:
+    """`io.j[N]("…");` of a jsonp-polling response. Each packet is escaped as
+    a JS string; the framing character stays literal so that clients that
+    split before unescaping (socketIO-client) and JS alike read it."""
+
+    def escape(p: str) -> str:
+        return ascii_json(p)[1:-1].replace("</", "<\\/")
+
+    if len(packets) == 1:
+        body = escape(packets[0])
+    else:
+        body = "".join(f"{BOUNDARY}{utf16_len(p)}{BOUNDARY}{escape(p)}" for p in packets)
+    return f'io.j[{index}]("{body}");'
+
+
+def jsonp_post_data(value: str) -> str:
+    """The payload of a jsonp-polling POST's `d` field (a JSON string, or raw)."""
+    if value.startswith('"'):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            raise PacketError("d is not a JSON string") from None
+        if not isinstance(decoded, str):
+            raise PacketError("d is not a JSON string")
+        return decoded
+    return value
+
+
+# -- Engine.IO 3/4 with Socket.IO v4/v5 packets -------------------------------
+
+
+class E(IntEnum):
+    """Engine.IO packet types."""
+
+    OPEN = 0
+    CLOSE = 1
+    PING = 2
+    PONG = 3
+    MESSAGE = 4
+    UPGRADE = 5
+    NOOP = 6
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class S(IntEnum):
+    """Socket.IO (v4/v5) packet types, inside an Engine.IO message."""
+
+    CONNECT = 0
+    DISCONNECT = 1
+    EVENT = 2
+    ACK = 3
+    CONNECT_ERROR = 4
+    BINARY_EVENT = 5
+    BINARY_ACK = 6
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+@dataclass(frozen=True)
+class SioPacket:
+    """A Socket.IO v4/v5 packet: `<type>[/nsp,][id][json]`."""
+
+    type: S
+    namespace: str = "/"
+    id: Optional[int] = None
+    data: Any = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SioPacket":
+        if not text or not text[0].isdigit():
+            raise PacketError(f"not a Socket.IO packet: {text[:80]!r}")
+        try:
+            kind = S(int(text[0]))
+        except ValueError:
+            raise PacketError(f"unknown Socket.IO packet type {text[0]}") from None
+        if kind in (S.BINARY_EVENT, S.BINARY_ACK):
+            raise PacketError("binary packets are not supported")
+        rest, namespace = text[1:], "/"
+        if rest.startswith("/"):
+            end = rest.find(",")
+            namespace, rest = (rest, "") if end < 0 else (rest[:end], rest[end + 1 :])
+            namespace = namespace.split("?", 1)[0]
+        digits = re.match(r"[0-9]*", rest).group(0)  # type: ignore[union-attr]
+        if len(digits) > 15:
+            raise PacketError("ack id too long")
+        packet_id = int(digits) if digits else None
+        rest = rest[len(digits) :]
+        data = None
+        if rest:
+            try:
+                data = json.loads(rest)
+            except ValueError:
+                raise PacketError("packet data is not JSON") from None
+        return cls(kind, namespace, packet_id, data)
+
+    def __str__(self) -> str:
+        text = str(self.type)
+        if self.namespace != "/":
+            text += self.namespace
+            if self.id is not None or self.data is not None:
+                text += ","
+        if self.id is not None:
+            text += str(self.id)
+        if self.data is not None:
+            text += ascii_json(self.data)
+        return text
+
+    def event(self) -> tuple[str, list]:
+        if not isinstance(self.data, list) or not self.data or not isinstance(self.data[0], str):
+            raise PacketError("event data must be [name, ...args]")
+        return self.data[0], self.data[1:]
+
+
+def eio_event(namespace: str, name: str, args_json: str) -> str:
+    """An Engine.IO message carrying a Socket.IO event: `42/rc,["change",…]`."""
+    prefix = f"{E.MESSAGE}{S.EVENT}" + ("" if namespace == "/" else f"{namespace},")
+    inner = args_json[1:-1]
+    return f"{prefix}[{ascii_json(name)}{',' if inner else ''}{inner}]"
+
+
+def encode_eio4_payload(packets: list[str]) -> str:
+    return EIO4_SEPARATOR.join(packets)
+
+
+def decode_eio4_payload(text: str) -> list[str]:
+    return [p for p in text.split(EIO4_SEPARATOR)] if text else []
+
+
+def encode_eio3_payload(packets: list[str]) -> str:
+    """Engine.IO 3 text framing: `<len>:<packet>` repeated (len in UTF-16 units)."""
+    return "".join(f"{utf16_len(p)}:{p}" for p in packets)
+
+
+def decode_eio3_payload(text: str) -> list[str]:
+    packets, i = [], 0
+    while i < len(text):
+        colon = text.find(":", i)
+        digits = text[i:colon] if colon > 0 else ""
+        if not digits.isdigit() or not digits.isascii() or len(digits) > 9:
+            raise PacketError(f"framing: bad length {digits[:12]!r}")
+        start = colon + 1
+        i = _take_utf16(text, start, int(digits))
+        packets.append(text[start:i])
+    return packets

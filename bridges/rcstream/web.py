@@ -1,0 +1,419 @@
+"""The twisted.web side: `/socket.io/` (Socket.IO 0.9 under `1/`, Engine.IO
+3/4 at the root with `?EIO=`), `/rcstream_status`, and the WebSocket protocol.
+
+Polling: one held GET per session takes the queued packets or, after
+poll_timeout, a noop; a newer GET releases the older one with a noop.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+from urllib.parse import parse_qs
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from . import packets as P
+from .sessions import Bridge, EioSession, Session, Sio09Session
+
+log = Logger()
+
+TRANSPORTS_09 = "websocket,xhr-polling,jsonp-polling"
+NOT_HANDSHAKEN = P.error_packet("", P.REASON_CLIENT_NOT_HANDSHAKEN, P.ADVICE_RECONNECT)
+
+
+def arg(request: Any, name: str) -> Optional[str]:
+    values = request.args.get(name.encode())
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def cors(request: Any) -> None:
+    origin = request.getHeader(b"origin")
+    if origin:
+        request.setHeader(b"access-control-allow-origin", origin)
+        request.setHeader(b"access-control-allow-credentials", b"true")
+    else:
+        request.setHeader(b"access-control-allow-origin", b"*")
+
+
+def reply(request: Any, body: str, status: int = 200, content_type: bytes = b"text/plain; charset=UTF-8") -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    cors(request)
+    return body.encode("utf-8")
+
+
+def preflight(request: Any) -> bytes:
+    request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
+    wanted = request.getHeader(b"access-control-request-headers")
+    if wanted:
+        request.setHeader(b"access-control-allow-headers", wanted)
+    request.setHeader(b"access-control-max-age", b"86400")
+    return reply(request, "", 204)
+
+
+def normalise_origin(request: Any) -> None:
+    """Node's socket.io-client 0.9 sends `Origin: host:port`; autobahn refuses
+    an Origin without a scheme, so give it one."""
+    origins = request.requestHeaders.getRawHeaders(b"origin")
+    if origins and b"://" not in origins[0] and origins[0] != b"null":
+        request.requestHeaders.setRawHeaders(b"origin", [b"http://" + origins[0]])
+
+
+def noop(session: Session) -> str:
+    return str(P.Packet(P.T.NOOP)) if isinstance(session, Sio09Session) else str(P.E.NOOP)
+
+
+class PollTransport:
+    """One held polling GET."""
+
+    def __init__(self, request: Any, session: Session, clock: IReactorTime, timeout: float,
+                 jsonp: Optional[str] = None):
+        self.request, self.session, self.jsonp = request, session, jsonp
+        self.ready = True
+        self._timer = clock.callLater(timeout, self._expire)
+        request.notifyFinish().addBoth(self._gone)
+
+    def deliver(self, packets: list[str]) -> None:
+        if self.jsonp is not None:
+            body, kind = P.jsonp_body(self.jsonp, packets), b"text/javascript; charset=UTF-8"
+        else:
+            body, kind = self.session.encode(packets), b"text/plain; charset=UTF-8"  # type: ignore[attr-defined]
+        self._finish(body, kind)
+
+    def close(self) -> None:
+        self.deliver([noop(self.session)])
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.ready:
+            self.close()
+
+    def _finish(self, body: str, kind: bytes) -> None:
+        if not self.ready:
+            return
+        self.ready = False
+        self.session.detach(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.request.write(reply(self.request, body, 200, kind))
+        self.request.finish()
+
+    def _gone(self, _: Any) -> None:
+        if self.ready:  # the client went away before an answer
+            self.ready = False
+            self.session.detach(self)
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+
+
+def read_body(request: Any, limit: int) -> Optional[str]:
+    """The POST body as text, or None when too big or not UTF-8."""
+    data = request.content.read(limit + 1)
+    if len(data) > limit:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Polling:
+    """GET and POST of a polling transport, common to all protocols."""
+
+    def __init__(self, bridge: Bridge, clock: IReactorTime):
+        self.bridge, self.clock = bridge, clock
+
+    def get(self, request: Any, session: Session, jsonp: Optional[str] = None) -> Any:
+        session.touch()
+        if session.transport is not None and not isinstance(session.transport, PollTransport):
+            return reply(request, "transport in use by a WebSocket", 400)
+        session.attach(PollTransport(request, session, self.clock, self.bridge.config.poll_timeout, jsonp))
+        return NOT_DONE_YET
+
+    def post(self, request: Any, session: Session, jsonp: bool = False, ok: str = "1") -> bytes:
+        body = read_body(request, self.bridge.config.max_post)
+        if body is None:
+            return reply(request, "payload too large or not UTF-8", 400)
+        try:
+            if jsonp:
+                form = parse_qs(body, keep_blank_values=True)
+                body = P.jsonp_post_data(form.get("d", [""])[0])
+            packets = session.decode(body)  # type: ignore[attr-defined]
+        except P.PacketError as e:
+            return reply(request, f"bad payload: {e}", 400)
+        for packet in packets:
+            if session.closed:
+                break
+            session.receive(packet)
+        return reply(request, ok)
+
+
+class Sio09Resource(Resource):
+    """`/socket.io/1/…`: handshake, websocket, xhr-polling, jsonp-polling."""
+
+    isLeaf = True
+
+    def __init__(self, bridge: Bridge, clock: IReactorTime, websocket: WebSocketResource):
+        super().__init__()
+        self.bridge, self.websocket = bridge, websocket
+        self.polling = Polling(bridge, clock)
+
+    def render_OPTIONS(self, request: Any) -> bytes:
+        return preflight(request)
+
+    def render_GET(self, request: Any) -> Any:
+        return self._render(request)
+
+    def render_POST(self, request: Any) -> Any:
+        return self._render(request)
+
+    def _render(self, request: Any) -> Any:
+        path = [p.decode("utf-8", "replace") for p in request.postpath]
+        if path in ([], [""]):
+            return self.handshake(request)
+        transport, sid = path[0], (path[1] if len(path) > 1 else "")
+        if transport == "websocket":
+            normalise_origin(request)
+            return self.websocket.render(request)
+        if transport not in ("xhr-polling", "jsonp-polling"):
+            return reply(request, P.error_packet("", P.REASON_TRANSPORT_NOT_SUPPORTED), 400)
+        jsonp = arg(request, "i") or "0" if transport == "jsonp-polling" else None
+        if jsonp is not None and not jsonp.isdigit():
+            return reply(request, "bad i", 400)
+        session = self.bridge.sessions.get(sid)
+        if not isinstance(session, Sio09Session):
+            if jsonp is not None:
+                return reply(request, P.jsonp_body(jsonp, [NOT_HANDSHAKEN]), 200, b"text/javascript; charset=UTF-8")
+            return reply(request, NOT_HANDSHAKEN)
+        if request.method == b"POST":
+            return self.polling.post(request, session, jsonp is not None)
+        if arg(request, "disconnect") is not None:
+            session.close()
+            return reply(request, str(P.Packet(P.T.DISCONNECT)))
+        return self.polling.get(request, session, jsonp)
+
+    def handshake(self, request: Any) -> bytes:
+        session = self.bridge.create(Sio09Session)
+        if session is None:
+            return reply(request, "too many sessions", 503)
+        c = self.bridge.config
+        timeout = int(c.session_timeout)
+        text = f"{session.sid}:{timeout}:{timeout}:{TRANSPORTS_09}"
+        jsonp = arg(request, "jsonp")
+        if jsonp is not None and jsonp.isdigit():
+            return reply(request, P.jsonp_body(jsonp, [text]), 200, b"text/javascript; charset=UTF-8")
+        return reply(request, text)
+
+
+class EioResource(Resource):
+    """`/socket.io/?EIO=3|4&transport=polling|websocket[&sid=…]`."""
+
+    isLeaf = True
+
+    def __init__(self, bridge: Bridge, clock: IReactorTime, websocket: WebSocketResource):
+        super().__init__()
+        self.bridge, self.websocket = bridge, websocket
+        self.polling = Polling(bridge, clock)
+
+    def render_OPTIONS(self, request: Any) -> bytes:
+        return preflight(request)
+
+    def render_GET(self, request: Any) -> Any:
+        return self._render(request)
+
+    def render_POST(self, request: Any) -> Any:
+        return self._render(request)
+
+    def _render(self, request: Any) -> Any:
+        version = arg(request, "EIO")
+        if version not in ("3", "4"):
+            return self._error(request, 5, "Unsupported protocol version")
+        transport = arg(request, "transport")
+        if transport == "websocket":
+            normalise_origin(request)
+            return self.websocket.render(request)
+        if transport != "polling":
+            return self._error(request, 0, "Transport unknown")
+        sid = arg(request, "sid")
+        if sid is None:
+            if request.method != b"GET":
+                return self._error(request, 2, "Bad handshake method")
+            session = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)))
+            if session is None:
+                return self._error(request, 3, "Too many sessions", 503)
+            return reply(request, session.encode(session.opening(["websocket"])))  # type: ignore[union-attr]
+        session = self.bridge.sessions.get(sid)
+        if not isinstance(session, EioSession) or session.version != int(version):
+            return self._error(request, 1, "Session ID unknown")
+        if request.method == b"POST":
+            return self.polling.post(request, session, ok="ok")
+        return self.polling.get(request, session)
+
+    def _error(self, request: Any, code: int, message: str, status: int = 400) -> bytes:
+        return reply(request, P.ascii_json({"code": code, "message": message}), status,
+                     b"application/json")
+
+
+class SocketProtocol(WebSocketServerProtocol):
+    """A WebSocket of any protocol; the request path says which."""
+
+    bridge: Bridge
+    session: Optional[Session] = None
+    ready = False
+    probing = False  # Engine.IO upgrade from polling in progress
+
+    def onConnect(self, request: Any) -> None:
+        self.path = request.path
+        self.params = request.params
+
+    def onOpen(self) -> None:
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()  # the HTTP channel we took the socket from
+        self.registerProducer(self, True)
+        self.ready = True
+        parts = self.path.strip("/").split("/")
+        if len(parts) >= 3 and parts[-3:-1] == ["1", "websocket"]:
+            session = self.bridge.sessions.get(parts[-1])
+            if not isinstance(session, Sio09Session):
+                self.sendMessage(NOT_HANDSHAKEN.encode())
+                self.sendClose()
+                return
+            self.session = session
+            session.attach(self)
+            return
+        version = (self.params.get("EIO") or [""])[0]
+        sid = (self.params.get("sid") or [None])[0]
+        if version not in ("3", "4"):
+            self.sendClose()
+            return
+        if sid is None:
+            created = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)))
+            if created is None:
+                self.sendClose()
+                return
+            self.session = created
+            for packet in created.opening([]):  # type: ignore[attr-defined]
+                self.sendMessage(packet.encode())
+            created.attach(self)
+            return
+        existing = self.bridge.sessions.get(sid)
+        if not isinstance(existing, EioSession) or existing.version != int(version):
+            self.sendClose()
+            return
+        self.session, self.probing = existing, True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None or session.closed or isBinary:
+            return
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        if self.probing:
+            if text == f"{P.E.PING}probe":
+                self.sendMessage(f"{P.E.PONG}probe".encode())
+                if isinstance(session.transport, PollTransport):
+                    session.transport.close()  # the client pauses polling
+            elif text == str(P.E.UPGRADE):
+                self.probing = False
+                session.attach(self)
+            return
+        session.receive(text)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.ready = False
+        if self.session is not None:
+            self.session.detach(self)
+
+    # -- Transport (sessions.py) ---------------------------------------------------
+
+    def deliver(self, packets: list[str]) -> None:
+        for packet in packets:
+            self.sendMessage(packet.encode("utf-8"))
+
+    def close(self) -> None:
+        self.ready = False
+        if self.state == self.STATE_OPEN:
+            self.sendClose()
+
+    # -- IPushProducer: a full socket buffer keeps packets in the session queue --
+
+    def pauseProducing(self) -> None:
+        self.ready = False
+
+    def resumeProducing(self) -> None:
+        if self.state == self.STATE_OPEN and not self.probing:
+            self.ready = True
+            if self.session is not None:
+                self.session.flush()
+
+    def stopProducing(self) -> None:
+        self.ready = False
+
+
+class StatusResource(Resource):
+    isLeaf = True
+
+    def __init__(self, bridge: Bridge):
+        super().__init__()
+        self.bridge = bridge
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"access-control-allow-origin", b"*")
+        request.setHeader(b"cache-control", b"no-store")
+        return self.bridge.status_json()
+
+
+class SocketIOResource(Resource):
+    """`/socket.io`: `1/` is Socket.IO 0.9, the rest Engine.IO."""
+
+    def __init__(self, bridge: Bridge, clock: IReactorTime):
+        super().__init__()
+        factory = WebSocketServerFactory()
+        factory.protocol = type("BridgeSocketProtocol", (SocketProtocol,), {"bridge": bridge})
+        factory.setProtocolOptions(autoFragmentSize=0)
+        websocket = WebSocketResource(factory)
+        self.v09 = Sio09Resource(bridge, clock, websocket)
+        self.eio = EioResource(bridge, clock, websocket)
+
+    def getChild(self, name: bytes, request: Any) -> Resource:
+        if name == b"1":
+            return self.v09
+        request.postpath.insert(0, request.prepath.pop())
+        return self.eio
+
+    def render(self, request: Any) -> Any:
+        return self.eio.render(request)
+
+
+class Mount(Resource):
+    """Sends some top-level names to our resources and everything else, path
+    untouched, to the wrapped site root (the Klein app)."""
+
+    def __init__(self, fallback: Resource, mounted: dict[bytes, Resource]):
+        super().__init__()
+        self.fallback, self.mounted = fallback, mounted
+
+    def getChildWithDefault(self, name: bytes, request: Any) -> Resource:
+        if name in self.mounted:
+            return self.mounted[name]
+        request.postpath.insert(0, request.prepath.pop())
+        return self.fallback
+
+    def render(self, request: Any) -> Any:
+        return self.fallback.render(request)
+
+
+def mount(root: Resource, bridge: Bridge, clock: IReactorTime) -> Resource:
+    """The site root with `/socket.io/` and `/rcstream_status` added."""
+    return Mount(root, {b"socket.io": SocketIOResource(bridge, clock), b"rcstream_status": StatusResource(bridge)})
+
+

@@ -1,0 +1,46 @@
+"""A python-socketio 5.x client of `/rc`: prints each change as a JSON line
+and exits after COUNT changes or SECONDS.
+
+    python client_sio5.py URL TRANSPORTS PATTERN-JSON COUNT SECONDS
+"""
+import json
+import sys
+import threading
+
+import socketio
+
+url, transports, pattern, count, seconds = (
+    sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+sio = socketio.Client(reconnection=False)
+done = threading.Event()
+seen = []
+
+
+def out(value):
+    print(json.dumps(value), flush=True)
+
+
+@sio.on('connect', namespace='/rc')
+def on_connect():
+    out({"connected": True})
+    sio.emit('subscribe', pattern, namespace='/rc', callback=lambda *args: out({"ack": list(args)}))
+
+
+@sio.on('change', namespace='/rc')
+def on_change(change):
+    out({"change": change})
+    seen.append(change)
+    if len(seen) >= count:
+        done.set()
+
+
+@sio.on('error', namespace='/rc')
+def on_error(*args):
+    out({"error": list(args)})
+
+
+sio.connect(url, namespaces=['/rc'], transports=transports.split(','), wait_timeout=10)
+ok = done.wait(seconds)
+out({"transport": sio.transport()})
+sio.disconnect()
+sys.exit(0 if ok else 1)

@@ -1,0 +1,312 @@
+"""RCStream bridge end to end: the daemon with `[rcstream]`, the wire protocol
+by hand (treq, raw sockets) and the real clients the issue names, each
+installed in its own environment under .cache/ (tests/rcstream_clients.py)."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from . import rcstream_clients
+from .support import async_test, rc_event, sleep
+from .test_stream import StreamTestCase
+
+
+def change_of(event: dict) -> dict:
+    return {k: v for k, v in event.items() if k not in ("$schema", "meta")}
+
+
+def mixed_events() -> tuple[list[dict], list[dict]]:
+    """Events to feed and the ones `*.wikipedia.org` subscribers must get."""
+    bar = rc_event(2, "dewiki")
+    bar["title"] = "B\u00e4r \u2603 \U0001F600"
+    canary = rc_event(3, "enwiki")
+    canary["meta"]["domain"] = "canary"
+    events = [rc_event(1, "wikidatawiki"), bar, canary, rc_event(4, "commonswiki"), rc_event(5, "enwiki"),
+              rc_event(6, "dewiki")]
+    return events, [bar, events[4], events[5]]
+
+
+class RCStreamCase(StreamTestCase):
+    overrides = ("rcstream.stream=recentchange", "rcstream.poll_timeout=1")
+
+    async def wait_subscribed(self, d, sessions: int = 1, timeout: float = 60) -> None:
+        bridge = d.service.rcstream
+        for _ in range(int(timeout / 0.05)):
+            if sum(1 for s in bridge.sessions.values() if s.subscriptions) >= sessions:
+                return
+            await sleep(0.05)
+        self.fail(f"no subscribed session after {timeout} s: {bridge.status()}")
+
+    async def text(self, method: str, url: str, **kwargs) -> tuple[int, dict, str]:
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.request(method, url, pool=pool, **kwargs)
+        body = (await response.content()).decode("utf-8")
+        headers = {k.decode().lower(): v[0].decode() for k, v in response.headers.getAllRawHeaders()}
+        return response.code, headers, body
+
+
+class Handshake(RCStreamCase):
+    @async_test
+    async def test_handshake_echoes_origin_and_lists_transports(self):
+        d = await self.daemon()
+        code, headers, body = await self.text("GET", d.url("/socket.io/1/?t=1"), headers={"Origin": "http://a.example"})
+        self.assertEqual(code, 200)
+        self.assertTrue(headers["content-type"].startswith("text/plain"))
+        sid, heartbeat, close, transports = body.split(":")
+        self.assertEqual((heartbeat, close, transports), ("60", "60", "websocket,xhr-polling,jsonp-polling"))
+        self.assertIn(sid, d.service.rcstream.sessions)
+        self.assertEqual(headers["access-control-allow-origin"], "http://a.example")
+        self.assertEqual(headers["access-control-allow-credentials"], "true")
+        code, headers, body = await self.text("GET", d.url("/socket.io/1/"))
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        code, headers, body = await self.text("GET", d.url("/rcstream_status"))
+        self.assertEqual(json.loads(body), {"connected_clients": 2, "queue_size": 2})
+        code, _, body = await self.text("GET", d.url("/v2/stream", "api").replace("/v2/stream", "/v2/streams"))
+        self.assertNotEqual(code, 500)  # the rest of the site still answers
+
+    @async_test
+    async def test_metrics_count_sessions(self):
+        d = await self.daemon()
+        await self.text("GET", d.url("/socket.io/1/"))
+        _, _, body = await self.text("GET", d.url("/metrics", "metrics"))
+        self.assertIn("eventstreams_rcstream_sessions 1", body)
+
+    @async_test
+    async def test_off_without_the_section(self):
+        self.overrides = ()
+        d = await self.daemon()
+        code, _, _ = await self.text("GET", d.url("/socket.io/1/"))
+        self.assertEqual(code, 404)
+
+
+class XhrPollingByHand(RCStreamCase):
+    @async_test
+    async def test_connect_subscribe_ack_change_and_idle_noop(self):
+        d = await self.daemon()
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        url = d.url(f"/socket.io/1/xhr-polling/{body.split(':')[0]}")
+        self.assertEqual((await self.text("GET", url))[2], "1::")
+        subscribe = '5:7+:/rc:{"name":"subscribe","args":["de.*"]}'
+        framed = f"\ufffd6\ufffd1::/rc\ufffd{len(subscribe)}\ufffd{subscribe}"
+        code, _, body = await self.text("POST", url, data=framed.encode())
+        self.assertEqual((code, body), (200, "1"))
+        self.assertEqual((await self.text("GET", url))[2], "\ufffd6\ufffd1::/rc\ufffd15\ufffd6::/rc:7+[null]")
+        poll = self.text("GET", url)
+        await sleep(0.2)
+        await d.append(d.rc[0], [rc_event(1, "enwiki"), rc_event(2, "dewiki")])
+        _, _, body = await poll
+        self.assertTrue(body.startswith('5::/rc:{"name":"change","args":[{'), body)
+        self.assertEqual(json.loads(body.split(":", 3)[3])["args"][0], change_of(rc_event(2, "dewiki")))
+        started = reactor.seconds()
+        self.assertEqual((await self.text("GET", url))[2], "8::")
+        self.assertGreater(reactor.seconds() - started, 0.8)
+
+    @async_test
+    async def test_bad_requests_never_crash(self):
+        d = await self.daemon("rcstream.max_post=1k")
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        url = d.url(f"/socket.io/1/xhr-polling/{body.split(':')[0]}")
+        self.assertEqual((await self.text("GET", d.url("/socket.io/1/xhr-polling/nope")))[2], "7:::1+0")
+        self.assertEqual((await self.text("POST", url, data=b"x" * 2000))[0], 400)
+        self.assertEqual((await self.text("POST", url, data="\ufffd9\ufffd1::".encode()))[0], 400)
+        self.assertEqual((await self.text("POST", url, data=b"\xff\xfe"))[0], 400)
+        self.assertEqual((await self.text("POST", url, data=b"bogus\x00"))[2], "1")
+        self.assertEqual((await self.text("GET", d.url("/socket.io/1/flash/x")))[0], 400)
+        self.assertEqual((await self.text("GET", url))[2], "\ufffd3\ufffd1::\ufffd4\ufffd7:::")
+        self.assertEqual((await self.text("GET", d.url("/socket.io/?EIO=9&transport=polling")))[0], 400)
+        self.assertEqual((await self.text("GET", d.url("/socket.io/?EIO=4&transport=polling&sid=x")))[0], 400)
+
+    @async_test
+    async def test_silent_sessions_expire(self):
+        d = await self.daemon("rcstream.heartbeat=0.2", "rcstream.session_timeout=0.5")
+        await self.text("GET", d.url("/socket.io/1/"))
+        self.assertEqual(d.service.rcstream.status()["connected_clients"], 1)
+        await sleep(1.5)
+        self.assertEqual(d.service.rcstream.status(), {"connected_clients": 0, "queue_size": 0})
+
+
+class JsonpPollingByHand(RCStreamCase):
+    @async_test
+    async def test_jsonp_wraps_payloads_and_takes_form_posts(self):
+        d = await self.daemon()
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        url = d.url(f"/socket.io/1/jsonp-polling/{body.split(':')[0]}")
+        code, headers, body = await self.text("GET", url + "?i=3")
+        self.assertEqual(body, 'io.j[3]("1::");')
+        self.assertTrue(headers["content-type"].startswith("text/javascript"))
+        packet = json.dumps('5:1+:/rc:{"name":"subscribe","args":["*"]}')
+        code, _, body = await self.text("POST", url + "?i=3", data={"d": packet})
+        self.assertEqual((code, body), (200, "1"))
+        _, _, body = await self.text("GET", url + "?i=4")
+        self.assertEqual(body, 'io.j[4]("6::/rc:1+[null]");')
+
+
+def ws_open(port: int, path: str, origin: str) -> list[str]:
+    """A raw WebSocket handshake and the text frames received in 2 s (blocking)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                   f"Origin: {origin}\r\n\r\n").encode())
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+    head, _, frames = data.partition(b"\r\n\r\n")
+    result = [head.split(b"\r\n")[0].decode()]
+    while len(frames) >= 2:
+        opcode, size = frames[0] & 0x0F, frames[1] & 0x7F
+        if opcode == 1:
+            result.append(frames[2:2 + size].decode())
+        elif opcode == 8:
+            result.append("<close>")
+        frames = frames[2 + size:]
+    return result
+
+
+class WebSocketByHand(RCStreamCase):
+    @async_test
+    async def test_scheme_less_origin_is_accepted_and_unknown_sids_get_an_error(self):
+        d = await self.daemon()
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        port = d.ports["api"]
+        frames = await deferToThread(ws_open, port, f"/socket.io/1/websocket/{body.split(':')[0]}",
+                                     f"127.0.0.1:{port}")
+        self.assertEqual(frames[:2], ["HTTP/1.1 101 Switching Protocols", "1::"])
+        frames = await deferToThread(ws_open, port, "/socket.io/1/websocket/unknown", "http://a.example")
+        self.assertEqual(frames, ["HTTP/1.1 101 Switching Protocols", "7:::1+0", "<close>"])
+        await sleep(0.1)
+
+
+class RealClients(RCStreamCase):
+    """Each client subscribes to `*.wikipedia.org`, gets exactly the matching
+    changes of a mixed batch fed to the log, and the change objects match."""
+
+    timeout = 180
+
+    async def client(self, install, *argv_tail) -> list:
+        try:
+            return await deferToThread(install)
+        except rcstream_clients.Unavailable as e:
+            if os.environ.get("CI") == "true":
+                raise
+            raise unittest.SkipTest(str(e))
+
+    async def check(self, d, argv: list[str], cwd=None) -> list[dict]:
+        events, expected = mixed_events()
+        run = deferToThread(subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd=cwd)
+        await self.wait_subscribed(d)
+        await sleep(0.2)
+        await d.append(d.rc[0], events[:3])
+        await d.append(d.rc[1], events[3:])
+        result = await run
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        changes = [line["change"] for line in lines if "change" in line]
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(changes, [change_of(e) for e in expected], result.stderr)
+        self.assertEqual(changes[0]["title"], "B\u00e4r \u2603 \U0001F600")
+        await sleep(0.3)
+        return lines
+
+    async def sio09(self, transport: str) -> list[dict]:
+        python = await self.client(lambda: rcstream_clients.python_env("sio09"))
+        d = await self.daemon()
+        script = str(rcstream_clients.CLIENTS / "client_sio09.py")
+        return await self.check(d, [str(python), script, str(d.ports["api"]), transport, '"*.wikipedia.org"', "3", "30"])
+
+    async def node(self, version: str, transport: str) -> list[dict]:
+        modules = await self.client(rcstream_clients.node_modules)
+        d = await self.daemon()
+        return await self.check(d, ["node", "client.js", version, d.url(""), transport, '["*.wikipedia.org"]', "3", "30"],
+                                cwd=str(modules))
+
+    async def sio5(self, transports: str) -> list[dict]:
+        python = await self.client(lambda: rcstream_clients.python_env("sio5"))
+        d = await self.daemon()
+        script = str(rcstream_clients.CLIENTS / "client_sio5.py")
+        return await self.check(d, [str(python), script, d.url(""), transports, '"*.wikipedia.org"', "3", "30"])
+
+    @async_test
+    async def test_python_socketio_client_0_5_websocket(self):
+        lines = await self.sio09("websocket")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_python_socketio_client_0_5_xhr_polling(self):
+        lines = await self.sio09("xhr-polling")
+        self.assertIn({"transport": "xhr-polling"}, lines)
+
+    @async_test
+    async def test_python_socketio_client_0_5_jsonp_polling(self):
+        lines = await self.sio09("jsonp-polling")
+        self.assertIn({"transport": "jsonp-polling"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_0_9_websocket(self):
+        lines = await self.node("0.9", "websocket")
+        self.assertIn({"ack": [None]}, lines)
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_0_9_xhr_polling(self):
+        lines = await self.node("0.9", "xhr-polling")
+        self.assertIn({"transport": "xhr-polling"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_4_websocket(self):
+        lines = await self.node("4", "websocket")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_4_polling(self):
+        lines = await self.node("4", "polling")
+        self.assertIn({"transport": "polling"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_4_polling_upgraded_to_websocket(self):
+        lines = await self.node("4", "upgrade")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_2_websocket(self):
+        lines = await self.node("2", "websocket")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_2_polling(self):
+        lines = await self.node("2", "polling")
+        self.assertIn({"transport": "polling"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_2_polling_upgraded_to_websocket(self):
+        lines = await self.node("2", "upgrade")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_python_socketio_5_websocket(self):
+        lines = await self.sio5("websocket")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_python_socketio_5_polling(self):
+        lines = await self.sio5("polling")
+        self.assertIn({"transport": "polling"}, lines)
+
+    @async_test
+    async def test_python_socketio_5_polling_upgraded_to_websocket(self):
+        lines = await self.sio5("polling,websocket")
+        self.assertIn({"transport": "websocket"}, lines)

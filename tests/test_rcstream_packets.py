@@ -1,0 +1,252 @@
+"""RCStream bridge units: wire formats, configuration, sessions (fake clock)."""
+from __future__ import annotations
+
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from bridges.rcstream import packets as P
+from bridges.rcstream.config import RCStreamConfig, parse
+from bridges.rcstream.sessions import Bridge, EioSession, Sio09Session
+from eventstreams.config import ConfigError, load
+
+from .support import rc_event, write_config
+
+
+class Sio09Packets(unittest.TestCase):
+    def test_parses_the_packets_clients_send(self):
+        self.assertEqual(P.Packet.parse("1::/rc"), P.Packet(P.T.CONNECT, "", "/rc", None))
+        self.assertEqual(P.Packet.parse("1::/rc:"), P.Packet(P.T.CONNECT, "", "/rc", ""))
+        self.assertEqual(P.Packet.parse("2::"), P.Packet(P.T.HEARTBEAT))
+        self.assertEqual(P.Packet.parse("2:::"), P.Packet(P.T.HEARTBEAT, data=""))
+        packet = P.Packet.parse('5:3+:/rc:{"name":"subscribe","args":["a:b"]}')
+        self.assertEqual((packet.type, packet.id, packet.endpoint), (P.T.EVENT, "3+", "/rc"))
+        self.assertEqual(packet.event(), ("subscribe", ["a:b"]))
+        self.assertEqual(P.Packet.parse("1::/rc?x=1:").namespace, "/rc")
+
+    def test_formats_packets(self):
+        self.assertEqual(str(P.Packet(P.T.CONNECT)), "1::")
+        self.assertEqual(str(P.Packet(P.T.CONNECT, "", "/rc")), "1::/rc")
+        self.assertEqual(P.ack_packet("/rc", "12+", [None]), "6::/rc:12+[null]")
+        self.assertEqual(P.ack_packet("/rc", "12", [None]), "6::/rc:12")
+        self.assertEqual(P.error_packet("", 1, 0), "7:::1+0")
+        self.assertEqual(P.error_packet(), "7:::")
+        self.assertEqual(P.event_packet("/rc", "change", '[{"a":"\\u00e9"}]'),
+                         '5::/rc:{"name":"change","args":[{"a":"\\u00e9"}]}')
+
+    def test_rejects_bad_packets(self):
+        for text in ["", "x", "9::", "12::", "1:", "1:a:", ":::", "5::/rc"]:
+            if text == "5::/rc":
+                with self.assertRaises(P.PacketError):
+                    P.Packet.parse(text).event()
+                continue
+            with self.assertRaises(P.PacketError, msg=text):
+                P.Packet.parse(text)
+        for data in ["{", "[]", '{"args":[]}', '{"name":"x","args":{}}']:
+            with self.assertRaises(P.PacketError, msg=data):
+                P.Packet(P.T.EVENT, "", "/rc", data).event()
+
+    def test_payload_framing_round_trips_and_counts_utf16_units(self):
+        packets = ["1::", '5::/rc:{"name":"x","args":["\U0001F600é"]}', ""]
+        body = P.encode_payload(packets)
+        self.assertTrue(body.startswith("\ufffd3\ufffd1::\ufffd"))
+        self.assertIn("\ufffd34\ufffd", body)  # the emoji is two UTF-16 units
+        self.assertEqual(P.decode_payload(body), packets)
+        self.assertEqual(P.encode_payload(["2::"]), "2::")
+        self.assertEqual(P.decode_payload("2::"), ["2::"])
+        self.assertEqual(P.decode_payload(""), [])
+
+    def test_bad_framing_is_refused(self):
+        for body in ["\ufffd", "\ufffdx\ufffd1::", "\ufffd9\ufffd1::", "\ufffd3\ufffd1::x",
+                     "\ufffd-1\ufffd", "\ufffd\ufffd", "\ufffd1\ufffd\U0001F600", "\ufffd99999999999\ufffd"]:
+            with self.assertRaises(P.PacketError, msg=repr(body)):
+                P.decode_payload(body)
+
+    def test_jsonp_bodies(self):
+        self.assertEqual(P.jsonp_body("3", ["1::"]), 'io.j[3]("1::");')
+        body = P.jsonp_body("0", ['5::/rc:{"a":"\\u00e9</script>"}', "2::"])
+        self.assertEqual(body, 'io.j[0]("\ufffd30\ufffd5::/rc:{\\"a\\":\\"\\\\u00e9<\\/script>\\"}\ufffd3\ufffd2::");')
+        self.assertEqual(P.jsonp_post_data('"1::/rc:"'), "1::/rc:")
+        self.assertEqual(P.jsonp_post_data("2::"), "2::")
+        for bad in ['"unterminated', '"a" "b"']:
+            with self.assertRaises(P.PacketError):
+                P.jsonp_post_data(bad)
+
+
+class EioPackets(unittest.TestCase):
+    def test_parses_socketio_packets(self):
+        self.assertEqual(P.SioPacket.parse("0/rc,"), P.SioPacket(P.S.CONNECT, "/rc"))
+        self.assertEqual(P.SioPacket.parse("0/rc"), P.SioPacket(P.S.CONNECT, "/rc"))
+        self.assertEqual(P.SioPacket.parse("0"), P.SioPacket(P.S.CONNECT, "/"))
+        self.assertEqual(P.SioPacket.parse('2/rc,7["subscribe","*"]'),
+                         P.SioPacket(P.S.EVENT, "/rc", 7, ["subscribe", "*"]))
+        self.assertEqual(P.SioPacket.parse('2["x"]').event(), ("x", []))
+
+    def test_formats_socketio_packets(self):
+        self.assertEqual(str(P.SioPacket(P.S.CONNECT, "/rc", None, {"sid": "a"})), '0/rc,{"sid":"a"}')
+        self.assertEqual(str(P.SioPacket(P.S.CONNECT, "/rc")), "0/rc")
+        self.assertEqual(str(P.SioPacket(P.S.ACK, "/rc", 7, [None])), "3/rc,7[null]")
+        self.assertEqual(P.eio_event("/rc", "change", '[{"a":1}]'), '42/rc,["change",{"a":1}]')
+        self.assertEqual(P.eio_event("/rc", "x", "[]"), '42/rc,["x"]')
+
+    def test_rejects_bad_socketio_packets(self):
+        for text in ["", "x", "9", "5/rc,", '2/rc,["a"', "2/rc,1" + "9" * 20]:
+            with self.assertRaises(P.PacketError, msg=text):
+                P.SioPacket.parse(text)
+        with self.assertRaises(P.PacketError):
+            P.SioPacket.parse("2/rc,{}").event()
+
+    def test_payloads(self):
+        self.assertEqual(P.encode_eio4_payload(["2", "40"]), "2\x1e40")
+        self.assertEqual(P.decode_eio4_payload("2\x1e40"), ["2", "40"])
+        self.assertEqual(P.encode_eio3_payload(["2", "4\U0001F600"]), "1:23:4\U0001F600")
+        self.assertEqual(P.decode_eio3_payload("1:23:4\U0001F600"), ["2", "4\U0001F600"])
+        for bad in ["1", "x:2", "5:2", ":", "2:2"]:
+            with self.assertRaises(P.PacketError, msg=bad):
+                P.decode_eio3_payload(bad)
+
+
+class Config(unittest.TestCase):
+    def load(self, *overrides):
+        return load(write_config(self.mktemp()), overrides)
+
+    def test_off_without_the_section_and_defaults_with_it(self):
+        self.assertIsNone(parse(self.load()))
+        self.assertEqual(parse(self.load("rcstream.stream=recentchange")), RCStreamConfig())
+
+    def test_values_are_parsed(self):
+        c = parse(self.load("rcstream.heartbeat=5s", "rcstream.session_timeout=1m", "rcstream.max_post=1k",
+                            "rcstream.max_subscriptions=3", "rcstream.stream=test"))
+        self.assertEqual((c.heartbeat, c.session_timeout, c.max_post, c.max_subscriptions, c.stream),
+                         (5.0, 60.0, 1024, 3, "test"))
+
+    def test_mistakes_name_the_key(self):
+        for override, key in [("rcstream.stream=nope", "stream"), ("rcstream.heartbeat=0", "heartbeat"),
+                              ("rcstream.heartbeat=90", "heartbeat"), ("rcstream.max_queue=0", "max_queue"),
+                              ("rcstream.colour=red", "colour"), ("rcstream.poll_timeout=soon", "poll_timeout")]:
+            with self.assertRaises(ConfigError, msg=override) as caught:
+                parse(self.load(override))
+            self.assertEqual((caught.exception.section, caught.exception.key), ("rcstream", key))
+
+
+class Recorder:
+    """A Transport that keeps what it is given."""
+
+    def __init__(self):
+        self.ready = True
+        self.packets: list[str] = []
+        self.closed = False
+
+    def deliver(self, packets):
+        self.packets += packets
+
+    def close(self):
+        self.closed = True
+
+
+class Sessions(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.bridge = Bridge(RCStreamConfig(max_queue=5), self.clock)
+        self.bridge.startService()
+        self.addCleanup(self.bridge.stopService)
+
+    def open(self, factory=Sio09Session):
+        session = self.bridge.create(factory)
+        transport = Recorder()
+        session.attach(transport)
+        return session, transport
+
+    def test_connect_is_answered_once_and_subscriptions_match_by_server_name(self):
+        session, t = self.open()
+        for packet in ["1::/rc:", "1::/rc", '5:1+:/rc:{"name":"subscribe","args":[["*.wikipedia.org"]]}']:
+            session.receive(packet)
+        self.assertEqual(t.packets, ["1::", "1::/rc", "6::/rc:1+[null]"])
+        event = rc_event(1, "dewiki")
+        event["title"] = "Bär"
+        self.bridge.on_event(event)
+        self.bridge.on_event(rc_event(2, "wikidatawiki"))
+        canary = rc_event(3, "enwiki")
+        canary["meta"]["domain"] = "canary"
+        self.bridge.on_event(canary)
+        self.assertEqual(len(t.packets), 4)
+        self.assertTrue(t.packets[3].startswith('5::/rc:{"name":"change","args":[{'))
+        self.assertIn('"title":"B\\u00e4r"', t.packets[3])
+        change = json.loads(t.packets[3].split(":", 3)[3])["args"][0]
+        self.assertNotIn("meta", change)
+        self.assertNotIn("$schema", change)
+        self.assertEqual(change["id"], 1)
+
+    def test_too_many_subscriptions_adds_nothing_and_unsubscribe_removes(self):
+        session, t = self.open()
+        eight = json.dumps([f"a{i}" for i in range(8)])
+        session.receive(f'5::/rc:{{"name":"subscribe","args":[{eight}]}}')
+        session.receive('5::/rc:{"name":"subscribe","args":[["b1","b2","b3"]]}')
+        self.assertEqual(len(session.subscriptions), 8)
+        self.assertEqual(t.packets[-1], '5::/rc:{"name":"error","args":["subscribe_error","Too many subscriptions"]}')
+        session.receive('5::/rc:{"name":"unsubscribe","args":["a0"]}')
+        session.receive('5::/rc:{"name":"subscribe","args":[["b1","b2"]]}')
+        self.assertEqual(len(session.subscriptions), 9)
+        session.receive("0::/rc")
+        self.assertEqual(session.subscriptions, [])
+
+    def test_bad_input_gets_error_packets(self):
+        session, t = self.open()
+        session.receive("garbage")
+        session.receive("1::/other")
+        session.receive("5::/rc:{")
+        session.receive('5::/other:{"name":"subscribe","args":["*"]}')
+        self.assertEqual(t.packets[1:], ["7:::", "7::/other:2", "7::/rc:", "7::/other:2"])
+        self.assertEqual(session.subscriptions, [])
+
+    def test_heartbeats_and_expiry(self):
+        session, t = self.open()
+        self.clock.advance(25)
+        self.assertEqual(t.packets[-1], "2::")
+        session.receive("2::")
+        self.clock.pump([1] * 59)
+        self.assertFalse(session.closed)
+        self.clock.pump([1] * 3)
+        self.assertTrue(session.closed)
+        self.assertTrue(t.closed)
+        self.assertEqual(self.bridge.status(), {"connected_clients": 0, "queue_size": 0})
+
+    def test_a_session_that_falls_behind_is_closed(self):
+        session, t = self.open()
+        session.receive('5::/rc:{"name":"subscribe","args":["*"]}')
+        t.ready = False
+        for n in range(4):
+            self.bridge.on_event(rc_event(n))
+        self.assertEqual(self.bridge.status(), {"connected_clients": 1, "queue_size": 4})
+        self.bridge.on_event(rc_event(5))
+        self.bridge.on_event(rc_event(6))
+        self.assertTrue(session.closed)
+        self.assertEqual(self.bridge.status()["connected_clients"], 0)
+        self.assertEqual(dict((s[0], s[4]) for s in self.bridge.samples())["eventstreams_rcstream_slow_closed_total"], 1)
+
+    def test_eio4_namespace_events_acks_and_pings(self):
+        session, t = self.open(lambda bridge, sid: EioSession(bridge, sid, 4))
+        session.receive("40/rc,")
+        session.receive('42/rc,1["subscribe","de.*"]')
+        session.receive("40/nope,")
+        session.receive("4garbage")
+        self.assertEqual(t.packets, [f'40/rc,{{"sid":"{session.sid}"}}', "43/rc,1[null]",
+                                     '44/nope,{"message":"Invalid namespace"}',
+                                     '44{"message":"not a Socket.IO packet: \'garbage\'"}'])
+        self.bridge.on_event(rc_event(1, "dewiki"))
+        self.assertTrue(t.packets[-1].startswith('42/rc,["change",{'))
+        self.clock.advance(25)
+        self.assertEqual(t.packets[-1], "2")
+        session.receive("1")
+        self.assertTrue(session.closed)
+
+    def test_eio3_answers_pings(self):
+        session, t = self.open(lambda bridge, sid: EioSession(bridge, sid, 3))
+        self.assertEqual(session.opening(["websocket"])[1], "40")
+        session.receive("2")
+        session.receive("2probe")
+        session.receive("40/rc")
+        self.assertEqual(t.packets, ["3", "3probe", "40/rc"])
+        self.clock.advance(25)
+        self.assertEqual(t.packets[-1], "40/rc")  # EIO3: the client pings
