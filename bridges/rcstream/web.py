@@ -329,8 +329,10 @@ class SocketProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         self.ready = False
-        if self.session is not None:
-            self.session.detach(self)
+        session = self.session
+        if session is not None and session.transport is self:
+            session.detach(self)
+            session.close()  # clients open a new session to reconnect
 
     # -- Transport (sessions.py) ---------------------------------------------------
 
