@@ -49,6 +49,7 @@ class Session:
         self.subscriptions: list[str] = []
         self.rc_connected = False
         self.closed = False
+        self.upgrading = False  # Engine.IO: a WebSocket probe is under way
         now = bridge.clock.seconds()
         self.last_seen = now
         self.last_beat = now

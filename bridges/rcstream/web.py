@@ -133,6 +133,8 @@ class Polling:
         session.touch()
         if session.transport is not None and not isinstance(session.transport, PollTransport):
             return reply(request, "transport in use by a WebSocket", 400)
+        if session.upgrading:  # the client is moving to a WebSocket: do not hold it
+            return reply(request, session.encode([noop(session)]))  # type: ignore[attr-defined]
         session.attach(PollTransport(request, session, self.clock, self.bridge.config.poll_timeout, jsonp))
         return NOT_DONE_YET
 
@@ -318,11 +320,12 @@ class SocketProtocol(WebSocketServerProtocol):
             return
         if self.probing:
             if text == f"{P.E.PING}probe":
+                session.upgrading = True
                 self.sendMessage(f"{P.E.PONG}probe".encode())
                 if isinstance(session.transport, PollTransport):
                     session.transport.close()  # the client pauses polling
             elif text == str(P.E.UPGRADE):
-                self.probing = False
+                self.probing = session.upgrading = False
                 session.attach(self)
             return
         session.receive(text)
@@ -330,6 +333,8 @@ class SocketProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         self.ready = False
         session = self.session
+        if session is not None and self.probing:
+            session.upgrading = False  # the upgrade failed: polling goes on
         if session is not None and session.transport is self:
             session.detach(self)
             session.close()  # clients open a new session to reconnect

@@ -14,10 +14,12 @@ url, transports, pattern, count, seconds = (
 sio = socketio.Client(reconnection=False)
 done = threading.Event()
 seen = []
+lock = threading.Lock()  # python-socketio runs each handler in a thread of its own
 
 
 def out(value):
-    print(json.dumps(value), flush=True)
+    with lock:
+        print(json.dumps(value), flush=True)
 
 
 @sio.on('connect', namespace='/rc')
@@ -29,9 +31,10 @@ def on_connect():
 @sio.on('change', namespace='/rc')
 def on_change(change):
     out({"change": change})
-    seen.append(change)
-    if len(seen) >= count:
-        done.set()
+    with lock:
+        seen.append(change)
+        if len(seen) >= count:
+            done.set()
 
 
 @sio.on('error', namespace='/rc')
