@@ -134,6 +134,51 @@ class XhrPollingByHand(RCStreamCase):
         self.assertEqual(d.service.rcstream.status(), {"connected_clients": 0, "queue_size": 0})
 
 
+    @async_test
+    async def test_heartbeats_reach_the_poll_and_a_session_that_does_not_poll_is_closed(self):
+        d = await self.daemon("rcstream.heartbeat=0.3", "rcstream.max_queue=5")
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        url = d.url(f"/socket.io/1/xhr-polling/{body.split(':')[0]}")
+        self.assertEqual((await self.text("GET", url))[2], "1::")
+        self.assertEqual((await self.text("GET", url))[2], "2::")
+        await self.text("POST", url, data=b'5::/rc:{"name":"subscribe","args":["*"]}')
+        await d.append(d.rc[0], [rc_event(n) for n in range(10)])
+        await sleep(0.3)
+        self.assertEqual(d.service.rcstream.status(), {"connected_clients": 0, "queue_size": 0})
+        self.assertEqual((await self.text("GET", url))[2], "7:::1+0")
+
+
+class EngineIOByHand(RCStreamCase):
+    @async_test
+    async def test_eio4_polling_handshake_connect_and_event(self):
+        d = await self.daemon()
+        code, headers, body = await self.text("GET", d.url("/socket.io/?EIO=4&transport=polling&t=x"))
+        self.assertEqual(body[0], "0")
+        opened = json.loads(body[1:])
+        self.assertEqual((opened["upgrades"], opened["pingInterval"], opened["pingTimeout"]), (["websocket"], 25000, 35000))
+        url = d.url(f"/socket.io/?EIO=4&transport=polling&sid={opened['sid']}")
+        code, _, body = await self.text("POST", url, data=b'40/rc,\x1e42/rc,1["subscribe","en.*"]')
+        self.assertEqual((code, body), (200, "ok"))
+        self.assertEqual((await self.text("GET", url))[2], f'40/rc,{{"sid":"{opened["sid"]}"}}\x1e43/rc,1[null]')
+        await d.append(d.rc[0], [rc_event(1, "dewiki"), rc_event(2, "enwiki")])
+        _, _, body = await self.text("GET", url)
+        self.assertEqual(body, '42/rc,["change",' + json.dumps(change_of(rc_event(2, "enwiki")), separators=(",", ":")) + "]")
+
+    @async_test
+    async def test_eio3_polling_uses_text_framing(self):
+        d = await self.daemon()
+        _, headers, body = await self.text("GET", d.url("/socket.io/?EIO=3&transport=polling&b64=1"))
+        length, _, rest = body.partition(":")
+        self.assertTrue(headers["content-type"].startswith("text/plain"))
+        self.assertTrue(rest[:int(length)].startswith('0{"sid":'))
+        self.assertEqual(rest[int(length):], "2:40")
+        sid = json.loads(rest[1:int(length)])["sid"]
+        url = d.url(f"/socket.io/?EIO=3&transport=polling&sid={sid}")
+        self.assertEqual((await self.text("POST", url, data=b"1:25:40/rc"))[2], "ok")
+        self.assertEqual((await self.text("GET", url))[2], "1:35:40/rc")
+        self.assertEqual((await self.text("POST", url, data=b"9:2"))[0], 400)
+
+
 class JsonpPollingByHand(RCStreamCase):
     @async_test
     async def test_jsonp_wraps_payloads_and_takes_form_posts(self):
