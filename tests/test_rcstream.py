@@ -239,6 +239,36 @@ class WebSocketByHand(RCStreamCase):
         await sleep(0.1)
 
 
+class SlowWebSocket(RCStreamCase):
+    @async_test
+    async def test_a_websocket_that_does_not_read_is_closed(self):
+        d = await self.daemon("rcstream.max_queue=5")
+        bridge = d.service.rcstream
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        sid = body.split(":")[0]
+        slow = socket.create_connection(("127.0.0.1", d.ports["api"]))
+        self.addCleanup(slow.close)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        key = base64.b64encode(os.urandom(16)).decode()
+        slow.sendall((f"GET /socket.io/1/websocket/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        await sleep(0.2)
+        session = bridge.sessions[sid]
+        session.receive('5::/rc:{"name":"subscribe","args":["*"]}')
+        big = rc_event(1)
+        big["comment"] = "x" * 200_000
+        sent = 0
+        while sid in bridge.sessions and sent < 200:
+            bridge.on_event(big)
+            sent += 1
+            await sleep(0.01)
+        self.assertNotIn(sid, bridge.sessions)
+        self.assertGreater(sent, 6)  # the socket took some before it pushed back
+        self.assertEqual(bridge.counters["slow"], 1)
+        slow.close()
+        await sleep(1.2)  # autobahn's close handshake timer (1 s) runs out
+
+
 class RealClients(RCStreamCase):
     """Each client subscribes to `*.wikipedia.org`, gets exactly the matching
     changes of a mixed batch fed to the log, and the change objects match."""
