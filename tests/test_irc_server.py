@@ -373,6 +373,8 @@ class Queue(ServerTestCase):
         self.assertEqual(samples["eventstreams_irc_lines_dropped_total"], 2)
         self.assertEqual(samples["eventstreams_irc_lines_sent_total"], 8)
         self.assertEqual(samples["eventstreams_irc_clients"], 2)
+        self.assertEqual(samples["eventstreams_irc_clients_dropping"], 1)
+        self.assertEqual((slow.protocol.dropped, fast.protocol.dropped), (2, 0))
 
     def test_lost_clients_leave_channels_and_stop_closes_everyone(self):
         client, other = self.client(), self.client()

@@ -146,6 +146,8 @@ class IRCServer(Service):
             ("eventstreams_irc_lines_sent_total", "counter", "Bot lines written to IRC clients.", {}, c.lines_sent),
             ("eventstreams_irc_lines_dropped_total", "counter",
              "Bot lines dropped because a client's queue was full.", {}, c.lines_dropped),
+            ("eventstreams_irc_clients_dropping", "gauge", "Connected IRC clients that have lost lines.", {},
+             sum(1 for client in self.clients if client.dropped)),
         ]
 
 
@@ -179,6 +181,7 @@ class IRCClient(Protocol):
         self.queue: collections.deque[bytes] = collections.deque()
         self.closed: Deferred = Deferred()
         self.closing = False
+        self.dropped = 0  # bot lines this client lost to a full queue
         self._abort: Any = None  # the delayed abort of a close that does not finish
 
     # -- connection ------------------------------------------------------------
@@ -195,6 +198,9 @@ class IRCClient(Protocol):
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
         self.server.clients.discard(self)
+        if self.dropped:
+            log.info("IRC: {nick} at {host} left; {dropped} lines were dropped for it",
+                     nick=self.me, host=self.host, dropped=self.dropped)
         for channel in self.channels:
             channel.members.discard(self)
         self.channels.clear()
@@ -241,6 +247,9 @@ class IRCClient(Protocol):
             return
         if self.paused:
             if len(self.queue) >= self.config.queue_size:
+                if not self.dropped:
+                    log.warn("IRC: {nick} at {host} does not keep up; dropping its lines", nick=self.me, host=self.host)
+                self.dropped += 1
                 self.server.counters.lines_dropped += 1
                 return
             self.queue.append(data)
