@@ -286,6 +286,12 @@ class StreamBrowserPage(BrowserTestCase):
         )
         self.assertTrue(r["paused_same_top"])
         self.assertGreater(r["rate"], 0)
+        self.assertEqual(r["status_stopped"], "Stopped")
+        refused = r["refused"]
+        self.assertEqual(refused["checked"], ["mediawiki.recentchange"])  # the alias, resolved
+        self.assertEqual(refused["custom_field"], "meta..domain")
+        self.assertEqual(refused["state"], "closed")
+        self.assertRegex(refused["error"], r"^400 Invalid Filter: .*empty segment")
         with open(shot, "rb") as f:
             png = f.read()
         self.assertTrue(png.startswith(PNG_MAGIC), "the screenshot is not a PNG")

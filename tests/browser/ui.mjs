@@ -78,6 +78,21 @@ try {
     result.screenshot = opt.screenshot;
   }
   await page.click('#disconnect');
+  result.status_stopped = await page.textContent('#status');
+
+  // A shared link with a malformed filter: the hash drives the form, and the
+  // refusal (400 invalid_filter) is shown. The browser logs the refused
+  // EventSource itself: those console lines are kept apart.
+  const errors_before = result.console_errors.length;
+  await page.evaluate(() => { location.hash = 'stream=recentchange&filter.meta..domain=x'; });
+  await page.waitForFunction(() => !document.getElementById('error').hidden, null, { timeout: 10000 });
+  result.refused = {
+    error: await page.textContent('#error'),
+    state: await page.getAttribute('#status', 'data-state'),
+    custom_field: await page.inputValue('#custom-filters .f-field'),
+    checked: await page.$$eval('#streams input:checked', (boxes) => boxes.map((b) => b.value)),
+    console_errors: result.console_errors.splice(errors_before),
+  };
   emit({ result });
 } catch (e) {
   process.stderr.write(String(e.stack || e) + '\n');
