@@ -23,12 +23,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 
+# Old and new Socket.IO clients for the RCStream tests, in .cache/ (not committed).
+.cache/rcstream-clients.stamp: $(VENV)/.installed-test tests/rcstream_clients.py tests/rcstream-clients/package.json tests/rcstream-clients/package-lock.json tests/rcstream-clients/client.js
+	$(BIN)/python -m tests.rcstream_clients
+	mkdir -p .cache && touch $@
+
 run: $(VENV)/.installed
 	$(BIN)/twistd --nodaemon --pidfile= eventstreams -c etc/streams.ini
 
 # Starts a throw-away Apache Kafka broker (scripts/kafka) for tests/test_kafka.py
 # and stops it afterwards. Under CI=true a broker that does not start fails the run.
-test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json
+test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json .cache/rcstream-clients.stamp
 	@export KAFKA_STATE=$${KAFKA_STATE:-/tmp/eventstreams-kafka-$$$$}; \
 	if bootstrap=$$(scripts/kafka start); then \
 	    export EVENTSTREAMS_KAFKA=$${bootstrap#bootstrap.servers=}; \
@@ -42,4 +47,4 @@ test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json
 	exit $$status
 
 clean:
-	rm -rf $(VENV) _trial_temp* var tests/js/node_modules
+	rm -rf $(VENV) _trial_temp* var tests/js/node_modules .cache/rcstream-py .cache/rcstream-js .cache/rcstream-clients.stamp

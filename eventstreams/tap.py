@@ -1,12 +1,14 @@
 """The twistd plugin's options and the service tree it builds."""
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -18,6 +20,8 @@ from .intake import Intake, intake_site
 from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
 from .web import Api
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -57,6 +61,15 @@ class _Lifecycle(Service):
         self.connections.stop()
         self.hubs.stop()
         return self.backend.stop()
+
+
+def ignore_sighup(reactor: Any) -> None:
+    """SIGHUP (`systemctl reload`) must not stop the daemon, its default action.
+    Logs go to stdout (the journal under systemd), so there is nothing to
+    reopen, and twistd rotates a --logfile on SIGUSR1; the configuration is
+    read once, so a new one needs a restart."""
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
+        log.info, "SIGHUP: nothing to reopen or reload (restart to apply a new configuration)"))
 
 
 def make_backend(config: Config, reactor: Any) -> Backend:
@@ -160,7 +173,9 @@ def makeService(options: Options) -> MultiService:
 
     try:
         config = load(options["config"], options["set"])
-        return build_service(config, reactor)
+        service = build_service(config, reactor)
+        reactor.callWhenRunning(ignore_sighup, reactor)  # after twistd set its handlers
+        return service
     except ConfigError as e:
         sys.stderr.write(f"eventstreams: {e}\n")
         raise SystemExit(1)
