@@ -23,6 +23,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
 	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 
+# playwright-core only: the browser tests drive Debian's /usr/bin/chromium.
+tests/browser/node_modules/.package-lock.json: tests/browser/package.json tests/browser/package-lock.json
+	npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
+
 # Old and new Socket.IO clients for the RCStream tests, in .cache/ (not committed).
 .cache/rcstream-clients.stamp: $(VENV)/.installed-test tests/rcstream_clients.py tests/rcstream-clients/package.json tests/rcstream-clients/package-lock.json tests/rcstream-clients/client.js
 	$(BIN)/python -m tests.rcstream_clients
@@ -33,7 +37,7 @@ run: $(VENV)/.installed
 
 # Starts a throw-away Apache Kafka broker (scripts/kafka) for tests/test_kafka.py
 # and stops it afterwards. Under CI=true a broker that does not start fails the run.
-test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json .cache/rcstream-clients.stamp
+test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json tests/browser/node_modules/.package-lock.json .cache/rcstream-clients.stamp
 	@export KAFKA_STATE=$${KAFKA_STATE:-/tmp/eventstreams-kafka-$$$$}; \
 	if bootstrap=$$(scripts/kafka start); then \
 	    export EVENTSTREAMS_KAFKA=$${bootstrap#bootstrap.servers=}; \
@@ -47,4 +51,4 @@ test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json .cache/rc
 	exit $$status
 
 clean:
-	rm -rf $(VENV) _trial_temp* var tests/js/node_modules .cache/rcstream-py .cache/rcstream-js .cache/rcstream-clients.stamp
+	rm -rf $(VENV) _trial_temp* var tests/js/node_modules tests/browser/node_modules .cache/rcstream-py .cache/rcstream-js .cache/rcstream-clients.stamp
