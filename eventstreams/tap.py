@@ -12,9 +12,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
+from bridges.irc import IRCServer, irc_config as read_irc_config
+from bridges.rcstream import config as rcstream_config, sessions as rcstream_sessions, web as rcstream_web
+
 from .backends.base import Backend
 from .config import Config, ConfigError, load
 from .demo import DemoFeed
+from .feed import StreamFeed
 from .hub import Hubs
 from .intake import Intake, intake_site
 from .metrics import MetricsResource, Sample, collect
@@ -116,30 +120,24 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         site = intake_site(intake.resource(), config.intake.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
 
-    feeds: list[IService] = []  # bridges' StreamFeeds, started after the log
-    # Bridges append callables returning more samples (see eventstreams.metrics).
-    metric_sources: list[Callable[[], list[Sample]]] = []
-    # -- bridges: IRC (bridges.irc) --
-    from bridges.irc import IRCServer, irc_config as read_irc_config
-    from .feed import StreamFeed
+    bridges: list[IService] = []  # started after the log, stopped before it
+    metric_sources: list[Callable[[], list[Sample]]] = []  # more samples for /metrics
 
     irc_config = read_irc_config(config)  # None: no [irc] section, the bridge is off
     if irc_config is not None:
         irc = IRCServer(irc_config, reactor)
         listeners["irc"] = listener(reactor, irc_config.listen, irc.factory)
-        feeds.append(irc)  # the keepalive timer; closes the clients on stop
-        feeds.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_event, reactor))
+        bridges.append(irc)  # the keepalive timer; closes the clients on stop
+        bridges.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_event, reactor))
         metric_sources.append(irc.samples)
-    # -- bridges: RCStream (bridges.rcstream) --
-    from bridges.rcstream import config as rcstream_config, sessions as rcstream_sessions, web as rcstream_web
 
     rcstream = rcstream_config.parse(config)  # None: no [rcstream] section, the bridge is off
     if rcstream is not None:
         bridge = rcstream_sessions.Bridge(rcstream, reactor)
         site = listeners["api"].factory  # type: ignore[attr-defined]
         site.resource = rcstream_web.mount(site.resource, bridge, reactor)  # /socket.io/, /rcstream_status
-        feeds.append(bridge)  # the heartbeat timer; closes the sessions on stop
-        feeds.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor))
+        bridges.append(bridge)  # the heartbeat timer; closes the sessions on stop
+        bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor))
         metric_sources.append(bridge.samples)
         top.rcstream = bridge  # type: ignore[attr-defined]  # for tests
 
@@ -157,8 +155,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if config.demo.stream:
         stream = config.streams[config.demo.stream]
         DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
-    for feed in feeds:
-        feed.setServiceParent(top)
+    for service in bridges:
+        service.setServiceParent(top)
 
     top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
     top.connections = connections  # type: ignore[attr-defined]
