@@ -350,9 +350,11 @@ class Hub:
                 {tp: high for tp, (_, high) in zip(self.tps, marks)}, self._on_records
             )
 
-        return gatherResults(
-            [self.backend.watermarks(tp) for tp in self.tps], consumeErrors=True
-        ).addCallback(started)
+        return (
+            gatherResults([self.backend.watermarks(tp) for tp in self.tps], consumeErrors=True)
+            .addErrback(lambda f: f.value.subFailure)  # the first error itself, not FirstError
+            .addCallback(started)
+        )
 
     def stop(self) -> None:
         if self._tail is not None:

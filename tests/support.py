@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 from typing import Any, Callable, Optional
 
@@ -83,6 +84,19 @@ def create_topics(topics: dict[str, int], config: Optional[dict[str, str]] = Non
     )
     for future in futures.values():
         future.result(30)
+    # Created is not yet served: wait until every partition has a leader.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metadata = admin.list_topics(timeout=10)
+        if all(
+            t in metadata.topics and metadata.topics[t].error is None
+            and len(metadata.topics[t].partitions) == n
+            and all(p.leader >= 0 for p in metadata.topics[t].partitions.values())
+            for t, n in topics.items()
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"topics {sorted(topics)} have no leader after 30 s")
 
 
 class Daemon:

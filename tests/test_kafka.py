@@ -190,7 +190,7 @@ class KafkaOnly(OverKafka, test_stream.StreamTestCase):
 
 
 class BrokerOutage(OverKafka, test_stream.StreamTestCase):
-    """Stops and restarts the shared test broker: keep this class last."""
+    """Stops and restarts the shared test broker (tests after it see a restarted broker)."""
 
     def setUp(self):
         if not os.environ.get("KAFKA_STATE"):

@@ -39,6 +39,7 @@ CATCHUP_DEFAULTS = {"queued.max.messages.kbytes": "2048"}  # bounds memory per p
 POLL_BATCH = 1000
 POLL_TIMEOUT = 0.2
 REPEAT = 60.0  # seconds before the same librdkafka line is logged again
+RETRY_PAUSE = 0.1  # seconds between tries of a transient failure
 PARTITIONS_TTL = 10.0  # seconds a topic's partition list is reused
 # librdkafka keys that only a producer or only a consumer understands
 PRODUCER_ONLY = {"acks", "linger.ms", "compression.type", "enable.idempotence", "batch.num.messages"}
@@ -85,6 +86,20 @@ def to_record(message: Any) -> Record:
 def _message(e: BaseException) -> str:
     arg = e.args[0] if e.args else e
     return arg.str() if isinstance(arg, KafkaError) else str(arg)
+
+
+TRANSIENT = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+}
+
+
+def _transient(error: Any) -> bool:
+    return isinstance(error, KafkaError) and (error.retriable() or error.code() in TRANSIENT)
 
 
 def _unavailable(e: BaseException) -> BackendUnavailable:
@@ -234,10 +249,17 @@ class KafkaBackend:
             return fail(BackendUnavailable("the Kafka engine is stopped"))
 
         def call() -> Any:
-            try:
-                return f(*args)
-            except KafkaException as e:
-                raise _unavailable(e) from None
+            # Errors that pass (a leader moving, a topic just created, a broker
+            # restarting) are retried until the timeout; then the client gets a 503.
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    return f(*args)
+                except KafkaException as e:
+                    error = e.args[0] if e.args else None
+                    if not (_transient(error) and time.monotonic() < deadline):
+                        raise _unavailable(e) from None
+                time.sleep(RETRY_PAUSE)
 
         return self._run(call)
 
@@ -282,6 +304,8 @@ class KafkaBackend:
             )
             result = {}
             for ktp in found:
+                if ktp.error is not None:  # never guess "the end" from a failed lookup
+                    raise KafkaException(ktp.error)
                 tp = (ktp.topic, ktp.partition)
                 if ktp.offset < 0:  # no record at or after the time: the end
                     ktp.offset = self._meta.get_watermark_offsets(KafkaTP(*tp), self.timeout)[1]  # type: ignore[union-attr]
