@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from datetime import datetime, timezone
 
 import treq
 from twisted.internet import reactor
@@ -10,6 +12,15 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.trial import unittest
 
 from .support import KAFKA, Daemon, async_test, offsets_by_partition, open_stream, rc_event, sleep
+
+
+# A recent base for explicit record timestamps: Kafka deletes segments whose
+# records are older than its retention, so tests never write 1970 times.
+T0 = (int(time.time()) // 3600 - 2) * 3600 * 1000
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class StreamTestCase(unittest.TestCase):
@@ -204,20 +215,20 @@ class Resume(StreamTestCase):
     @async_test
     async def test_resume_by_timestamp_id(self):
         d = await self.daemon()
-        await d.append(d.rc[0], [rc_event(1)], timestamp=1_000_000)
-        await d.append(d.rc[0], [rc_event(2)], timestamp=2_000_000)
-        await d.append(d.rc[0], [rc_event(3)], timestamp=3_000_000)
-        leid = json.dumps([{"topic": d.rc[0], "partition": 0, "timestamp": 2_000_000}])
+        await d.append(d.rc[0], [rc_event(1)], timestamp=T0 + 1_000_000)
+        await d.append(d.rc[0], [rc_event(2)], timestamp=T0 + 2_000_000)
+        await d.append(d.rc[0], [rc_event(3)], timestamp=T0 + 3_000_000)
+        leid = json.dumps([{"topic": d.rc[0], "partition": 0, "timestamp": T0 + 2_000_000}])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
         await client.wait_events(2)
         self.assertEqual([e["id"] for e in client.events], [2, 3])
         ids = json.loads(client.last_id)
-        self.assertEqual(ids, [{"topic": d.rc[0], "partition": 0, "offset": 3, "timestamp": 3_000_001}])
+        self.assertEqual(ids, [{"topic": d.rc[0], "partition": 0, "offset": 3, "timestamp": T0 + 3_000_001}])
 
     @async_test
     async def test_offset_wins_over_timestamp(self):
         d = await self.daemon()
-        await d.append(d.rc[0], [rc_event(n) for n in range(5)], timestamp=1_000)
+        await d.append(d.rc[0], [rc_event(n) for n in range(5)], timestamp=T0 + 1_000)
         leid = json.dumps([{"topic": d.rc[0], "partition": 0, "offset": 3, "timestamp": 0}])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
         await client.wait_events(2)
@@ -240,10 +251,10 @@ class Resume(StreamTestCase):
     @async_test
     async def test_topic_name_form_starts_at_since_or_the_end(self):
         d = await self.daemon()
-        await d.append(d.rc[0], [rc_event(1)], timestamp=5_000)
-        await d.append(d.rc[1], [rc_event(2)], timestamp=5_000)
+        await d.append(d.rc[0], [rc_event(1)], timestamp=T0 + 5_000)
+        await d.append(d.rc[1], [rc_event(2)], timestamp=T0 + 5_000)
         leid = json.dumps([d.rc[0]])
-        client = await self.stream(d, "/v2/stream/recentchange?since=1000", {"Last-Event-ID": leid})
+        client = await self.stream(d, f"/v2/stream/recentchange?since={T0 + 1000}", {"Last-Event-ID": leid})
         await client.wait_events(1)
         self.assertEqual([e["id"] for e in client.events], [1])
         latest = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
@@ -254,10 +265,10 @@ class Resume(StreamTestCase):
     @async_test
     async def test_upstream_id_with_minus_one_offset_is_accepted(self):
         d = await self.daemon()
-        await d.append(d.rc[0], [rc_event(1)], timestamp=1_000)
-        await d.append(d.rc[0], [rc_event(2)], timestamp=2_000)
+        await d.append(d.rc[0], [rc_event(1)], timestamp=T0 + 1_000)
+        await d.append(d.rc[0], [rc_event(2)], timestamp=T0 + 2_000)
         leid = json.dumps([
-            {"topic": d.rc[0], "partition": 0, "timestamp": 1_500},
+            {"topic": d.rc[0], "partition": 0, "timestamp": T0 + 1_500},
             {"topic": d.rc[1], "partition": 0, "offset": -1},
         ])
         client = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": leid})
@@ -267,10 +278,10 @@ class Resume(StreamTestCase):
     @async_test
     async def test_since_epoch_ms_and_iso8601(self):
         d = await self.daemon()
-        await d.append(d.rc[0], [rc_event(1)], timestamp=1_700_000_000_000)
-        await d.append(d.rc[0], [rc_event(2)], timestamp=1_700_000_100_000)
-        by_ms = await self.stream(d, "/v2/stream/recentchange?since=1700000050000")
-        by_iso = await self.stream(d, "/v2/stream/recentchange?since=2023-11-14T22:14:10Z")
+        await d.append(d.rc[0], [rc_event(1)], timestamp=T0)
+        await d.append(d.rc[0], [rc_event(2)], timestamp=T0 + 100_000)
+        by_ms = await self.stream(d, f"/v2/stream/recentchange?since={T0 + 50_000}")
+        by_iso = await self.stream(d, "/v2/stream/recentchange?since=" + iso(T0 + 50_000))
         await by_ms.wait_events(1)
         await by_iso.wait_events(1)
         self.assertEqual([e["id"] for e in by_ms.events], [2])
