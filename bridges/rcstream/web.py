@@ -156,8 +156,8 @@ class Polling:
         return reply(request, ok)
 
 
-class Sio09Resource(Resource):
-    """`/socket.io/1/…`: handshake, websocket, xhr-polling, jsonp-polling."""
+class _TransportResource(Resource):
+    """What both generations share: CORS preflight, GET and POST to one dispatcher."""
 
     isLeaf = True
 
@@ -174,6 +174,13 @@ class Sio09Resource(Resource):
 
     def render_POST(self, request: Any) -> Any:
         return self._render(request)
+
+    def _render(self, request: Any) -> Any:
+        raise NotImplementedError
+
+
+class Sio09Resource(_TransportResource):
+    """`/socket.io/1/…`: handshake, websocket, xhr-polling, jsonp-polling."""
 
     def _render(self, request: Any) -> Any:
         path = [p.decode("utf-8", "replace") for p in request.postpath]
@@ -213,24 +220,8 @@ class Sio09Resource(Resource):
         return reply(request, text)
 
 
-class EioResource(Resource):
+class EioResource(_TransportResource):
     """`/socket.io/?EIO=3|4&transport=polling|websocket[&sid=…]`."""
-
-    isLeaf = True
-
-    def __init__(self, bridge: Bridge, clock: IReactorTime, websocket: WebSocketResource):
-        super().__init__()
-        self.bridge, self.websocket = bridge, websocket
-        self.polling = Polling(bridge, clock)
-
-    def render_OPTIONS(self, request: Any) -> bytes:
-        return preflight(request)
-
-    def render_GET(self, request: Any) -> Any:
-        return self._render(request)
-
-    def render_POST(self, request: Any) -> Any:
-        return self._render(request)
 
     def _render(self, request: Any) -> Any:
         version = arg(request, "EIO")
