@@ -207,6 +207,20 @@ def _text(text: str) -> str:
     return text
 
 
+def parse_values(path: str, section: str, values: dict[str, str], fields: dict[str, Callable]) -> dict:
+    """A section's keys through their parsers; unknown keys and bad values
+    are ConfigErrors naming the key (bridges use it for their sections)."""
+    parsed = {}
+    for key, text in values.items():
+        if key not in fields:
+            raise ConfigError(path, section, key, "unknown key")
+        try:
+            parsed[key] = fields[key](text.strip())
+        except ValueError as e:
+            raise ConfigError(path, section, key, str(e)) from None
+    return parsed
+
+
 # -- loading ----------------------------------------------------------------
 
 
@@ -259,15 +273,7 @@ def _build(parser: configparser.ConfigParser, path: str) -> Config:
 
     def section(name: str, cls: type[T], fields: dict[str, Callable]) -> T:
         values = dict(parser[name]) if parser.has_section(name) else {}
-        kwargs = {}
-        for key, text in values.items():
-            if key not in fields:
-                raise ConfigError(path, name, key, "unknown key")
-            try:
-                kwargs[key] = fields[key](text.strip())
-            except ValueError as e:
-                raise ConfigError(path, name, key, str(e)) from None
-        return cls(**kwargs)
+        return cls(**parse_values(path, name, values, fields))
 
     service = section(
         "eventstreams",

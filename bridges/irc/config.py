@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from eventstreams.config import Config, ConfigError, _endpoint, _number, _positive_count
+from eventstreams.config import Config, ConfigError, _endpoint, _number, _positive_count, parse_values
 
 _WORD = re.compile(r"[^\s:,\x00\x07]+")
 
@@ -71,14 +71,7 @@ def irc_config(config: Config) -> Optional[IRCConfig]:
         return None
     if values.get("listen", "").strip().lower() in ("none", "off", "no"):
         return None
-    kwargs = {}
-    for key, text in values.items():
-        if key not in FIELDS:
-            raise ConfigError(config.path, "irc", key, "unknown key")
-        try:
-            kwargs[key] = FIELDS[key](text.strip())
-        except ValueError as e:
-            raise ConfigError(config.path, "irc", key, str(e)) from None
+    kwargs = parse_values(config.path, "irc", values, FIELDS)
     if "listen" not in kwargs:
         raise ConfigError(config.path, "irc", "listen", "required (an endpoint string such as tcp:6667)")
     result = IRCConfig(**kwargs)

@@ -12,6 +12,7 @@ from eventstreams.config import (
     _positive_count,
     _size,
     find_stream,
+    parse_values,
 )
 
 
@@ -51,14 +52,7 @@ def parse(config: Config) -> Optional[RCStreamConfig]:
     values = config.sections.get("rcstream")
     if values is None:
         return None
-    kwargs = {}
-    for key, text in values.items():
-        if key not in FIELDS:
-            raise ConfigError(config.path, "rcstream", key, "unknown key")
-        try:
-            kwargs[key] = FIELDS[key](text.strip())
-        except ValueError as e:
-            raise ConfigError(config.path, "rcstream", key, str(e)) from None
+    kwargs = parse_values(config.path, "rcstream", values, FIELDS)
     result = RCStreamConfig(**kwargs)
     stream = find_stream(config.streams, result.stream)
     if stream is None:
