@@ -48,6 +48,18 @@ def header_text(request: IRequest, name: str) -> Optional[str]:
     return None if value is None else value.decode("utf-8")
 
 
+def load_ui_files() -> dict[str, tuple[str, bytes]]:
+    """The browser page's files by name: (content type, bytes)."""
+    files = {}
+    for name in os.listdir(UI_DIR):
+        kind = UI_TYPES.get(os.path.splitext(name)[1])
+        path = os.path.join(UI_DIR, name)
+        if kind is not None and not name.startswith(".") and os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[name] = (kind, f.read())
+    return files
+
+
 def client_ip(request: IRequest, header: Optional[str]) -> str:
     """The trusted client address: a configured proxy header, else the peer."""
     if header:
@@ -84,6 +96,7 @@ class Api:
         self.connections = connections
         self.clock = clock
         self.spec = json.dumps(openapi_spec(config), separators=(",", ":")).encode()
+        self.ui_files = load_ui_files()  # read once: no file I/O on the reactor thread
         self.stream_list = json.dumps(
             [
                 {
@@ -145,12 +158,10 @@ class Api:
 
     @app.route("/v2/ui/<string:name>", methods=["GET", "HEAD"])
     def ui_file(self, request: IRequest, name: str) -> bytes:
-        kind = UI_TYPES.get(os.path.splitext(name)[1])
-        path = os.path.join(UI_DIR, name)
-        if kind is None or name.startswith(".") or not os.path.isfile(path):
+        found = self.ui_files.get(name)
+        if found is None:
             return self._error(request, ApiError(404, "not_found", "Not Found", "no such resource"))
-        with open(path, "rb") as f:
-            body = f.read()
+        kind, body = found
         request.setHeader("content-type", kind)
         request.setHeader("cache-control", "no-cache")
         self._common_headers(request)
