@@ -118,6 +118,11 @@ def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
 class Subscription:
     """One client of a hub; also the producer its sink's transport pauses."""
 
+    __slots__ = (
+        "hub", "sink", "filter", "offsets", "stamps", "live", "closed", "paused", "last", "_pending",
+        "_reading", "_scheduled", "delivered",
+    )
+
     def __init__(
         self,
         hub: "Hub",

@@ -86,6 +86,11 @@ class Counters:
 class ResponseSink:
     """Writes one client's stream to its HTTP response."""
 
+    __slots__ = (
+        "_write", "_transport", "_raw_write", "_finish", "ndjson", "id_updates", "connections", "streams",
+        "client_ip", "subscription", "pending", "quiet", "closed", "started", "bytes_written", "counters",
+    )
+
     def __init__(
         self,
         write: Callable[[bytes], None],

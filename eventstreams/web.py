@@ -76,6 +76,21 @@ def wants_ndjson(request: IRequest) -> bool:
     return first == "application/json"
 
 
+class _Open:
+    """What the stream set-up returns once the response is streaming: the
+    Deferred that fires when it ends (wrapped, as a coroutine cannot return
+    a Deferred)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: Deferred) -> None:
+        self.done = done
+
+
+def _open_body(result: Any) -> Any:
+    return result.done if isinstance(result, _Open) else result
+
+
 class Api:
     """Routes of the public site; one instance per daemon."""
 
@@ -201,7 +216,9 @@ class Api:
 
     @app.route("/v2/stream/<string:names>", methods=["GET"])
     def stream(self, request: IRequest, names: str) -> Deferred:
-        return ensureDeferred(self._stream(request, names))
+        # The coroutine only sets the stream up and returns: an open stream
+        # holds no coroutine frame (nor its context copy), only `done`.
+        return ensureDeferred(self._stream(request, names)).addCallback(_open_body)
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Any) -> bytes:
@@ -223,7 +240,7 @@ class Api:
 
     # -- the stream -----------------------------------------------------------
 
-    async def _stream(self, request: IRequest, names_text: str) -> bytes:
+    async def _stream(self, request: IRequest, names_text: str) -> Any:
         config, service = self.config, self.service
         names = [n for n in names_text.split(",")]
         streams = [config.stream(n) for n in names]
@@ -318,10 +335,13 @@ class Api:
         if service.max_lifetime > 0:
             timer = self.clock.callLater(service.max_lifetime, sink.close)
             done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-        try:
-            return await done
-        finally:
+
+        def ended(result: Any) -> Any:
             if not sink.closed:
                 sink.lost()
             if request.channel is not None and request.producer is sub:
                 request.unregisterProducer()
+            return result
+
+        done.addBoth(ended)
+        return _Open(done)
