@@ -10,6 +10,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web import http
 from twisted.web.server import Site
 
 from bridges.irc import IRCServer, irc_config as read_irc_config
@@ -103,6 +104,16 @@ def listener(reactor: Any, endpoint: str, factory: Any) -> IService:
     return service
 
 
+def api_site(resource: Any) -> Site:
+    """The public site. Without HTTP/2 support installed, Twisted's generic
+    channel only forwards every call to an HTTPChannel: use that channel
+    directly, one object less per (mostly idle) stream connection."""
+    site = Site(resource)
+    if not http.H2_ENABLED:
+        site.protocol = http.HTTPChannel  # type: ignore[assignment]
+    return site
+
+
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Everything the daemon runs, as one MultiService."""
     top = MultiService()
@@ -112,7 +123,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
 
     listeners: dict[str, IService] = {}
     api = Api(config, backend, hubs, connections, reactor)
-    listeners["api"] = listener(reactor, config.service.listen, Site(api.resource()))
+    listeners["api"] = listener(reactor, config.service.listen, api_site(api.resource()))
 
     intake = None
     if config.intake.listen:
