@@ -1,6 +1,7 @@
 """The twistd plugin's options and the service tree it builds."""
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from typing import Any, Callable
@@ -177,6 +178,14 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     return top
 
 
+def tune_gc() -> None:
+    """Each connection keeps dozens of long-lived objects: keep the start-up
+    heap out of every collection and run the young-generation collection
+    less often (its cost showed at the allocation sites of every request)."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
@@ -184,6 +193,7 @@ def makeService(options: Options) -> MultiService:
         config = load(options["config"], options["set"])
         service = build_service(config, reactor)
         reactor.callWhenRunning(ignore_sighup, reactor)  # after twistd set its handlers
+        reactor.callWhenRunning(tune_gc)
         return service
     except ConfigError as e:
         sys.stderr.write(f"eventstreams: {e}\n")
