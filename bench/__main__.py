@@ -10,6 +10,7 @@ Scenarios:
   broadcast  S3: N idle clients, one event a second (latency of one event to all)
   burst      S4: 300 events/s with N clients (latency under an input burst)
   stalled    S6: firehose where 10% of clients stop reading
+  iplimit    S7: firehose with a per-IP limit; N clients over 10 source addresses
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ CONFIG = """
 [eventstreams]
 listen = tcp:{port}:interface=127.0.0.1:backlog=4096
 heartbeat = 15
-client_ip_connection_limit = 0
+client_ip_connection_limit = {ip_limit}
 max_connections = 0
 ring_size = 10000
 
@@ -63,12 +64,13 @@ def free_port() -> int:
 class Server:
     """The daemon under test, pinned to core 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, ip_limit: int = 0) -> None:
         self.dir = tempfile.mkdtemp(prefix="es-bench-")
         self.port, self.intake, self.metrics = free_port(), free_port(), free_port()
         path = os.path.join(self.dir, "streams.ini")
         with open(path, "w") as f:
-            f.write(CONFIG.format(port=self.port, intake=self.intake, metrics=self.metrics, dir=self.dir))
+            f.write(CONFIG.format(port=self.port, intake=self.intake, metrics=self.metrics, dir=self.dir,
+                                  ip_limit=ip_limit))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.proc = subprocess.Popen(
             ["taskset", "-c", "0", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
@@ -150,11 +152,12 @@ def report(name: str, value: object, unit: str = "") -> None:
 
 
 def run_scenario(args: argparse.Namespace) -> None:
-    server = Server()
+    ip_limit = args.ip_limit if args.scenario == "iplimit" else 0
+    server = Server(ip_limit)
     try:
         rss0, cpu0 = server.rss_kib(), server.cpu()
         processes = max(1, min(4, (args.clients + 4999) // 5000))
-        rate_per_event = {"firehose": 30, "broadcast": 1, "burst": 300, "stalled": 30}.get(args.scenario, 0)
+        rate_per_event = {"firehose": 30, "broadcast": 1, "burst": 300, "stalled": 30, "iplimit": 30}.get(args.scenario, 0)
         hold = args.seconds + 5
         sample_every = max(1, args.clients // 200)
         stalled_every = 10 if args.scenario == "stalled" else 0
@@ -167,14 +170,16 @@ def run_scenario(args: argparse.Namespace) -> None:
         t0 = time.monotonic()
         driver = threading.Thread(target=drive)
         driver.start()
-        server.wait_connected(args.clients)
+        # S7: each source address may hold ip_limit streams; the rest get 429
+        expected = min(args.clients, ip_limit * len(load.SOURCE_ADDRESSES)) if ip_limit else args.clients
+        server.wait_connected(expected)
         ramp = time.monotonic() - t0
         rss1, cpu1 = server.rss_kib(), server.cpu()
         report("clients connected", server.connected())
         report("ramp time", f"{ramp:.1f}", "s")
-        report("connect rate (server-side count / ramp)", f"{args.clients / ramp:.0f}", "conn/s")
+        report("connect rate (server-side count / ramp)", f"{expected / ramp:.0f}", "conn/s")
         report("server RSS idle before / after", f"{rss0 // 1024} / {rss1 // 1024}", "MiB")
-        report("server RSS per client", f"{(rss1 - rss0) / max(1, args.clients):.2f}", "KiB")
+        report("server RSS per client", f"{(rss1 - rss0) / max(1, expected):.2f}", "KiB")
         if rate_per_event:
             publisher = Publisher(server, rate_per_event, args.seconds, batch=10 if rate_per_event >= 300 else 1)
             publisher.start()
@@ -184,6 +189,11 @@ def run_scenario(args: argparse.Namespace) -> None:
         r = results["load"]
         cpu2 = server.cpu()
         report("load: connected (200) / failed", f"{r.connected} / {r.failed}")
+        if ip_limit:
+            report("per-IP limit x source addresses", f"{ip_limit} x {len(load.SOURCE_ADDRESSES)} = {expected}")
+            report("responses 200 / 429 / other", f"{r.statuses.get(200, 0)} / {r.statuses.get(429, 0)} / "
+                   f"{sum(v for k, v in r.statuses.items() if k not in (200, 429))}")
+            report("limit held (200s == expected)", r.statuses.get(200, 0) == expected)
         if rate_per_event:
             report("events published", publisher.sent)
             report("frames received", r.frames)
@@ -204,9 +214,10 @@ def run_scenario(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled"])
+    parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled", "iplimit"])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
+    parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")
     parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
     args = parser.parse_args()
     args.seconds = min(args.seconds, 60)
