@@ -10,6 +10,7 @@ Scenarios:
   broadcast  S3: N idle clients, one event a second (latency of one event to all)
   burst      S4: 300 events/s with N clients (latency under an input burst)
   stalled    S6: firehose where 10% of clients stop reading
+  storm      S5: N clients at 10 events/s all reconnect with Last-Event-ID within 10 s
   iplimit    S7: firehose with a per-IP limit; N clients over 10 source addresses
 """
 from __future__ import annotations
@@ -157,7 +158,7 @@ def run_scenario(args: argparse.Namespace) -> None:
     try:
         rss0, cpu0 = server.rss_kib(), server.cpu()
         processes = max(1, min(4, (args.clients + 4999) // 5000))
-        rate_per_event = {"firehose": 30, "broadcast": 1, "burst": 300, "stalled": 30, "iplimit": 30}.get(args.scenario, 0)
+        rate_per_event = {"firehose": 30, "broadcast": 1, "burst": 300, "stalled": 30, "iplimit": 30, "storm": 10}.get(args.scenario, 0)
         hold = args.seconds + 5
         sample_every = max(1, args.clients // 200)
         stalled_every = 10 if args.scenario == "stalled" else 0
@@ -165,7 +166,8 @@ def run_scenario(args: argparse.Namespace) -> None:
 
         def drive() -> None:
             results["load"] = load.run("127.0.0.1", server.port, "/v2/stream/recentchange", args.clients,
-                                       processes, sample_every, hold, args.connect_rate, stalled_every)
+                                       processes, sample_every, hold, args.connect_rate, stalled_every,
+                                       10.0 if args.scenario == "storm" else 0)
 
         t0 = time.monotonic()
         driver = threading.Thread(target=drive)
@@ -189,6 +191,11 @@ def run_scenario(args: argparse.Namespace) -> None:
         r = results["load"]
         cpu2 = server.cpu()
         report("load: connected (200) / failed", f"{r.connected} / {r.failed}")
+        if args.scenario == "storm":
+            report("resumed with Last-Event-ID (200)", f"{r.resumed} / {r.connected}")
+            report("reconnect to response head p50 / p99 / max",
+                   f"{percentile(r.resume_seconds, .5) * 1000:.1f} / {percentile(r.resume_seconds, .99) * 1000:.1f} / "
+                   f"{max(r.resume_seconds, default=float('nan')) * 1000:.1f}", "ms")
         if ip_limit:
             report("per-IP limit x source addresses", f"{ip_limit} x {len(load.SOURCE_ADDRESSES)} = {expected}")
             report("responses 200 / 429 / other", f"{r.statuses.get(200, 0)} / {r.statuses.get(429, 0)} / "
@@ -214,7 +221,7 @@ def run_scenario(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled", "iplimit"])
+    parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled", "iplimit", "storm"])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
     parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")

@@ -30,10 +30,13 @@ class WorkerResult:
     duplicates: int = 0
     connect_seconds: float = 0.0
     first_byte: list = field(default_factory=list)  # seconds from connect to the first event
+    resumed: int = 0  # S5: reconnections with Last-Event-ID answered 200
+    resume_seconds: list = field(default_factory=list)  # S5: reconnect to response head
 
 
 class SSEClient(asyncio.Protocol):
-    def __init__(self, path: str, sample: bool, result: WorkerResult, headers: str = "", read: bool = True):
+    def __init__(self, path: str, sample: bool, result: WorkerResult, headers: str = "", read: bool = True,
+                 offsets: Optional[dict] = None, track_ids: bool = False):
         self.path = path
         self.sample = sample
         self.result = result
@@ -41,7 +44,9 @@ class SSEClient(asyncio.Protocol):
         self.read = read
         self.buffer = b""
         self.head_done = False
-        self.offsets: dict = {}
+        self.offsets: dict = {} if offsets is None else offsets  # shared across reconnections (S5)
+        self.track_ids = track_ids
+        self.id_buffer = b""
         self.started = time.monotonic()
         self.got_first = False
         self.connected = asyncio.get_running_loop().create_future()
@@ -68,6 +73,8 @@ class SSEClient(asyncio.Protocol):
             self.buffer = b""
             if not self.connected.done():
                 self.connected.set_result(status)
+        if self.track_ids:
+            self._track_id(data)
         count = data.count(b"event: message")
         if count:
             self.result.frames += count
@@ -77,6 +84,19 @@ class SSEClient(asyncio.Protocol):
         if self.sample:
             self.buffer += data
             self._parse()
+
+    def _track_id(self, data: bytes) -> None:
+        """Keep the last complete `id:` line (frames are whole chunks, but
+        data_received may cut anywhere)."""
+        buffer = self.id_buffer + data
+        start = buffer.rfind(b"\nid: ")
+        while start >= 0:
+            end = buffer.find(b"\n", start + 5)
+            if end >= 0:
+                self.last_id = buffer[start + 5:end].decode()
+                break
+            start = buffer.rfind(b"\nid: ", 0, start)
+        self.id_buffer = buffer[-8192:]
 
     def _parse(self) -> None:
         now = time.time()
@@ -140,25 +160,77 @@ async def run_worker(host: str, port: int, path: str, count: int, sample_every: 
     return result
 
 
+async def run_storm_worker(host: str, port: int, path: str, count: int, sample_every: int, hold: float,
+                           storm: float, worker: int) -> WorkerResult:
+    """S5: hold `count` streams, then close every one and reconnect it with
+    its Last-Event-ID, spread over `storm` seconds; sampled clients check
+    offset continuity across the reconnection."""
+    loop = asyncio.get_running_loop()
+    result = WorkerResult()
+    started = time.monotonic()
+
+    async def connect(i: int, headers: str = "", offsets: Optional[dict] = None) -> Optional[SSEClient]:
+        source = SOURCE_ADDRESSES[(worker + i) % len(SOURCE_ADDRESSES)]
+        sample = bool(sample_every and i % sample_every == 0)
+        try:
+            _, client = await loop.create_connection(
+                lambda: SSEClient(path, sample, result, headers, offsets=offsets, track_ids=True),
+                host, port, local_addr=(source, 0))
+            return client
+        except OSError:
+            result.failed += 1
+            return None
+
+    clients = [await connect(i) for i in range(count)]
+    statuses = await asyncio.gather(*(c.connected for c in clients if c is not None))
+    result.connected = sum(1 for s in statuses if s == 200)
+    result.connect_seconds = time.monotonic() - started
+    await asyncio.sleep(3)  # events flow, every client has an id
+
+    async def reconnect(i: int, old: SSEClient) -> Optional[SSEClient]:
+        await asyncio.sleep(storm * i / max(1, count))
+        old.transport.abort()
+        headers = f"Last-Event-ID: {old.last_id}\r\n" if old.last_id else ""
+        t0 = time.monotonic()
+        new = await connect(i, headers, old.offsets)
+        if new is not None and await new.connected == 200:
+            result.resumed += 1
+            result.resume_seconds.append(time.monotonic() - t0)
+        return new
+
+    end = time.monotonic() + hold
+    clients = await asyncio.gather(*(reconnect(i, c) for i, c in enumerate(clients) if c is not None))
+    await asyncio.sleep(max(1.0, end - time.monotonic()))
+    for c in clients:
+        if c is not None:
+            c.transport.abort()
+    return result
+
+
 def _worker_main(args: tuple, queue: multiprocessing.Queue) -> None:
     import uvloop
 
     if len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {1})  # the server has core 0
     uvloop.install()
-    result = asyncio.run(run_worker(*args))
+    if args[0] == "storm":
+        result = asyncio.run(run_storm_worker(*args[1:]))
+    else:
+        result = asyncio.run(run_worker(*args))
     queue.put(result)
 
 
 def run(host: str, port: int, path: str, total: int, processes: int, sample_every: int, hold: float,
-        rate: float = 0, stalled_every: int = 0) -> WorkerResult:
-    """Open `total` connections from `processes` workers, hold them `hold` s."""
+        rate: float = 0, stalled_every: int = 0, storm: float = 0) -> WorkerResult:
+    """Open `total` connections from `processes` workers, hold them `hold` s
+    (storm: reconnect them all with Last-Event-ID within `storm` s, S5)."""
     queue: multiprocessing.Queue = multiprocessing.Queue()
     per = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
     procs = [
         multiprocessing.Process(
             target=_worker_main,
-            args=((host, port, path, n, sample_every, hold, rate / processes if rate else 0, stalled_every, i), queue),
+            args=(("storm", host, port, path, n, sample_every, hold, storm, i) if storm else
+                  (host, port, path, n, sample_every, hold, rate / processes if rate else 0, stalled_every, i), queue),
         )
         for i, n in enumerate(per)
     ]
@@ -176,6 +248,8 @@ def run(host: str, port: int, path: str, total: int, processes: int, sample_ever
         merged.duplicates += r.duplicates
         merged.latencies += r.latencies
         merged.first_byte += r.first_byte
+        merged.resumed += r.resumed
+        merged.resume_seconds += r.resume_seconds
         merged.connect_seconds = max(merged.connect_seconds, r.connect_seconds)
         for k, v in r.statuses.items():
             merged.statuses[k] = merged.statuses.get(k, 0) + v
