@@ -130,11 +130,15 @@ class ResponseSink:
         self._raw_write = writer_for(transport)
 
     def write(self, data: bytes) -> None:
+        self._emit(chunk(data) if self._transport is not None else data)
+
+    def _emit(self, data: bytes) -> None:
+        """Write bytes already in the connection's framing; count them."""
         self.quiet = False
         self.bytes_written += len(data)
         self.counters.bytes_sent += len(data)
         if self._transport is not None:
-            self._raw_write(chunk(data))
+            self._raw_write(data)
         else:
             self._write(data)
 
@@ -143,13 +147,9 @@ class ResponseSink:
             self.pending = None
             self.counters.events_delivered += 1
             if self._transport is not None:
-                frame = chunked_frame(entry, self.ndjson)
-                self.quiet = False
-                self.bytes_written += len(frame)
-                self.counters.bytes_sent += len(frame)
-                self._raw_write(frame)
+                self._emit(chunked_frame(entry, self.ndjson))
             else:
-                self.write(ndjson_line(entry) if self.ndjson else event_frame(entry))
+                self._emit(ndjson_line(entry) if self.ndjson else event_frame(entry))
         elif self.id_updates:
             if self.pending is None:
                 self.connections.pending_ids.add(self)
