@@ -120,7 +120,7 @@ class Subscription:
 
     __slots__ = (
         "hub", "sink", "filter", "offsets", "stamps", "live", "closed", "paused", "last", "_pending",
-        "_reading", "_scheduled", "delivered",
+        "_reading", "_scheduled",
     )
 
     def __init__(
@@ -143,7 +143,6 @@ class Subscription:
         self._pending: list[Record] = []  # read from the log, not yet sent
         self._reading = False
         self._scheduled = False
-        self.delivered = 0
 
     # -- position ---------------------------------------------------------
 
@@ -189,8 +188,6 @@ class Subscription:
         if self.closed:
             return
         self.last = entry
-        if matched:
-            self.delivered += 1
         self.sink.send(entry, matched)
 
     def _leave_live(self) -> None:
@@ -261,8 +258,6 @@ class Subscription:
 
     def _send(self, entry: Entry) -> None:
         matched = entry.event is not None and (self.filter is None or self.filter.matches(entry.event))
-        if matched:
-            self.delivered += 1
         self.sink.send(entry, matched)
 
     def _read(self) -> None:
@@ -342,7 +337,6 @@ class Hub:
         self.subscriptions: set[Subscription] = set()
         self.catching_up = 0
         self.skipped_records = 0
-        self.records_in = 0
         self._tail: Any = None
         self.on_empty: Optional[Callable[["Hub"], None]] = None
 
@@ -466,7 +460,6 @@ class Hub:
                 )
             entry = Entry(self.next_seq, record, event, data, self.tps, vector)
             self._push(entry)
-            self.records_in += 1
             for flt, subs in list(self.groups.values()):
                 matched = event is not None and (flt is None or flt.matches(event))
                 for sub in list(subs):
