@@ -100,15 +100,17 @@ class SSEClient(asyncio.Protocol):
 
     def _parse(self) -> None:
         now = time.time()
+        buffer = self.buffer
+        pos = 0
         while True:
-            start = self.buffer.find(b"\ndata: ")
+            start = buffer.find(b"\ndata: ", pos)
             if start < 0:
-                return
-            end = self.buffer.find(b"\n", start + 7)
+                break
+            end = buffer.find(b"\n", start + 7)
             if end < 0:
-                return
-            line = self.buffer[start + 7:end]
-            self.buffer = self.buffer[end:]
+                break
+            line = buffer[start + 7:end]
+            pos = end
             try:
                 event = json.loads(line)
             except ValueError:
@@ -125,6 +127,7 @@ class SSEClient(asyncio.Protocol):
             self.offsets[tp] = offset
             if "bench_ts" in event:
                 self.result.latencies.append(now - event["bench_ts"])
+        self.buffer = buffer[pos:]
 
     def connection_lost(self, exc) -> None:
         if not self.connected.done():

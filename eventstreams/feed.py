@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from .assignment import resolve
 from .backends.base import Backend
 from .config import StreamConfig
-from .hub import Entry, Hubs, Subscription
+from .hub import Batch, Entry, Hubs, Subscription
 
 log = Logger()
 
@@ -82,6 +82,10 @@ class StreamFeed(Service):
                 self.on_event(entry.event, entry)
             except Exception:
                 log.failure("{stream}: a bridge failed on an event", stream=self.stream.name)
+
+    def send_batch(self, batch: Batch) -> None:
+        for entry in batch.matched:
+            self.send(entry, True)
 
     def comment(self, text: str) -> None:
         log.info("{stream}: {text}", stream=self.stream.name, text=text)

@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from .fastwrite import writer_for
-from .hub import Entry, Subscription
+from .hub import Batch, Entry, Subscription
 
 OK = b":ok\n\n"
 HEARTBEAT = b":\n\n"
@@ -57,6 +57,23 @@ def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
     frame = entry.frames.get(key)
     if frame is None:
         frame = entry.frames[key] = chunk(ndjson_line(entry) if ndjson else event_frame(entry))
+    return frame
+
+
+def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
+    """The matched events of a batch as one write (one HTTP chunk when
+    chunked), built once per batch and shared by its clients."""
+    key = ("ndjson" if ndjson else "sse") + ("-chunk" if chunked else "")
+    frame = batch.frames.get(key)
+    if frame is None:
+        matched = batch.matched
+        if len(matched) == 1 and chunked:
+            frame = chunked_frame(matched[0], ndjson)
+        else:
+            frame = b"".join(ndjson_line(e) if ndjson else event_frame(e) for e in matched)
+            if chunked:
+                frame = chunk(frame)
+        batch.frames[key] = frame
     return frame
 
 
@@ -154,6 +171,20 @@ class ResponseSink:
             if self.pending is None:
                 self.connections.pending_ids.add(self)
             self.pending = entry
+
+    def send_batch(self, batch: Batch) -> None:
+        matched = batch.matched
+        if matched:
+            self.counters.events_delivered += len(matched)
+            chunked = self._transport is not None
+            self._emit(batch_frame(batch, self.ndjson, chunked))
+            if matched[-1] is batch.last:
+                self.pending = None
+                return
+        if self.id_updates:
+            if self.pending is None:
+                self.connections.pending_ids.add(self)
+            self.pending = batch.last
 
     def flush_id(self) -> None:
         entry, self.pending = self.pending, None

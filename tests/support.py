@@ -191,6 +191,7 @@ class StreamClient(Protocol):
         self.status: Optional[int] = None
         self.headers: dict[str, str] = {}
         self.body = b""  # de-chunked body so far
+        self.chunks = 0  # HTTP chunks received (each is one write of the server)
         self.blocks: list[dict[str, Any]] = []  # SSE blocks: fields, comments
         self._body_pos = 0
         self._chunk_left: Optional[int] = None
@@ -234,6 +235,7 @@ class StreamClient(Protocol):
                 if not sep:
                     return
                 self._chunk_left = int(line.split(b";")[0], 16)
+                self.chunks += 1
                 self.buffer = rest
                 if self._chunk_left == 0:
                     self.done = True

@@ -486,6 +486,50 @@ class SlowClient(StreamTestCase):
         await slow.wait_events(total + 1)
 
 
+class Coalescing(StreamTestCase):
+    """Records that reach a hub together go to each live client as one write
+    (up to the batch bounds of eventstreams.hub), with the same ids as one
+    write per event would give."""
+
+    @async_test
+    async def test_a_burst_goes_out_in_few_writes_with_every_id(self):
+        d = await self.daemon()
+        plain = await self.stream(d, "/v2/stream/recentchange")
+        filtered = await self.stream(d, "/v2/stream/recentchange?filter.wiki=dewiki")
+        await plain.wait_for(lambda: plain.body.startswith(b":ok"))
+        await filtered.wait_for(lambda: filtered.body.startswith(b":ok"))
+        chunks_before = plain.chunks
+        total = 600
+        events = [rc_event(n, "dewiki" if n % 3 == 0 else "enwiki") for n in range(total)]
+        await d.append(d.rc[0], events)
+        await plain.wait_events(total)
+        self.assertEqual([e["meta"]["offset"] for e in plain.events], list(range(total)))
+        # ~250-byte events: a batch ends at 256 entries or 64 KiB, ~3-4 writes
+        self.assertLess(plain.chunks - chunks_before, total // 50)
+        ids = [json.loads(b["id"])[0]["offset"] for b in plain.blocks if b.get("event") == "message"]
+        self.assertEqual(ids, list(range(1, total + 1)))  # each id resumes right after its event
+        await filtered.wait_events(total // 3)
+        self.assertEqual([e["id"] for e in filtered.events], list(range(0, total, 3)))
+        # The last event (599) does not match: the id still moves past it.
+        await filtered.wait_for(lambda: json.loads(filtered.last_id)[0]["offset"] == total, timeout=5)
+
+    @async_test
+    async def test_a_client_that_resumes_mid_burst_gets_each_event_once(self):
+        d = await self.daemon("eventstreams.ring_size=1000")
+        first = await self.stream(d, "/v2/stream/recentchange")
+        await d.append(d.rc[0], [rc_event(n) for n in range(100)])
+        await first.wait_events(50)
+        resume_id = next(b["id"] for b in first.blocks if b.get("event") == "message")  # after offset 0
+        for start in range(100, 400, 100):  # appends and the resume interleave
+            await d.append(d.rc[0], [rc_event(n) for n in range(start, start + 100)])
+            if start == 200:
+                second = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": resume_id})
+        await first.wait_events(400)
+        await second.wait_events(399)
+        await sleep(0.2)
+        self.assertEqual([e["id"] for e in second.events], list(range(1, 400)))
+
+
 class ServiceRoutes(StreamTestCase):
     @async_test
     async def test_spec_is_valid_openapi_with_the_stream_enum(self):
