@@ -208,12 +208,6 @@ class Subscription:
 
     # -- live ---------------------------------------------------------------
 
-    def _deliver(self, batch: Batch) -> None:
-        if self.closed:
-            return
-        self.last = batch.last
-        self.sink.send_batch(batch)
-
     def _leave_live(self) -> None:
         self.hub._remove_live(self)
         self.live = False
@@ -518,8 +512,10 @@ class Hub:
             else:
                 matched = [e for e in entries if e.event is not None and flt.matches(e.event)]
             batch = Batch(matched, last)
-            for sub in list(subs):
-                sub._deliver(batch)
+            for sub in list(subs):  # the fan-out itself: keep it lean
+                if not sub.closed:
+                    sub.last = last
+                    sub.sink.send_batch(batch)
 
     def _push(self, entry: Entry) -> None:
         size = self.ring_size

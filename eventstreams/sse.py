@@ -106,6 +106,7 @@ class ResponseSink:
     __slots__ = (
         "_write", "_transport", "_raw_write", "_finish", "ndjson", "id_updates", "connections", "streams",
         "client_ip", "subscription", "pending", "quiet", "closed", "started", "bytes_written", "counters",
+        "timer", "on_lost",
     )
 
     def __init__(
@@ -133,11 +134,19 @@ class ResponseSink:
         self.started = False  # the 200 and the first bytes are out
         self.bytes_written = 0
         self.counters = connections.counters
+        self.timer: Optional[Any] = None  # max_lifetime's DelayedCall
+        self.on_lost: Optional[Callable[[], None]] = None  # e.g. give back a limit slot
 
     def begin(self) -> None:
         """The response head is set: write the stream's first bytes."""
         self.started = True
         self.write(NDJSON_START if self.ndjson else OK)
+
+    def detach(self, finish: Callable[[], None]) -> None:
+        """The connection was taken from twisted.web (eventstreams.takeover):
+        keep no reference to the request; end the response with finish()."""
+        self._finish = finish
+        self._write = self._raw_write
 
     def use_transport(self, transport: Any) -> None:
         """Write chunk-encoded frames to the connection directly (the response
@@ -175,9 +184,18 @@ class ResponseSink:
     def send_batch(self, batch: Batch) -> None:
         matched = batch.matched
         if matched:
-            self.counters.events_delivered += len(matched)
-            chunked = self._transport is not None
-            self._emit(batch_frame(batch, self.ndjson, chunked))
+            counters = self.counters
+            counters.events_delivered += len(matched)
+            # _emit, inlined: this runs once per client for every batch
+            self.quiet = False
+            if self._transport is not None:
+                data = batch_frame(batch, self.ndjson, True)
+                self._raw_write(data)
+            else:
+                data = batch_frame(batch, self.ndjson, False)
+                self._write(data)
+            self.bytes_written += len(data)
+            counters.bytes_sent += len(data)
             if matched[-1] is batch.last:
                 self.pending = None
                 return
@@ -236,6 +254,12 @@ class ResponseSink:
         self.connections.remove(self)
         if self.subscription is not None:
             self.subscription.cancel()
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
 
 
 class Connections:

@@ -192,6 +192,7 @@ class StreamClient(Protocol):
         self.headers: dict[str, str] = {}
         self.body = b""  # de-chunked body so far
         self.chunks = 0  # HTTP chunks received (each is one write of the server)
+        self.ended = False  # the response's last (zero-size) chunk arrived
         self.blocks: list[dict[str, Any]] = []  # SSE blocks: fields, comments
         self._body_pos = 0
         self._chunk_left: Optional[int] = None
@@ -238,7 +239,7 @@ class StreamClient(Protocol):
                 self.chunks += 1
                 self.buffer = rest
                 if self._chunk_left == 0:
-                    self.done = True
+                    self.done = self.ended = True
                     return
             take = self.buffer[: self._chunk_left]
             self.body += take

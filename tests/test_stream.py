@@ -1,6 +1,7 @@
 """End to end: the real service tree on loopback ports, real HTTP clients."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -10,6 +11,8 @@ import treq
 from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 from twisted.trial import unittest
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
 
 from .support import KAFKA, Daemon, async_test, offsets_by_partition, open_stream, rc_event, sleep
 
@@ -528,6 +531,61 @@ class Coalescing(StreamTestCase):
         await second.wait_events(399)
         await sleep(0.2)
         self.assertEqual([e["id"] for e in second.events], list(range(1, 400)))
+
+
+class TakeOver(StreamTestCase):
+    """An open stream keeps no twisted.web request or channel (eventstreams.takeover)."""
+
+    def live_http_objects(self) -> tuple[int, int]:
+        gc.collect()
+        objects = gc.get_objects()
+        return (sum(isinstance(o, Request) for o in objects), sum(isinstance(o, HTTPChannel) for o in objects))
+
+    @async_test
+    async def test_open_streams_hold_no_request_objects(self):
+        d = await self.daemon()
+        before = self.live_http_objects()
+        clients = [await self.stream(d, "/v2/stream/recentchange") for _ in range(5)]
+        for client in clients:
+            await client.wait_for(lambda c=client: c.body.startswith(b":ok"))
+        await sleep(0.05)
+        self.assertEqual(self.live_http_objects(), before)
+        await d.append(d.rc[0], [rc_event(1)])
+        for client in clients:
+            await client.wait_events(1)
+        await clients[0].close()
+        await sleep(0.05)
+        self.assertEqual(len(d.service.connections.sinks), 4)
+
+    @async_test
+    async def test_max_lifetime_sends_the_last_chunk_and_frees_the_slot(self):
+        d = await self.daemon("eventstreams.max_lifetime=0.3", "eventstreams.client_ip_connection_limit=1")
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await client.closed
+        self.assertTrue(client.ended)
+        self.assertTrue(client.body.startswith(b":ok\n\n"))
+        again = await self.stream(d, "/v2/stream/recentchange")
+        self.assertEqual(again.status, 200)
+
+    @async_test
+    async def test_a_client_that_leaves_frees_its_per_ip_slot(self):
+        d = await self.daemon("eventstreams.client_ip_connection_limit=1")
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await client.wait_for(lambda: client.body.startswith(b":ok"))
+        await client.close()
+        await sleep(0.05)
+        again = await self.stream(d, "/v2/stream/recentchange")
+        self.assertEqual(again.status, 200)
+
+    @async_test
+    async def test_pipelined_bytes_after_the_request_are_ignored(self):
+        d = await self.daemon()
+        client = await self.stream(d, "/v2/stream/recentchange")
+        await client.wait_for(lambda: client.body.startswith(b":ok"))
+        client.transport.write(b"GET /v2/streams HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        await d.append(d.rc[0], [rc_event(1)])
+        await client.wait_events(1)
+        self.assertNotIn(b"HTTP/1.1", client.body)
 
 
 class ServiceRoutes(StreamTestCase):
