@@ -43,6 +43,7 @@ heartbeat = 15
 client_ip_connection_limit = {ip_limit}
 max_connections = 0
 ring_size = 10000
+workers = {workers}
 
 [embedded]
 path = {dir}/bench.sqlite
@@ -67,18 +68,19 @@ def free_port() -> int:
 
 
 class Server:
-    """The daemon under test, pinned to core 0."""
+    """The daemon under test, pinned to core 0 (with --workers, the process
+    tree may use every core); CPU and RSS are summed over the tree."""
 
-    def __init__(self, ip_limit: int = 0) -> None:
+    def __init__(self, ip_limit: int = 0, workers: int = 1) -> None:
         self.dir = tempfile.mkdtemp(prefix="es-bench-")
         self.port, self.intake, self.metrics = free_port(), free_port(), free_port()
         path = os.path.join(self.dir, "streams.ini")
         with open(path, "w") as f:
             f.write(CONFIG.format(port=self.port, intake=self.intake, metrics=self.metrics, dir=self.dir,
-                                  ip_limit=ip_limit))
+                                  ip_limit=ip_limit, workers=workers))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", "0", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
+            ["taskset", "-c", "0" if workers == 1 else f"0-{os.cpu_count() - 1}", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
              "eventstreams", "-c", path],
             cwd=ROOT,
         )
@@ -88,18 +90,58 @@ class Server:
                 break
             except OSError:
                 time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        while workers > 1 and time.monotonic() < deadline and self.metric("eventstreams_worker_processes") < workers - 1:
+            time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        """The daemon and its worker processes."""
+        found = [self.proc.pid]
+        for name in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if name.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                        found.append(int(name))
+            except (OSError, ValueError):
+                pass
+        return found
 
     def cpu(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """utime + stime of the tree (and of reaped workers, in the main's cutime + cstime)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += sum(int(v) for v in fields[11:15 if pid == self.proc.pid else 13])
+        return total / CLK_TCK
 
     def rss_kib(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            except OSError:
+                pass
+        return total
+
+    def open_files(self) -> list[int]:
+        """Open descriptors per process (main first): how the clients spread."""
+        out = []
+        for pid in self.pids():
+            try:
+                out.append(len(os.listdir(f"/proc/{pid}/fd")))
+            except OSError:
+                pass
+        return out
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/", timeout=5).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
 
     def connected(self) -> int:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/", timeout=5).read().decode()
@@ -171,7 +213,7 @@ def report(name: str, value: object, unit: str = "") -> None:
 
 def run_scenario(args: argparse.Namespace) -> None:
     ip_limit = args.ip_limit if args.scenario == "iplimit" else 0
-    server = Server(ip_limit)
+    server = Server(ip_limit, args.workers)
     try:
         rss0, cpu0 = server.rss_kib(), server.cpu()
         processes = max(1, min(4, (args.clients + 4999) // 5000))
@@ -202,6 +244,8 @@ def run_scenario(args: argparse.Namespace) -> None:
         report("connect rate (server-side count / ramp)", f"{expected / ramp:.0f}", "conn/s")
         report("server RSS idle before / after", f"{rss0 // 1024} / {rss1 // 1024}", "MiB")
         report("server RSS per client", f"{(rss1 - rss0) / max(1, expected):.2f}", "KiB")
+        if args.workers > 1:
+            report("open files per server process", " / ".join(map(str, server.open_files())))
         if rate_per_event:
             publisher = Publisher(server, rate_per_event, args.seconds, batch=10 if rate_per_event >= 300 else 1)
             publisher.start()
@@ -246,11 +290,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
     parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")
+    parser.add_argument("--workers", type=int, default=1, help="server processes ([eventstreams] workers)")
     parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
     args = parser.parse_args()
     args.seconds = min(args.seconds, 60)
     print(f"# {args.scenario}: {args.clients} clients, {args.seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"{os.cpu_count()} cores", flush=True)
+          f"{os.cpu_count()} cores, {args.workers} server process(es)", flush=True)
     if args.scenario in ("irc", "socketio", "engineio"):
         from . import bridges
 

@@ -51,6 +51,7 @@ class ServiceConfig:
     client_ip_header: Optional[str] = None
     client_ip_connection_limit: int = 0
     max_connections: int = 0
+    workers: int = 1
     max_lifetime: float = 0.0
     ring_size: int = 10000
     hub_linger: float = 10.0
@@ -100,6 +101,7 @@ class Config:
     demo: DemoConfig
     metrics: MetricsConfig
     sections: dict[str, dict[str, str]] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # the --set items, for worker processes to load the same
 
     def stream(self, name: str) -> Optional[StreamConfig]:
         """A stream by name or alias."""
@@ -139,6 +141,16 @@ def _positive_count(text: str) -> int:
     value = _count(text)
     if value < 1:
         raise ValueError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+MAX_WORKERS = 64
+
+
+def _workers(text: str) -> int:
+    value = _count(text)
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected an integer from 1 to {MAX_WORKERS}, got {text!r}")
     return value
 
 
@@ -260,11 +272,12 @@ def load(path: str, overrides: Iterable[str] = ()) -> Config:
         raise ConfigError(path, "-", None, " ".join(str(e).split())) from None
     except UnicodeDecodeError:
         raise ConfigError(path, "-", None, "the file is not UTF-8") from None
+    overrides = tuple(overrides)
     apply_overrides(parser, overrides, path)
-    return _build(parser, path)
+    return _build(parser, path, overrides)
 
 
-def _build(parser: configparser.ConfigParser, path: str) -> Config:
+def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, ...] = ()) -> Config:
     if parser.defaults():
         raise ConfigError(path, parser.default_section, None, "unknown section")
     for section in parser.sections():
@@ -286,6 +299,7 @@ def _build(parser: configparser.ConfigParser, path: str) -> Config:
             "client_ip_header": _header_name,
             "client_ip_connection_limit": _count,
             "max_connections": _count,
+            "workers": _workers,
             "max_lifetime": _number,
             "ring_size": _positive_count,
             "hub_linger": _number,
@@ -298,6 +312,13 @@ def _build(parser: configparser.ConfigParser, path: str) -> Config:
     if service.backend not in ("embedded", "kafka"):
         raise ConfigError(
             path, "eventstreams", "backend", f"expected embedded or kafka, got {service.backend!r}"
+        )
+    if service.workers > 1 and service.listen.split(":", 1)[0].lower() not in ("tcp", "tcp6"):
+        # Worker processes adopt the listening socket: TLS (ssl:) would be
+        # lost, and a worker stopping would unlink a unix: socket's path.
+        raise ConfigError(
+            path, "eventstreams", "listen",
+            f"workers > 1 needs a tcp: or tcp6: endpoint (the workers adopt its socket), got {service.listen!r}",
         )
     embedded = section(
         "embedded",
@@ -385,4 +406,5 @@ def _build(parser: configparser.ConfigParser, path: str) -> Config:
         demo=demo,
         metrics=metrics,
         sections={s: dict(parser[s]) for s in parser.sections()},
+        overrides=overrides,
     )

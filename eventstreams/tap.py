@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -12,6 +12,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import http
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from bridges.irc import IRCServer, irc_config as read_irc_config
@@ -23,9 +24,11 @@ from .demo import DemoFeed
 from .feed import StreamFeed
 from .hub import Hubs
 from .intake import Intake, intake_site
+from .iplimit import SharedTable, capacity_for, make_limits
 from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
 from .web import Api
+from .workers import Workers, merge_samples
 
 log = Logger()
 
@@ -78,7 +81,7 @@ def ignore_sighup(reactor: Any) -> None:
         log.info, "SIGHUP: nothing to reopen or reload (restart to apply a new configuration)"))
 
 
-def make_backend(config: Config, reactor: Any) -> Backend:
+def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
     if config.service.backend == "kafka":
         if "bootstrap.servers" not in config.kafka:
             raise ConfigError(config.path, "kafka", "bootstrap.servers", "required by backend = kafka")
@@ -96,7 +99,8 @@ def make_backend(config: Config, reactor: Any) -> Backend:
     from .backends.embedded import EmbeddedBackend
 
     e = config.embedded
-    return EmbeddedBackend(e.path, e.retention, e.partitions, reactor=reactor)
+    # Worker processes only read the file: retention is the writer's job.
+    return EmbeddedBackend(e.path, e.retention if writer else 0, e.partitions, reactor=reactor)
 
 
 def listener(reactor: Any, endpoint: str, factory: Any) -> IService:
@@ -115,16 +119,35 @@ def api_site(resource: Any) -> Site:
     return site
 
 
+class Core:
+    """What every serving process has: the log reader, hubs, connections and
+    the public site (the main process and each worker build their own)."""
+
+    def __init__(self, config: Config, reactor: Any, table: Optional[SharedTable] = None,
+                 index: int = 0, writer: bool = True) -> None:
+        service = config.service
+        self.backend = make_backend(config, reactor, writer)
+        self.connections = Connections(reactor, service.heartbeat)
+        self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor)
+        limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
+                             table, index)
+        self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)
+        self.site = api_site(self.api.resource())
+        self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
+
+
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Everything the daemon runs, as one MultiService."""
     top = MultiService()
-    backend = make_backend(config, reactor)
-    connections = Connections(reactor, config.service.heartbeat)
-    hubs = Hubs(backend, config.service.ring_size, config.service.hub_linger, reactor)
+    service = config.service
+    table = None
+    if service.workers > 1 and (service.max_connections or service.client_ip_connection_limit):
+        table = SharedTable.create(service.workers, capacity_for(service.max_connections))
+    core = Core(config, reactor, table)
+    backend, connections, hubs = core.backend, core.connections, core.hubs
 
     listeners: dict[str, IService] = {}
-    api = Api(config, backend, hubs, connections, reactor)
-    listeners["api"] = listener(reactor, config.service.listen, api_site(api.resource()))
+    listeners["api"] = listener(reactor, service.listen, core.site)
 
     intake = None
     if config.intake.listen:
@@ -146,29 +169,44 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     rcstream = rcstream_config.parse(config)  # None: no [rcstream] section, the bridge is off
     if rcstream is not None:
         bridge = rcstream_sessions.Bridge(rcstream, reactor)
-        site = listeners["api"].factory  # type: ignore[attr-defined]
-        site.resource = rcstream_web.mount(site.resource, bridge, reactor)  # /socket.io/, /rcstream_status
+        if rcstream.listen:  # a listener of its own (required with workers)
+            listeners["rcstream"] = listener(reactor, rcstream.listen, Site(rcstream_web.mount(Resource(), bridge, reactor)))
+        else:
+            site = listeners["api"].factory  # type: ignore[attr-defined]
+            site.resource = rcstream_web.mount(site.resource, bridge, reactor)  # /socket.io/, /rcstream_status
         bridges.append(bridge)  # the heartbeat timer; closes the sessions on stop
         bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor))
         metric_sources.append(bridge.samples)
         top.rcstream = bridge  # type: ignore[attr-defined]  # for tests
 
+    workers = None
+    if service.workers > 1:
+        workers = Workers(config, reactor, listeners["api"], table)
+        metric_sources.append(workers.samples)  # the workers' own, summed below
+        if hasattr(backend, "watch_appends"):  # the embedded log: wake the workers' readers
+            backend.watch_appends(workers.announce)
+
     if config.metrics.listen:
         resource = MetricsResource(
-            lambda: collect(connections, hubs, intake.counts if intake else None, config.streams)
-            + [sample for source in metric_sources for sample in source()]
+            lambda: merge_samples(
+                collect(connections, hubs, intake.counts if intake else None, config.streams)
+                + [sample for source in metric_sources for sample in source()]
+            )
         )
         listeners["metrics"] = listener(reactor, config.metrics.listen, Site(resource))
 
     # Listeners first: a port in use fails start-up before any thread starts.
-    for service in listeners.values():
-        service.setServiceParent(top)
-    _Lifecycle(backend, connections, hubs).setServiceParent(top)
+    for child in listeners.values():
+        child.setServiceParent(top)
+    core.lifecycle.setServiceParent(top)
     if config.demo.stream:
         stream = config.streams[config.demo.stream]
         DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
-    for service in bridges:
-        service.setServiceParent(top)
+    for child in bridges:
+        child.setServiceParent(top)
+    if workers is not None:  # last: spawned once all is up, stopped before the rest
+        workers.setServiceParent(top)
+        top.workers = workers  # type: ignore[attr-defined]
 
     top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
     top.connections = connections  # type: ignore[attr-defined]

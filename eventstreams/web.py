@@ -18,6 +18,7 @@ from .config import Config
 from .errors import ApiError, bad_last_event_id, not_found, unavailable
 from .filters import FilterError, parse_filters
 from .hub import Hubs
+from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits, LocalLimits
 from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
 from .spec import openapi_spec
 from .sse import Connections, ResponseSink
@@ -103,6 +104,7 @@ class Api:
         hubs: Hubs,
         connections: Connections,
         clock: IReactorTime,
+        limits: Optional[Limits] = None,
     ):
         self.config = config
         self.service = config.service
@@ -110,6 +112,8 @@ class Api:
         self.hubs = hubs
         self.connections = connections
         self.clock = clock
+        self.limits = limits or LocalLimits(
+            connections, config.service.max_connections, config.service.client_ip_connection_limit)
         self.spec = json.dumps(openapi_spec(config), separators=(",", ":")).encode()
         self.ui_files = load_ui_files()  # read once: no file I/O on the reactor thread
         self.stream_list = json.dumps(
@@ -277,14 +281,14 @@ class Api:
             return self._error(request, bad_last_event_id("the header is not UTF-8"))
 
         ip = client_ip(request, service.client_ip_header)
-        if service.max_connections and len(self.connections.sinks) >= service.max_connections:
+        admission = self.limits.acquire(ip)  # counted from here until the request ends
+        if admission == AT_CAPACITY:
             return self._error(request, unavailable("the server is at its connection limit", 30))
-        limit = service.client_ip_connection_limit
-        if limit and self.connections.count_for(ip) >= limit:
+        if admission == OVER_IP_LIMIT:
             return self._error(
                 request,
                 ApiError(429, "too_many_requests", "Too Many Requests",
-                         f"at most {limit} concurrent connections per client address"),
+                         f"at most {service.client_ip_connection_limit} concurrent connections per client address"),
             )
 
         done: Deferred[bytes] = Deferred()
@@ -300,8 +304,8 @@ class Api:
         sink = ResponseSink(
             request.write, finish, ndjson, service.id_updates, self.connections, stream_names, ip
         )
-        self.connections.add(sink)  # counts against the limits from now on
-        request.notifyFinish().addBoth(lambda _: sink.lost())
+        self.connections.add(sink)
+        request.notifyFinish().addBoth(lambda _: (sink.lost(), self.limits.release(ip)))
         try:
             start = await resolve(self.backend, topics, assignments, since)
             hub = await self.hubs.get(start.tps)

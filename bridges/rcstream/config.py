@@ -9,6 +9,7 @@ from eventstreams.config import (
     ConfigError,
     _count,
     _duration,
+    _optional_endpoint,
     _positive_count,
     _size,
     find_stream,
@@ -26,6 +27,7 @@ class RCStreamConfig:
     max_queue: int = 1000  # packets waiting for a slow session; more closes it
     max_post: int = 64 * 1024  # bytes of one polling POST body
     max_sessions: int = 0  # 0: no limit
+    listen: Optional[str] = None  # None: mounted on the [eventstreams] listener
 
 
 def _seconds(text: str) -> float:
@@ -44,6 +46,7 @@ FIELDS: dict[str, Callable] = {
     "max_queue": _positive_count,
     "max_post": _size,
     "max_sessions": _count,
+    "listen": _optional_endpoint,
 }
 
 
@@ -59,4 +62,9 @@ def parse(config: Config) -> Optional[RCStreamConfig]:
         raise ConfigError(config.path, "rcstream", "stream", f"no stream named {result.stream!r}")
     if result.heartbeat >= result.session_timeout:
         raise ConfigError(config.path, "rcstream", "heartbeat", "must be shorter than session_timeout")
+    if result.listen is None and config.service.workers > 1:
+        # A Socket.IO session spans many requests; on the shared listener
+        # they would land on different processes.
+        raise ConfigError(config.path, "rcstream", "listen",
+                          "required with [eventstreams] workers > 1 (a listener of its own, served by the main process)")
     return RCStreamConfig(**{**kwargs, "stream": stream.name})

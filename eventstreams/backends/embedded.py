@@ -130,6 +130,7 @@ class EmbeddedBackend:
         self._drained: Optional[Deferred[None]] = None
         self._pruner: Optional[LoopingCall] = None
         self._poller: Optional[LoopingCall] = None
+        self._append_watchers: list[Callable[[list[Record]], None]] = []
 
     # -- life cycle --------------------------------------------------------
 
@@ -378,6 +379,22 @@ class EmbeddedBackend:
 
     # -- waking tails ------------------------------------------------------
 
+    def watch_appends(self, callback: Callable[[list[Record]], None]) -> None:
+        """Call back with the records of each commit of this process (worker
+        mode tells the other processes of the file, see notice_heads)."""
+        self._append_watchers.append(callback)
+
+    def notice_heads(self, heads: dict[TopicPartition, int]) -> None:
+        """Next offsets another process has committed: wake the tails behind them."""
+        grown = False
+        for tp, next_offset in heads.items():
+            if next_offset > self._heads.get(tp, 0):
+                self._heads[tp] = next_offset
+                grown = True
+        if grown and self._running:
+            for tail in list(self._tails):
+                tail._kick()
+
     def _appended(self, records: list[Record]) -> list[Record]:
         for r in records:
             if r.offset + 1 > self._heads.get(r.tp, 0):
@@ -388,6 +405,11 @@ class EmbeddedBackend:
                 tail._notify(ordered)
             except Exception:
                 log.failure("embedded log {path}: waking a tail", path=self.path)
+        for watcher in self._append_watchers:
+            try:
+                watcher(records)
+            except Exception:
+                log.failure("embedded log {path}: an append watcher failed", path=self.path)
         return records
 
     def _poll(self) -> Deferred[None]:
@@ -395,14 +417,7 @@ class EmbeddedBackend:
         d = self._read(self._heads_sync)
 
         def got(heads: dict[TopicPartition, int]) -> None:
-            grown = False
-            for tp, next_offset in heads.items():
-                if next_offset > self._heads.get(tp, 0):
-                    self._heads[tp] = next_offset
-                    grown = True
-            if grown:
-                for tail in list(self._tails):
-                    tail._kick()
+            self.notice_heads(heads)
 
         def failed(f: Failure) -> None:
             if self._running:
