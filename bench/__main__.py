@@ -12,6 +12,7 @@ Scenarios:
   stalled    S6: firehose where 10% of clients stop reading
   storm      S5: N clients at 10 events/s all reconnect with Last-Event-ID within 10 s
   iplimit    S7: firehose with a per-IP limit; N clients over 10 source addresses
+  resume     T7: N clients resume from the ring, N/10 from the log (first event)
   irc        S8: N IRC clients on the [irc] bridge, 30 lines/s (bench/bridges.py)
   socketio   S8: N Socket.IO 0.9 WebSocket clients on the RCStream bridge, 30 changes/s
   engineio   S8: the same over Engine.IO 4 WebSockets
@@ -286,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled", "iplimit", "storm",
-                                        "irc", "socketio", "engineio"])
+                                        "irc", "socketio", "engineio", "resume"])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
     parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")
@@ -296,6 +297,11 @@ def main() -> None:
     args.seconds = min(args.seconds, 60)
     print(f"# {args.scenario}: {args.clients} clients, {args.seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}, "
           f"{os.cpu_count()} cores, {args.workers} server process(es)", flush=True)
+    if args.scenario == "resume":
+        from . import resume
+
+        resume.run(args)
+        return
     if args.scenario in ("irc", "socketio", "engineio"):
         from . import bridges
 

@@ -168,19 +168,6 @@ class ResponseSink:
         else:
             self._write(data)
 
-    def send(self, entry: Entry, matched: bool) -> None:
-        if matched:
-            self.pending = None
-            self.counters.events_delivered += 1
-            if self._transport is not None:
-                self._emit(chunked_frame(entry, self.ndjson))
-            else:
-                self._emit(ndjson_line(entry) if self.ndjson else event_frame(entry))
-        elif self.id_updates:
-            if self.pending is None:
-                self.connections.pending_ids.add(self)
-            self.pending = entry
-
     def send_batch(self, batch: Batch) -> None:
         matched = batch.matched
         if matched:

@@ -22,6 +22,7 @@ from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits, LocalLimits
 from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
 from .spec import openapi_spec
 from .sse import Connections, ResponseSink
+from .takeover import take_over
 
 log = Logger()
 
@@ -305,7 +306,8 @@ class Api:
             request.write, finish, ndjson, service.id_updates, self.connections, stream_names, ip
         )
         self.connections.add(sink)
-        request.notifyFinish().addBoth(lambda _: (sink.lost(), self.limits.release(ip)))
+        sink.on_lost = lambda: self.limits.release(ip)  # once, however the stream ends
+        request.notifyFinish().addBoth(lambda _: sink.lost())
         try:
             start = await resolve(self.backend, topics, assignments, since)
             hub = await self.hubs.get(start.tps)
@@ -334,11 +336,15 @@ class Api:
             sink.comment(note)
         sub = hub.subscribe(sink, start.offsets, start.stamps, flt)
         sink.subscription = sub
-        if not sink.closed:
-            request.registerProducer(sub, True)
+        if sink.closed:
+            return _Open(done)
         if service.max_lifetime > 0:
-            timer = self.clock.callLater(service.max_lifetime, sink.close)
-            done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+            sink.timer = self.clock.callLater(service.max_lifetime, sink.close)
+        if take_over(request, sink, sub):
+            # twisted.web no longer knows this connection: `done` never fires
+            # and goes, with the request, once this returns.
+            return _Open(done)
+        request.registerProducer(sub, True)
 
         def ended(result: Any) -> Any:
             if not sink.closed:
