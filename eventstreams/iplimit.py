@@ -20,6 +20,7 @@ import mmap
 import os
 import re
 import struct
+import tempfile
 from typing import Any, Optional, Protocol
 
 from twisted.logger import Logger
@@ -107,8 +108,15 @@ class SharedTable:
 
     @classmethod
     def create(cls, processes: int, capacity: int) -> "SharedTable":
-        """A new, zeroed table in a memfd (main process); workers open() its fd."""
-        fd = os.memfd_create("eventstreams-limits", os.MFD_CLOEXEC)
+        """A new, zeroed table in a memfd (main process); workers open() its fd.
+        Where memfd_create is not allowed (a seccomp filter), an unlinked
+        temporary file does the same."""
+        try:
+            fd = os.memfd_create("eventstreams-limits", os.MFD_CLOEXEC)
+        except OSError:
+            with tempfile.TemporaryFile(prefix="eventstreams-limits-") as f:
+                fd = os.dup(f.fileno())
+            os.set_inheritable(fd, False)
         os.ftruncate(fd, cls.layout(processes, capacity)[1])
         table = cls(fd, processes, capacity)
         _HEADER.pack_into(table.map, 0, MAGIC, processes, capacity)

@@ -286,9 +286,12 @@ class Workers(Service):
         how = (f"signal {reason.signal}" if getattr(reason, "signal", None)
                else f"status {getattr(reason, 'exitCode', '?')}")
         delay = self._retry(worker.index, lived)
-        log.error("worker {index} (pid {pid}) exited unexpectedly ({how}) after {lived:.1f} s; "
-                  "restarting in {delay:.0f} s", index=worker.index, pid=worker.pid, how=how,
-                  lived=lived, delay=delay)
+        # Status 0: it was told to stop (say, a SIGTERM to the whole cgroup,
+        # systemd's default, just before this process is told too).
+        emit = log.warn if getattr(reason, "exitCode", None) == 0 else log.error
+        emit("worker {index} (pid {pid}) exited unexpectedly ({how}) after {lived:.1f} s; "
+             "restarting in {delay:.0f} s", index=worker.index, pid=worker.pid, how=how,
+             lived=lived, delay=delay)
 
     def _retry(self, index: int, lived: float) -> float:
         """Spawn the worker again after a delay: 1 s, doubling to 30 s while it fails soon."""

@@ -17,7 +17,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from eventstreams.config import ConfigError, load
 from eventstreams.iplimit import ADMITTED, AT_CAPACITY, OVER_IP_LIMIT, SharedLimits, SharedTable, _key
-from eventstreams.workers import merge_samples
+from eventstreams.backends.base import Record
+from eventstreams.workers import Workers, _Control, merge_samples
 
 from bridges.rcstream import config as rcstream_config
 
@@ -223,6 +224,45 @@ class Table(unittest.SynchronousTestCase):
         ])
         self.assertEqual(merged, [("c", "gauge", "h", {"stream": "a"}, 5), ("t", "counter", "h", {}, 5),
                                   ("c", "gauge", "h", {"stream": "b"}, 1)])
+
+
+class HeadNotices(unittest.SynchronousTestCase):
+    """The wake-up path: the main process's commit → a line on each worker's
+    control pipe → one notice_heads per read in the worker."""
+
+    def test_announce_writes_the_new_heads_to_every_worker(self):
+        class Worker:
+            def __init__(self):
+                self.lines = []
+
+            def notify(self, line):
+                self.lines.append(line)
+
+        supervisor = Workers.__new__(Workers)
+        supervisor.workers = {1: Worker(), 2: Worker()}
+        supervisor.announce([Record("t", 0, 4, 1, None, b"{}"), Record("t", 0, 5, 1, None, b"{}"),
+                             Record("u", 1, 0, 1, None, b"{}")])
+        for worker in supervisor.workers.values():
+            self.assertEqual([json.loads(line) for line in worker.lines], [{"heads": [["t", 0, 6], ["u", 1, 1]]}])
+            self.assertTrue(worker.lines[0].endswith(b"\n"))
+
+    def test_control_merges_a_read_into_one_wake_up(self):
+        class Backend:
+            def __init__(self):
+                self.notices = []
+
+            def notice_heads(self, heads):
+                self.notices.append(heads)
+
+        backend, lost = Backend(), []
+        control = _Control(backend, lambda: lost.append(True))
+        control.dataReceived(b'{"heads": [["t", 0, 6]]}\n{"heads": [["t", 0, 9], ["u", 1, 1]]}\n{"heads": [["t", 0')
+        self.assertEqual(backend.notices, [{("t", 0): 9, ("u", 1): 1}])
+        control.dataReceived(b', 12]]}\nnot json\n')  # a bad line is logged and skipped
+        self.assertEqual(backend.notices[1:], [{("t", 0): 12}])
+        self.flushLoggedErrors()
+        control.connectionLost(None)
+        self.assertEqual(lost, [True])
 
 
 # -- the daemon with workers ------------------------------------------------------
