@@ -72,9 +72,6 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 HEALTHY_AFTER = 60.0  # a worker that ran this long restarts the backoff
 MAX_LINE = 1 << 20  # a report line longer than this is dropped (bad input)
 
-Sample = tuple  # (name, type, help, labels, value), as metrics.Sample
-
-
 def merge_samples(samples: list) -> list:
     """Sum the samples that name the same series (one per process) into one."""
     merged: dict[tuple, list] = {}
@@ -85,6 +82,16 @@ def merge_samples(samples: list) -> list:
         else:
             merged[key] = [name, kind, help_text, labels, value]
     return [tuple(sample) for sample in merged.values()]
+
+
+def _sample(item: Any) -> tuple:
+    """A metrics sample as a worker reported it: (name, type, help, labels, value)."""
+    name, kind, help_text, labels, value = item
+    if not (isinstance(name, str) and isinstance(kind, str) and isinstance(help_text, str)
+            and isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())
+            and isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise ValueError(f"not a sample: {item!r}")
+    return (name, kind, help_text, labels, value)
 
 
 class _Lines:
@@ -161,11 +168,11 @@ class _Worker(ProcessProtocol):
 
     def _report_line(self, line: bytes) -> None:
         try:
-            report = json.loads(line)
-            self.samples = [tuple(s) for s in report["samples"]]
+            samples = [_sample(s) for s in json.loads(line)["samples"]]
         except (ValueError, KeyError, TypeError):
             log.warn("[{system}] unreadable report", system=self.system)
             return
+        self.samples = samples
         if not self.ready:
             self.ready = True
             log.info("worker {index} (pid {pid}) is serving", index=self.index, pid=self.pid)

@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 from eventstreams.config import ConfigError, load
 from eventstreams.iplimit import ADMITTED, AT_CAPACITY, OVER_IP_LIMIT, SharedLimits, SharedTable, _key
 from eventstreams.backends.base import Record
-from eventstreams.workers import Workers, _Control, merge_samples
+from eventstreams.workers import REPORT_FD, Workers, _Control, _Worker, merge_samples
 
 from bridges.rcstream import config as rcstream_config
 
@@ -245,6 +245,16 @@ class HeadNotices(unittest.SynchronousTestCase):
         for worker in supervisor.workers.values():
             self.assertEqual([json.loads(line) for line in worker.lines], [{"heads": [["t", 0, 6], ["u", 1, 1]]}])
             self.assertTrue(worker.lines[0].endswith(b"\n"))
+
+    def test_reports_are_checked_before_metrics_use_them(self):
+        worker = _Worker(None, 1)
+        good = [["eventstreams_hubs", "gauge", "Running hubs.", {}, 2]]
+        worker.childDataReceived(REPORT_FD, json.dumps({"samples": good}).encode() + b"\n")
+        self.assertTrue(worker.ready)
+        for bad in (b"{", b'{"samples": [["x", "gauge", "h", {}, "2"]]}', b'{"samples": [["x", "gauge"]]}',
+                    b'{"samples": [["x", "gauge", "h", {"a": 1}, 2]]}', b'{"other": 1}'):
+            worker.childDataReceived(REPORT_FD, bad + b"\n")
+        self.assertEqual(worker.samples, [("eventstreams_hubs", "gauge", "Running hubs.", {}, 2)])
 
     def test_control_merges_a_read_into_one_wake_up(self):
         class Backend:
