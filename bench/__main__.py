@@ -218,7 +218,8 @@ def run_scenario(args: argparse.Namespace) -> None:
     try:
         rss0, cpu0 = server.rss_kib(), server.cpu()
         processes = max(1, min(4, (args.clients + 4999) // 5000))
-        rate_per_event = {"firehose": 30, "broadcast": 1, "burst": 300, "stalled": 30, "iplimit": 30, "storm": 10}.get(args.scenario, 0)
+        rate_per_event = args.rate or {"firehose": 30, "broadcast": 1, "burst": 300, "stalled": 30, "iplimit": 30,
+                                       "storm": 10}.get(args.scenario, 0)
         hold = args.seconds + 5
         # about 6,000 parsed events per second in all: the load generator
         # has one core, and counting frames is cheap but parsing them is not
@@ -248,7 +249,9 @@ def run_scenario(args: argparse.Namespace) -> None:
         if args.workers > 1:
             report("open files per server process", " / ".join(map(str, server.open_files())))
         if rate_per_event:
-            publisher = Publisher(server, rate_per_event, args.seconds, batch=10 if rate_per_event >= 300 else 1)
+            # posts of 10 events from 300/s: one post per event would measure the intake
+            publisher = Publisher(server, rate_per_event, args.seconds,
+                                  batch=max(1, int(rate_per_event) // 30) if rate_per_event >= 300 else 1)
             publisher.start()
             publisher.join()
             cpu_pub = server.cpu()
@@ -292,6 +295,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
     parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")
     parser.add_argument("--workers", type=int, default=1, help="server processes ([eventstreams] workers)")
+    parser.add_argument("--rate", type=float, default=0, help="events per second (default: the scenario's)")
     parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
     args = parser.parse_args()
     args.seconds = min(args.seconds, 60)

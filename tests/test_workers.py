@@ -8,10 +8,12 @@ import os
 import random
 import signal
 import time
+import uuid
 from typing import Any, Optional
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -22,7 +24,9 @@ from eventstreams.workers import REPORT_FD, Workers, _Control, _Worker, merge_sa
 
 from bridges.rcstream import config as rcstream_config
 
-from .support import async_test, free_port, open_stream, rc_event, sleep, write_config
+from .support import (
+    KAFKA, RC_TOPICS, TEST_TOPIC, async_test, create_topics, free_port, open_stream, rc_event, sleep, write_config,
+)
 from .test_daemon import START_TIMEOUT, Child, DaemonTestCase
 
 WAIT = 20.0  # bound of every wait for a condition (seconds)
@@ -281,9 +285,9 @@ class HeadNotices(unittest.SynchronousTestCase):
 class WorkerDaemon(DaemonTestCase):
     timeout = 120
 
-    async def start(self, workers: int, *sets: str, extra: str = "") -> tuple[Child, dict[str, int]]:
+    async def start(self, workers: int, *sets: str, extra: str = "", prefix: str = "") -> tuple[Child, dict[str, int]]:
         ports = {"eventstreams": free_port(), "intake": free_port(), "metrics": free_port()}
-        path = write_config(os.path.abspath(self.mktemp()), extra)
+        path = write_config(os.path.abspath(self.mktemp()), extra, prefix)
         args = ["-c", path, "--set", f"eventstreams.workers={workers}"]
         for name, port in ports.items():
             args += ["--set", f"{name}.listen=tcp:{port}:interface=127.0.0.1"]
@@ -362,7 +366,22 @@ class WorkerDaemon(DaemonTestCase):
 
     @async_test
     async def test_every_process_serves_and_gets_every_event(self):
-        child, ports = await self.start(3)
+        await self.every_process_gets_every_event()
+
+    @async_test
+    async def test_every_process_gets_every_event_over_kafka(self):
+        if not KAFKA:
+            message = "no Kafka broker: set EVENTSTREAMS_KAFKA (make test starts one with scripts/kafka)"
+            if os.environ.get("CI") == "true":
+                self.fail(message)
+            raise unittest.SkipTest(message)
+        prefix = f"t{uuid.uuid4().hex[:10]}."
+        await deferToThread(create_topics, {prefix + t: 1 for t in RC_TOPICS + (TEST_TOPIC,)})
+        await self.every_process_gets_every_event(
+            "eventstreams.backend=kafka", f"kafka.bootstrap.servers={KAFKA}", prefix=prefix)
+
+    async def every_process_gets_every_event(self, *sets: str, prefix: str = "") -> None:
+        child, ports = await self.start(3, *sets, prefix=prefix)
         main = child.transport.pid
         workers = self.workers_of(child)
         self.assertEqual(len(workers), 2)
