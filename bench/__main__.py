@@ -45,6 +45,7 @@ client_ip_connection_limit = {ip_limit}
 max_connections = 0
 ring_size = 10000
 workers = {workers}
+backend = {backend}
 
 [embedded]
 path = {dir}/bench.sqlite
@@ -57,9 +58,33 @@ listen = tcp:{intake}:interface=127.0.0.1
 listen = tcp:{metrics}:interface=127.0.0.1
 
 [stream:mediawiki.recentchange]
-topics = eqiad.mediawiki.recentchange,codfw.mediawiki.recentchange
+topics = {prefix}eqiad.mediawiki.recentchange,{prefix}codfw.mediawiki.recentchange
 aliases = recentchange
+{kafka}"""
+
+KAFKA_SECTION = """
+[kafka]
+bootstrap.servers = {bootstrap}
 """
+
+
+def kafka_topics(bootstrap: str) -> str:
+    """Create this run's recentchange topics (one partition each); their prefix."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    prefix = f"bench{os.getpid()}x{int(time.time())}."
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topics = [prefix + "eqiad.mediawiki.recentchange", prefix + "codfw.mediawiki.recentchange"]
+    for future in admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics]).values():
+        future.result(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metadata = admin.list_topics(timeout=10)
+        if all(t in metadata.topics and all(p.leader >= 0 for p in metadata.topics[t].partitions.values())
+               for t in topics):
+            break
+        time.sleep(0.1)
+    return prefix
 
 
 def free_port() -> int:
@@ -72,13 +97,16 @@ class Server:
     """The daemon under test, pinned to core 0 (with --workers, the process
     tree may use every core); CPU and RSS are summed over the tree."""
 
-    def __init__(self, ip_limit: int = 0, workers: int = 1) -> None:
+    def __init__(self, ip_limit: int = 0, workers: int = 1, kafka: str = "") -> None:
         self.dir = tempfile.mkdtemp(prefix="es-bench-")
         self.port, self.intake, self.metrics = free_port(), free_port(), free_port()
         path = os.path.join(self.dir, "streams.ini")
+        self.prefix = kafka_topics(kafka) if kafka else ""
         with open(path, "w") as f:
             f.write(CONFIG.format(port=self.port, intake=self.intake, metrics=self.metrics, dir=self.dir,
-                                  ip_limit=ip_limit, workers=workers))
+                                  ip_limit=ip_limit, workers=workers, prefix=self.prefix,
+                                  backend="kafka" if kafka else "embedded",
+                                  kafka=KAFKA_SECTION.format(bootstrap=kafka) if kafka else ""))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.proc = subprocess.Popen(
             ["taskset", "-c", "0" if workers == 1 else f"0-{os.cpu_count() - 1}", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
@@ -214,7 +242,7 @@ def report(name: str, value: object, unit: str = "") -> None:
 
 def run_scenario(args: argparse.Namespace) -> None:
     ip_limit = args.ip_limit if args.scenario == "iplimit" else 0
-    server = Server(ip_limit, args.workers)
+    server = Server(ip_limit, args.workers, args.kafka)
     try:
         rss0, cpu0 = server.rss_kib(), server.cpu()
         processes = max(1, min(4, (args.clients + 4999) // 5000))
@@ -295,6 +323,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
     parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")
     parser.add_argument("--workers", type=int, default=1, help="server processes ([eventstreams] workers)")
+    parser.add_argument("--kafka", default="", metavar="BOOTSTRAP",
+                        help="serve from this Kafka broker (host:port; scripts/kafka start) instead of the embedded log")
     parser.add_argument("--rate", type=float, default=0, help="events per second (default: the scenario's)")
     parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
     args = parser.parse_args()
