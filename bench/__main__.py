@@ -282,7 +282,7 @@ def run_scenario(args: argparse.Namespace) -> None:
                                   batch=max(1, int(rate_per_event) // 30) if rate_per_event >= 300 else 1)
             publisher.start()
             publisher.join()
-            cpu_pub = server.cpu()
+            cpu_pub, rss_pub = server.cpu(), server.rss_kib()
         driver.join()
         r = results["load"]
         cpu2 = server.cpu()
@@ -308,6 +308,11 @@ def run_scenario(args: argparse.Namespace) -> None:
                    f"{max(r.latencies, default=float('nan')) * 1000:.1f}", "ms")
             report("sampled latencies", len(r.latencies))
             report("gaps / duplicates (sampled clients)", f"{r.gaps} / {r.duplicates}")
+            report("server RSS when publishing ends", rss_pub // 1024, "MiB")
+            if r.stalled:
+                report("stalled clients: frames after reading again / expected",
+                       f"{r.stalled_frames} / {r.stalled * publisher.sent}")
+                report("stalled clients: gaps / duplicates (all checked)", f"{r.stalled_gaps} / {r.stalled_duplicates}")
         report("server CPU total", f"{cpu2 - cpu0:.1f}", "s")
         report("server RSS at end", server.rss_kib() // 1024, "MiB")
     finally:

@@ -12,11 +12,13 @@ import asyncio
 import json
 import multiprocessing
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 SOURCE_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 12)]
+STALLED_DRAIN = 10.0  # S6: seconds the stalled clients read at the end
 
 
 @dataclass
@@ -32,6 +34,10 @@ class WorkerResult:
     first_byte: list = field(default_factory=list)  # seconds from connect to the first event
     resumed: int = 0  # S5: reconnections with Last-Event-ID answered 200
     resume_seconds: list = field(default_factory=list)  # S5: reconnect to response head
+    stalled: int = 0  # S6: clients that stopped reading after the response head
+    stalled_frames: int = 0  # what they got once they read again
+    stalled_gaps: int = 0
+    stalled_duplicates: int = 0
 
 
 class SSEClient(asyncio.Protocol):
@@ -57,8 +63,6 @@ class SSEClient(asyncio.Protocol):
         transport.write(
             f"GET {self.path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n{self.headers}\r\n".encode()
         )
-        if not self.read:
-            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if not self.head_done:
@@ -73,6 +77,10 @@ class SSEClient(asyncio.Protocol):
             self.buffer = b""
             if not self.connected.done():
                 self.connected.set_result(status)
+            if not self.read:  # S6: stop reading until the end of the run
+                self.transport.pause_reading()
+                self.buffer = data
+                return
         if self.track_ids:
             self._track_id(data)
         count = data.count(b"event: message")
@@ -84,6 +92,14 @@ class SSEClient(asyncio.Protocol):
         if self.sample:
             self.buffer += data
             self._parse()
+
+    def read_again(self) -> None:
+        """S6: a stalled client reads again, starting with what it held back."""
+        self.read = True
+        data, self.buffer = self.buffer, b""
+        self.transport.resume_reading()
+        if data:
+            self.data_received(data)
 
     def _track_id(self, data: bytes) -> None:
         """Keep the last complete `id:` line (frames are whole chunks, but
@@ -141,14 +157,26 @@ async def run_worker(host: str, port: int, path: str, count: int, sample_every: 
     clients = []
     started = time.monotonic()
     interval = 1.0 / rate if rate else 0
+    stalled_result = WorkerResult()  # S6: the stalled clients count apart (all of them sampled)
+    stalled = []
     for i in range(count):
         source = SOURCE_ADDRESSES[(worker + i) % len(SOURCE_ADDRESSES)]
         sample = sample_every and i % sample_every == 0
         read = not (stalled_every and i % stalled_every == stalled_every - 1)
         try:
-            _, client = await loop.create_connection(
-                lambda: SSEClient(path, bool(sample), result, read=read), host, port, local_addr=(source, 0)
-            )
+            if read:
+                _, client = await loop.create_connection(
+                    lambda: SSEClient(path, bool(sample), result), host, port, local_addr=(source, 0))
+            else:
+                # A small receive window: the server, not this kernel, holds what it does not read.
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.bind((source, 0))
+                sock.setblocking(False)
+                await loop.sock_connect(sock, (host, port))
+                _, client = await loop.create_connection(
+                    lambda: SSEClient(path, True, stalled_result, read=False), sock=sock)
+                stalled.append(client)
             clients.append(client)
         except OSError:
             result.failed += 1
@@ -158,6 +186,16 @@ async def run_worker(host: str, port: int, path: str, count: int, sample_every: 
     result.connected = sum(1 for s in statuses if s == 200)
     result.connect_seconds = time.monotonic() - started
     await asyncio.sleep(hold)
+    if stalled:
+        for c in stalled:
+            c.read_again()
+        await asyncio.sleep(STALLED_DRAIN)
+        result.stalled = len(stalled)
+        result.stalled_frames = stalled_result.frames
+        result.stalled_gaps = stalled_result.gaps
+        result.stalled_duplicates = stalled_result.duplicates
+        for k, v in stalled_result.statuses.items():
+            result.statuses[k] = result.statuses.get(k, 0) + v
     for c in clients:
         c.transport.abort()
     return result
@@ -253,6 +291,10 @@ def run(host: str, port: int, path: str, total: int, processes: int, sample_ever
         merged.first_byte += r.first_byte
         merged.resumed += r.resumed
         merged.resume_seconds += r.resume_seconds
+        merged.stalled += r.stalled
+        merged.stalled_frames += r.stalled_frames
+        merged.stalled_gaps += r.stalled_gaps
+        merged.stalled_duplicates += r.stalled_duplicates
         merged.connect_seconds = max(merged.connect_seconds, r.connect_seconds)
         for k, v in r.statuses.items():
             merged.statuses[k] = merged.statuses.get(k, 0) + v
