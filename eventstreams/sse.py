@@ -60,10 +60,14 @@ def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
     return frame
 
 
+FRAME_KEYS = {(ndjson, chunked): ("ndjson" if ndjson else "sse") + ("-chunk" if chunked else "")
+              for ndjson in (False, True) for chunked in (False, True)}
+
+
 def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
     """The matched events of a batch as one write (one HTTP chunk when
     chunked), built once per batch and shared by its clients."""
-    key = ("ndjson" if ndjson else "sse") + ("-chunk" if chunked else "")
+    key = FRAME_KEYS[ndjson, chunked]
     frame = batch.frames.get(key)
     if frame is None:
         matched = batch.matched
@@ -171,17 +175,17 @@ class ResponseSink:
     def send_batch(self, batch: Batch) -> None:
         matched = batch.matched
         if matched:
-            counters = self.counters
-            counters.events_delivered += len(matched)
             # _emit, inlined: this runs once per client for every batch
-            self.quiet = False
-            if self._transport is not None:
-                data = batch_frame(batch, self.ndjson, True)
+            chunked = self._transport is not None
+            data = batch.frames.get(FRAME_KEYS[self.ndjson, chunked]) or batch_frame(batch, self.ndjson, chunked)
+            if chunked:
                 self._raw_write(data)
             else:
-                data = batch_frame(batch, self.ndjson, False)
                 self._write(data)
+            self.quiet = False
             self.bytes_written += len(data)
+            counters = self.counters
+            counters.events_delivered += len(matched)
             counters.bytes_sent += len(data)
             if matched[-1] is batch.last:
                 self.pending = None
