@@ -22,7 +22,14 @@ log = Logger()
 
 
 class StreamFeed(Service):
-    """Calls on_event(event, entry) for every event of a stream, from now on."""
+    """Calls on_event(event, entry) for every event of a stream, from now on;
+    or on_batch([(event, entry), …]) once per hub batch, so that a bridge can
+    format each event once and write once per client per batch.
+
+    When on_batch is not given and on_event is a bound method whose object
+    has an `on_batch` method, that one is used (the bridges' servers have
+    both, and callers that pass `server.on_event` get batches for free).
+    """
 
     def __init__(
         self,
@@ -32,11 +39,17 @@ class StreamFeed(Service):
         on_event: Callable[[dict, Entry], None],
         clock: IReactorTime,
         retry: float = 5.0,
+        on_batch: Optional[Callable[[list[tuple[dict, Entry]]], None]] = None,
     ):
         self.backend = backend
         self.hubs = hubs
         self.stream = stream
         self.on_event = on_event
+        if on_batch is None:
+            on_batch = getattr(getattr(on_event, "__self__", None), "on_batch", None)
+            if not callable(on_batch):
+                on_batch = None
+        self.on_batch = on_batch
         self.clock = clock
         self.retry = retry
         self.subscription: Optional[Subscription] = None
@@ -84,8 +97,18 @@ class StreamFeed(Service):
                 log.failure("{stream}: a bridge failed on an event", stream=self.stream.name)
 
     def send_batch(self, batch: Batch) -> None:
-        for entry in batch.matched:
-            self.send(entry, True)
+        if self.on_batch is None:
+            for entry in batch.matched:
+                self.send(entry, True)
+            return
+        events = [(entry.event, entry) for entry in batch.matched if entry.event is not None]
+        if not events:
+            return
+        try:
+            self.on_batch(events)
+        except Exception:
+            log.failure("{stream}: a bridge failed on a batch of {n} events", stream=self.stream.name,
+                        n=len(events))
 
     def comment(self, text: str) -> None:
         log.info("{stream}: {text}", stream=self.stream.name, text=text)

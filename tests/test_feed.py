@@ -44,3 +44,57 @@ class Feed(StreamTestCase):
         self.assertEqual([e["id"] for e in seen], list(range(1, 8)))
         self.assertIsNotNone(feed.subscription)
         self.assertIsNot(feed.subscription, broken)
+
+
+class Bridge:
+    """A bridge with both callbacks, as IRCServer and the RCStream Bridge have."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.batches: list[list[dict]] = []
+
+    def on_event(self, event, entry):
+        self.events.append(event)
+
+    def on_batch(self, events):
+        self.batches.append([event for event, _ in events])
+
+
+class Batches(StreamTestCase):
+    async def feed(self, d, **kwargs):
+        feed = StreamFeed(d.backend, d.hubs, d.config.streams["mediawiki.recentchange"], clock=reactor, **kwargs)
+        feed.startService()
+        self.addCleanup(feed.stopService)
+        await sleep(0.1)
+        return feed
+
+    @async_test
+    async def test_a_burst_reaches_on_batch_in_fewer_calls_in_order(self):
+        d = await self.daemon()
+        bridge = Bridge()
+        feed = await self.feed(d, on_event=bridge.on_event)  # on_batch found on the bound method's object
+        self.assertEqual(feed.on_batch, bridge.on_batch)
+        await d.append(d.rc[0], [rc_event(n) for n in range(50)])
+        await sleep(0.3)
+        self.assertEqual(bridge.events, [])
+        self.assertEqual([e["id"] for batch in bridge.batches for e in batch], list(range(50)))
+        self.assertLess(len(bridge.batches), 50)
+
+    @async_test
+    async def test_an_explicit_on_batch_and_a_failing_one(self):
+        d = await self.daemon()
+        seen: list[int] = []
+
+        def on_batch(events):
+            seen.extend(event["id"] for event, _ in events)
+            if len(seen) == 3:
+                raise ValueError("a broken bridge")
+
+        feed = await self.feed(d, on_event=lambda event, entry: None, on_batch=on_batch)
+        await d.append(d.rc[0], [rc_event(n) for n in range(3)])
+        await sleep(0.2)
+        await d.append(d.rc[0], [rc_event(3)])  # the feed goes on after a failure
+        await sleep(0.2)
+        self.assertEqual(seen, [0, 1, 2, 3])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertIsNotNone(feed.subscription)

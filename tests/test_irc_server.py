@@ -46,7 +46,7 @@ class Client:
 
 
 class ServerTestCase(unittest.TestCase):
-    config = IRCConfig(motd=("Hello", "world"), ping_interval=45, ping_timeout=180, queue_size=3)
+    config = IRCConfig(motd=("Hello", "world"), ping_interval=45, ping_timeout=180, queue_size=3, flush_interval=0)
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -101,6 +101,8 @@ class Config(unittest.TestCase):
         self.assertEqual(config.stream, "mediawiki.recentchange")
         self.assertEqual((config.servername, config.botname, config.ping_interval, config.ping_timeout),
                          ("irc.wikimedia.org", "rc-pmtpa", 45.0, 180.0))
+        self.assertEqual(config.flush_interval, 0.1)
+        self.assertEqual(self.load("irc.listen=tcp:6667", "irc.flush_interval=0").flush_interval, 0)
 
     def test_multi_line_motd(self):
         path = write_config(self.mktemp(), "\n[irc]\nlisten = tcp:6667\nmotd = first line\n  second line\n\n")
@@ -115,6 +117,8 @@ class Config(unittest.TestCase):
             "irc.stream=nope": "[irc] stream: no stream named 'nope'",
             "irc.listen=bogus:1": "[irc] listen: not a valid endpoint",
             "irc.botname=two words": "[irc] botname: expected one word",
+            "irc.flush_interval=2": "[irc] flush_interval: must be at most 1 second",
+            "irc.flush_interval=-1": "[irc] flush_interval: expected a non-negative number",
         }
         for override, message in cases.items():
             with self.assertRaises(ConfigError) as caught:
@@ -398,3 +402,121 @@ class Queue(ServerTestCase):
         self.assertFalse(stuck.transport.disconnected)
         self.clock.advance(10)  # its close did not finish in time
         self.assertTrue(stuck.transport.disconnected)
+
+
+class RecordingTransport(StringTransport):
+    """A StringTransport that keeps each write (the bytes objects themselves)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes: list[bytes] = []
+        self.cost = None  # (clock, seconds): each write moves the clock on (a slow send)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+        if self.cost is not None:
+            clock, seconds = self.cost
+            clock.rightNow += seconds
+
+
+def edit(n: int, wiki: str = "de.wikipedia.org") -> dict:
+    return {"type": "edit", "title": f"T{n}", "server_name": wiki, "user": "U"}
+
+
+class Batches(ServerTestCase):
+    """StreamFeed's on_batch: each member gets one write per channel per
+    batch, the same bytes object for every member."""
+
+    def recorded(self, *channels: str) -> tuple[Client, RecordingTransport]:
+        client = Client.__new__(Client)
+        client.protocol = self.server.factory.buildProtocol(None)
+        client.transport = RecordingTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 4242))
+        client.protocol.makeConnection(client.transport)
+        client.register()
+        for channel in channels:
+            client.send(f"JOIN {channel}")
+        client.lines()
+        client.transport.writes.clear()
+        return client, client.transport
+
+    def test_one_write_per_member_per_channel_per_batch(self):
+        self.server.broadcast("#de.wikipedia", "creates the channel")
+        both, both_t = self.recorded("#de.wikipedia", "#en.wikipedia")
+        de, de_t = self.recorded("#de.wikipedia")
+        nowhere, nowhere_t = self.recorded()
+        events = [edit(n) for n in range(5)] + [edit(n, "en.wikipedia.org") for n in range(5, 7)]
+        events.insert(2, {"type": "categorize", "title": "T", "server_name": "de.wikipedia.org"})  # no line
+        self.server.on_batch([(event, None) for event in events])
+        self.assertEqual(len(both_t.writes), 2)  # one per channel
+        self.assertEqual(len(de_t.writes), 1)
+        self.assertEqual(nowhere_t.writes, [])
+        self.assertIs(both_t.writes[0], de_t.writes[0])  # formatted and joined once, shared
+        de_lines = de.lines()
+        self.assertEqual([line.split(":\x0314[[\x0307")[1].split("\x03")[0] for line in de_lines],
+                         [f"T{n}" for n in range(5)])
+        self.assertTrue(all(line.startswith(f"{BOT} PRIVMSG #de.wikipedia :") for line in de_lines))
+        self.assertEqual([line.split()[2] for line in both.lines()], ["#de.wikipedia"] * 5 + ["#en.wikipedia"] * 2)
+        self.assertEqual(self.server.counters.lines_sent, 5 + 7)
+
+    def test_a_paused_member_queues_what_fits_of_a_batch_and_drops_the_rest(self):
+        self.server.broadcast("#de.wikipedia", "creates the channel")
+        slow, slow_t = self.recorded("#de.wikipedia")
+        fast, fast_t = self.recorded("#de.wikipedia")
+        slow.protocol.pauseProducing()
+        self.server.on_batch([(edit(n), None) for n in range(2)])
+        self.server.on_batch([(edit(n), None) for n in range(2, 5)])  # queue_size = 3: 4 is dropped
+        self.assertEqual(slow_t.writes, [])
+        self.assertEqual(len(fast_t.writes), 2)
+        self.assertEqual((slow.protocol.dropped, self.server.counters.lines_dropped), (2, 2))
+        slow.protocol.resumeProducing()
+        self.assertEqual(len(slow_t.writes), 1)  # the queue in one write
+        self.assertEqual([line.split("\x0307")[1].split("\x03")[0] for line in slow.lines()], ["T0", "T1", "T2"])
+        self.assertEqual(self.server.counters.lines_sent, 5 + 3)
+
+    def test_flushes_are_spaced_by_twice_their_duration_up_to_flush_interval(self):
+        self.server.config = IRCConfig(flush_interval=0.1)
+        self.server.broadcast("#de.wikipedia", "creates the channel")
+        client, transport = self.recorded("#de.wikipedia", "#en.wikipedia")
+        self.clock.advance(1)
+        self.server.on_batch([(edit(0), None)])  # quick flushes: each batch at once
+        self.server.on_batch([(edit(1), None)])
+        self.assertEqual(len(transport.writes), 2)
+        transport.cost = (self.clock, 0.03)  # now a write takes 30 ms
+        self.server.on_batch([(edit(2), None)])  # at once, and that flush took 30 ms
+        self.clock.advance(0.01)
+        self.server.on_batch([(edit(3), None)])  # waits for 2 x 30 ms after the last start
+        self.server.on_batch([(edit(4, "en.wikipedia.org"), None), (edit(5), None)])
+        self.assertEqual(len(transport.writes), 3)
+        self.clock.advance(0.02)
+        self.assertEqual(len(transport.writes), 5)  # one per channel; that flush took 60 ms
+        self.assertEqual([line.split("\x0307")[1].split("\x03")[0] for line in client.lines()],
+                         ["T0", "T1", "T2", "T3", "T5", "T4"])
+        self.server.on_batch([(edit(6), None)])  # 2 x 60 ms, capped at flush_interval
+        self.clock.advance(0.03)  # 90 ms after the last start
+        self.assertEqual(len(transport.writes), 5)
+        self.clock.advance(0.02)
+        self.assertEqual(len(transport.writes), 6)
+        client.lines()
+        self.server.on_batch([(edit(7), None)])
+        self.server.broadcast("#de.wikipedia", "now")  # after the pending line, at once
+        seven, now = client.lines()
+        self.assertIn("T7", seven)
+        self.assertEqual(now, f"{BOT} PRIVMSG #de.wikipedia :now")
+        self.server.on_batch([(edit(8), None)])
+        self.server.stopService()  # a pending flush is dropped with the clients
+        self.clock.advance(1)
+        self.assertNotIn("T8", transport.value().decode())
+
+    def test_an_event_that_cannot_be_formatted_costs_its_own_line_only(self):
+        self.server.broadcast("#de.wikipedia", "creates the channel")
+        client, transport = self.recorded("#de.wikipedia")
+
+        class Weird(dict):
+            def get(self, *args):
+                raise ValueError("bad event")
+
+        self.server.on_batch([(edit(1), None), (Weird(type="edit"), None), (edit(2), None)])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(transport.writes), 1)
+        self.assertEqual(len(client.lines()), 2)

@@ -239,6 +239,77 @@ class WebSocketByHand(RCStreamCase):
         await sleep(0.1)
 
 
+def ws_frames(port: int, path: str, wanted: int, timeout: float = 10) -> list[tuple[int, bool, str]]:
+    """A raw WebSocket handshake, then (opcode, fin, text) of the frames
+    received until `wanted` text frames came (RFC 6455 5.2 lengths, checked
+    unmasked) or the socket went quiet (blocking)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        data, frames = b"", []
+        head = None
+        while sum(1 for f in frames if f[0] == 1) < wanted:
+            try:
+                chunk = s.recv(1 << 20)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            data += chunk
+            if head is None:
+                if b"\r\n\r\n" not in data:
+                    continue
+                head, _, data = data.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 "), head
+            while len(data) >= 2:
+                assert not data[1] & 0x80, "a server frame must not be masked"
+                size, at = data[1] & 0x7F, 2
+                if size == 126:
+                    size, at = int.from_bytes(data[2:4], "big"), 4
+                elif size == 127:
+                    size, at = int.from_bytes(data[2:10], "big"), 10
+                if len(data) < at + size:
+                    break
+                frames.append((data[0] & 0x0F, bool(data[0] & 0x80), data[at:at + size].decode("utf-8")))
+                data = data[at + size:]
+    return frames
+
+
+class WebSocketBurst(RCStreamCase):
+    @async_test
+    async def test_a_burst_arrives_as_complete_in_order_frames_written_once(self):
+        d = await self.daemon()
+        bridge = d.service.rcstream
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        sid = body.split(":")[0]
+        events = [rc_event(n, "dewiki") for n in range(40)]
+        events[5]["comment"] = "\u00e4" * 100  # frames of every length encoding
+        events[-1]["comment"] = "y" * 70_000
+        events.insert(7, rc_event(99, "enwiki"))  # not subscribed to
+        wanted = 1 + 40  # 1:: and the changes
+        received = deferToThread(ws_frames, d.ports["api"], f"/socket.io/1/websocket/{sid}", wanted)
+        for _ in range(200):
+            session = bridge.sessions.get(sid)
+            if session is not None and session.transport is not None:
+                break
+            await sleep(0.02)
+        session.receive('5::/rc:{"name":"subscribe","args":["de.*"]}')
+        protocol = session.transport
+        writes: list[int] = []
+        write = protocol._write
+        protocol._write = lambda data: (writes.append(len(data)), write(data))
+        await d.append(d.rc[0], events)
+        frames = await received
+        self.assertEqual(frames[0], (1, True, "1::"))
+        self.assertTrue(all(opcode == 1 and fin for opcode, fin, _ in frames))
+        changes = [json.loads(text.split(":", 3)[3])["args"][0] for _, _, text in frames[1:]]
+        self.assertEqual(changes, [change_of(e) for e in events if e["id"] != 99])
+        self.assertLess(len(writes), 40, writes)  # a write per batch, not per change
+        session.close()
+        await sleep(1.2)  # autobahn's close handshake timer
+
+
 class SlowWebSocket(RCStreamCase):
     @async_test
     async def test_a_websocket_that_does_not_read_is_closed(self):

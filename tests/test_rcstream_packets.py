@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 
+from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from bridges.rcstream import packets as P
 from bridges.rcstream.config import RCStreamConfig, parse
 from bridges.rcstream.sessions import Bridge, EioSession, Sio09Session
+from bridges.rcstream.web import SocketProtocol
 from eventstreams.config import ConfigError, load
 
 from .support import rc_event, write_config
@@ -117,14 +119,15 @@ class Config(unittest.TestCase):
 
     def test_values_are_parsed(self):
         c = parse(self.load("rcstream.heartbeat=5s", "rcstream.session_timeout=1m", "rcstream.max_post=1k",
-                            "rcstream.max_subscriptions=3", "rcstream.stream=test"))
-        self.assertEqual((c.heartbeat, c.session_timeout, c.max_post, c.max_subscriptions, c.stream),
-                         (5.0, 60.0, 1024, 3, "test"))
+                            "rcstream.max_subscriptions=3", "rcstream.stream=test", "rcstream.flush_interval=0.2"))
+        self.assertEqual((c.heartbeat, c.session_timeout, c.max_post, c.max_subscriptions, c.stream, c.flush_interval),
+                         (5.0, 60.0, 1024, 3, "test", 0.2))
 
     def test_mistakes_name_the_key(self):
         for override, key in [("rcstream.stream=nope", "stream"), ("rcstream.heartbeat=0", "heartbeat"),
                               ("rcstream.heartbeat=90", "heartbeat"), ("rcstream.max_queue=0", "max_queue"),
-                              ("rcstream.colour=red", "colour"), ("rcstream.poll_timeout=soon", "poll_timeout")]:
+                              ("rcstream.colour=red", "colour"), ("rcstream.poll_timeout=soon", "poll_timeout"),
+                              ("rcstream.flush_interval=2s", "flush_interval")]:
             with self.assertRaises(ConfigError, msg=override) as caught:
                 parse(self.load(override))
             self.assertEqual((caught.exception.section, caught.exception.key), ("rcstream", key))
@@ -250,3 +253,121 @@ class Sessions(unittest.TestCase):
         self.assertEqual(t.packets, ["3", "3probe", "40/rc"])
         self.clock.advance(25)
         self.assertEqual(t.packets[-1], "40/rc")  # EIO3: the client pings
+
+
+class SharedRecorder(Recorder):
+    """A Transport that takes shared batches (as the WebSocket does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared: list = []
+
+    cost = None  # (clock, seconds): each delivery moves the clock on (a slow send)
+
+    def deliver_shared(self, out):
+        self.shared.append(out)
+        self.packets += out.packets
+        if self.cost is not None:
+            clock, seconds = self.cost
+            clock.rightNow += seconds
+
+    def deliver(self, packets):
+        super().deliver(packets)
+        if self.cost is not None:
+            clock, seconds = self.cost
+            clock.rightNow += seconds
+
+
+class Batches(unittest.TestCase):
+    """Bridge.on_batch: one Outgoing per protocol and subscription list,
+    shared by the sessions that have them."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.bridge = Bridge(RCStreamConfig(max_queue=5, flush_interval=0), self.clock)
+        self.bridge.startService()
+        self.addCleanup(self.bridge.stopService)
+
+    def open(self, subscribe, factory=Sio09Session):
+        session = self.bridge.create(factory)
+        transport = SharedRecorder()
+        session.attach(transport)
+        session.rc_event("subscribe", [subscribe])
+        del transport.packets[:]
+        return session, transport
+
+    def test_sessions_with_the_same_subscriptions_share_one_outgoing(self):
+        a, ta = self.open(["*.wikipedia.org"])
+        b, tb = self.open(["*.wikipedia.org"])
+        c, tc = self.open(["de.*"])
+        e, te = self.open(["*.wikipedia.org"], lambda bridge, sid: EioSession(bridge, sid, 4))
+        none, tn = self.open(["*.wiktionary.org"])
+        canary = rc_event(4, "dewiki")
+        canary["meta"]["domain"] = "canary"
+        events = [rc_event(1, "dewiki"), rc_event(2, "wikidatawiki"), rc_event(3, "enwiki"), canary]
+        self.bridge.on_batch([(event, None) for event in events])
+        self.assertEqual(len(ta.shared), 1)
+        self.assertIs(ta.shared[0], tb.shared[0])
+        self.assertEqual([json.loads(p.split(":", 3)[3])["args"][0]["id"] for p in ta.packets], [1, 3])
+        self.assertIs(ta.packets[0], tc.packets[0])  # the same change, encoded once
+        self.assertEqual(len(tc.packets), 1)
+        self.assertEqual([json.loads(p[len('42/rc,'):])[1]["id"] for p in te.packets], [1, 3])
+        self.assertEqual((tn.packets, tn.shared), ([], []))
+        self.assertEqual(self.bridge.counters["changes"], 2 + 2 + 1 + 2)
+
+    def test_a_batch_is_queued_behind_waiting_packets_and_bounded(self):
+        slow, t = self.open(["*"])
+        t.ready = False
+        self.bridge.on_batch([(rc_event(n), None) for n in range(3)])
+        slow.send("2::")
+        self.assertEqual(len(slow.queue), 4)
+        t.ready = True
+        self.bridge.on_batch([(rc_event(3), None)])  # behind the queue: flushed in order
+        self.assertEqual(t.shared, [])
+        self.assertEqual(t.packets[3], "2::")
+        self.assertEqual(len(t.packets), 5)
+        t.ready = False
+        self.bridge.on_batch([(rc_event(n), None) for n in range(4, 10)])  # 6 > max_queue
+        self.assertTrue(slow.closed)
+        self.assertEqual(self.bridge.counters["slow"], 1)
+
+    def test_flushes_are_spaced_by_twice_their_duration_up_to_flush_interval(self):
+        self.bridge.config = RCStreamConfig(max_queue=5, flush_interval=0.1)
+        session, t = self.open(["*"])
+        self.clock.advance(1)
+        self.bridge.on_batch([(rc_event(0), None)])  # quick flushes: each batch at once
+        self.bridge.on_batch([(rc_event(1), None)])
+        self.assertEqual(len(t.shared), 2)
+        t.cost = (self.clock, 0.03)  # now a delivery takes 30 ms
+        self.bridge.on_batch([(rc_event(2), None)])  # at once, and that flush took 30 ms
+        self.bridge.on_batch([(rc_event(3), None)])  # waits for 2 x 30 ms after its start
+        self.bridge.on_batch([(rc_event(4), None)])
+        self.assertEqual(len(t.shared), 3)
+        self.clock.advance(0.03)
+        self.assertEqual(len(t.shared), 4)
+        self.assertEqual(len(t.shared[3].packets), 2)
+        self.clock.advance(1)
+        t.cost = (self.clock, 0.08)
+        self.bridge.on_batch([(rc_event(5), None)])  # at once; that flush took 80 ms
+        self.bridge.on_batch([(rc_event(6), None)])  # 2 x 80 ms, capped at flush_interval
+        self.clock.advance(0.019)
+        self.assertEqual(len(t.shared), 5)
+        self.clock.advance(0.002)
+        self.assertEqual(len(t.shared), 6)
+        t.cost = None
+        self.bridge.on_batch([(rc_event(7), None)])  # waits: the last flush took 80 ms
+        t.cost = (self.clock, 0.03)
+        self.bridge.on_event(rc_event(8))  # at once, after the pending one
+        self.assertEqual([json.loads(p.split(":", 3)[3])["args"][0]["id"] for p in t.packets], list(range(9)))
+        self.bridge.on_batch([(rc_event(9), None)])
+        self.bridge.stopService()  # a pending flush is dropped with the sessions
+        self.clock.advance(1)
+        self.assertEqual(len(t.packets), 9)
+
+    def test_websocket_frames_are_rfc6455_text_frames(self):
+        factory = WebSocketServerFactory()
+        protocol = SocketProtocol()
+        protocol.factory = factory
+        for size, header in [(5, b"\x81\x05"), (126, b"\x81\x7e\x00\x7e"), (70000, b"\x81\x7f" + (70000).to_bytes(8, "big"))]:
+            frame = protocol._frame("x" * size)
+            self.assertEqual(frame, header + b"x" * size)

@@ -48,6 +48,7 @@ class IRCConfig:
     ping_interval: float = 45.0
     ping_timeout: float = 180.0
     queue_size: int = 1000  # lines waiting for one slow client
+    flush_interval: float = 0.1  # seconds a line may wait to be coalesced (0: write each batch at once)
 
 
 FIELDS: dict[str, Callable] = {
@@ -60,6 +61,7 @@ FIELDS: dict[str, Callable] = {
     "ping_interval": _number,
     "ping_timeout": _number,
     "queue_size": _positive_count,
+    "flush_interval": _number,
 }
 
 
@@ -82,5 +84,7 @@ def irc_config(config: Config) -> Optional[IRCConfig]:
         raise ConfigError(config.path, "irc", "ping_interval", "must be above 0 seconds")
     if result.ping_timeout <= 0:
         raise ConfigError(config.path, "irc", "ping_timeout", "must be above 0 seconds")
+    if result.flush_interval > 1:
+        raise ConfigError(config.path, "irc", "flush_interval", "must be at most 1 second")
     return IRCConfig(**{**kwargs, "stream": stream.name})
 

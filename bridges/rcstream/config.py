@@ -28,6 +28,7 @@ class RCStreamConfig:
     max_post: int = 64 * 1024  # bytes of one polling POST body
     max_sessions: int = 0  # 0: no limit
     listen: Optional[str] = None  # None: mounted on the [eventstreams] listener
+    flush_interval: float = 0.1  # seconds a change may wait to be coalesced (0: each hub batch at once)
 
 
 def _seconds(text: str) -> float:
@@ -47,6 +48,7 @@ FIELDS: dict[str, Callable] = {
     "max_post": _size,
     "max_sessions": _count,
     "listen": _optional_endpoint,
+    "flush_interval": _duration,
 }
 
 
@@ -60,6 +62,8 @@ def parse(config: Config) -> Optional[RCStreamConfig]:
     stream = find_stream(config.streams, result.stream)
     if stream is None:
         raise ConfigError(config.path, "rcstream", "stream", f"no stream named {result.stream!r}")
+    if result.flush_interval > 1:
+        raise ConfigError(config.path, "rcstream", "flush_interval", "must be at most 1 second")
     if result.heartbeat >= result.session_timeout:
         raise ConfigError(config.path, "rcstream", "heartbeat", "must be shorter than session_timeout")
     if result.listen is None and config.service.workers > 1:

