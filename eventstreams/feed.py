@@ -23,13 +23,9 @@ log = Logger()
 
 class StreamFeed(Service):
     """Calls on_event(event, entry) for every event of a stream, from now on;
-    or on_batch([(event, entry), …]) once per hub batch, so that a bridge can
-    format each event once and write once per client per batch.
-
-    When on_batch is not given and on_event is a bound method whose object
-    has an `on_batch` method, that one is used (the bridges' servers have
-    both, and callers that pass `server.on_event` get batches for free).
-    """
+    or, when given, on_batch([(event, entry), …]) once per hub batch instead,
+    so that a bridge can format each event once and write once per client
+    per batch."""
 
     def __init__(
         self,
@@ -45,10 +41,6 @@ class StreamFeed(Service):
         self.hubs = hubs
         self.stream = stream
         self.on_event = on_event
-        if on_batch is None:
-            on_batch = getattr(getattr(on_event, "__self__", None), "on_batch", None)
-            if not callable(on_batch):
-                on_batch = None
         self.on_batch = on_batch
         self.clock = clock
         self.retry = retry

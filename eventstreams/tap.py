@@ -163,7 +163,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         irc = IRCServer(irc_config, reactor)
         listeners["irc"] = listener(reactor, irc_config.listen, irc.factory)
         bridges.append(irc)  # the keepalive timer; closes the clients on stop
-        bridges.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_event, reactor))
+        bridges.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_event, reactor,
+                                  on_batch=irc.on_batch))
         metric_sources.append(irc.samples)
 
     rcstream = rcstream_config.parse(config)  # None: no [rcstream] section, the bridge is off
@@ -175,7 +176,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             site = listeners["api"].factory  # type: ignore[attr-defined]
             site.resource = rcstream_web.mount(site.resource, bridge, reactor)  # /socket.io/, /rcstream_status
         bridges.append(bridge)  # the heartbeat timer; closes the sessions on stop
-        bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor))
+        bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor,
+                                  on_batch=bridge.on_batch))
         metric_sources.append(bridge.samples)
         top.rcstream = bridge  # type: ignore[attr-defined]  # for tests
 

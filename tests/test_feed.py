@@ -72,8 +72,7 @@ class Batches(StreamTestCase):
     async def test_a_burst_reaches_on_batch_in_fewer_calls_in_order(self):
         d = await self.daemon()
         bridge = Bridge()
-        feed = await self.feed(d, on_event=bridge.on_event)  # on_batch found on the bound method's object
-        self.assertEqual(feed.on_batch, bridge.on_batch)
+        await self.feed(d, on_event=bridge.on_event, on_batch=bridge.on_batch)
         await d.append(d.rc[0], [rc_event(n) for n in range(50)])
         await sleep(0.3)
         self.assertEqual(bridge.events, [])
