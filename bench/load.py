@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 SOURCE_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 12)]
+MARKER = b"event: message"
 STALLED_DRAIN = 10.0  # S6: seconds the stalled clients read at the end
 
 
@@ -49,6 +50,7 @@ class SSEClient(asyncio.Protocol):
         self.headers = headers
         self.read = read
         self.buffer = b""
+        self.tail = b""
         self.head_done = False
         self.offsets: dict = {} if offsets is None else offsets  # shared across reconnections (S5)
         self.track_ids = track_ids
@@ -83,7 +85,10 @@ class SSEClient(asyncio.Protocol):
                 return
         if self.track_ids:
             self._track_id(data)
-        count = data.count(b"event: message")
+        # Reads may cut a frame anywhere: count over the previous read's last
+        # bytes too (too short to hold a whole marker, so none counts twice).
+        count = (self.tail + data).count(MARKER)
+        self.tail = data[-(len(MARKER) - 1):]
         if count:
             self.result.frames += count
             if not self.got_first:
