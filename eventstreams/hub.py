@@ -6,11 +6,13 @@ by the sinks) and pushes them to its live subscribers, grouped by filter so
 a filter is evaluated once per entry and group. Records that arrive while a
 fan-out pass runs wait for the next pass and go out together, one write per
 client: under load a pass carries several events, so the cost per delivery
-falls as the rate rises, and the added latency is at most one pass. A subscriber that
-starts behind the ring, or whose sink pushes back, is a catch-up cursor: it
-reads at its own pace (from the ring, else from the log) and joins the live
-set again when it reaches the head. Nothing is lost and a slow client holds
-no more than its transport buffer.
+falls as the rate rises, and the added latency is at most one pass.
+
+A subscriber that starts behind the ring, or whose sink pushes back, is a
+catch-up cursor: it reads at its own pace (from the ring, else from the
+log), in batches too, and joins the live set again when it reaches the head.
+Nothing is lost and a slow client holds no more than its transport buffer
+and one batch.
 """
 from __future__ import annotations
 
