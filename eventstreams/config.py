@@ -55,6 +55,7 @@ class ServiceConfig:
     max_lifetime: float = 0.0
     ring_size: int = 10000
     hub_linger: float = 10.0
+    fan_out_interval: float = 0.0
     backend_timeout: float = 10.0
     catchup_consumers: int = 8
     cors_origin: str = "*"
@@ -128,6 +129,14 @@ def _number(text: str) -> float:
         raise ValueError(f"expected a number, got {text!r}") from None
     if value != value or value < 0 or value == float("inf"):
         raise ValueError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _interval(text: str) -> float:
+    """Seconds from 0 to 1: a wait added to deliveries, never a long one."""
+    value = _number(text)
+    if value > 1:
+        raise ValueError(f"expected at most 1 (second), got {text!r}")
     return value
 
 
@@ -303,6 +312,7 @@ def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, .
             "max_lifetime": _number,
             "ring_size": _positive_count,
             "hub_linger": _number,
+            "fan_out_interval": _interval,
             "backend_timeout": _number,
             "catchup_consumers": _positive_count,
             "cors_origin": _text,

@@ -367,8 +367,12 @@ class Hub:
         tps: Sequence[TopicPartition],
         ring_size: int,
         clock: IReactorTime,
+        max_gap: float = 0.0,
     ):
         self.backend = backend
+        self.max_gap = max_gap  # longest wait of a record for the next pass (0: no pacing)
+        self._pass_started = float("-inf")
+        self._pass_seconds = 0.0
         self.tps = tuple(tps)
         self.index = {tp: i for i, tp in enumerate(self.tps)}
         self.ring_size = ring_size
@@ -508,12 +512,18 @@ class Hub:
         """Queue records for the next fan-out pass (see the module docstring)."""
         self._incoming.extend(records)
         if self._fan_out_call is None:
-            self._fan_out_call = self.clock.callLater(0, self._fan_out)
+            # Pacing: a pass starts no sooner than twice the last one's length
+            # after it (at most max_gap): when passes grow long, fan-out keeps
+            # no more than about half the core and each write carries more
+            # events, while accepts, resumes and the intake get the rest.
+            wait = self._pass_started + min(self.max_gap, 2 * self._pass_seconds) - self.clock.seconds()
+            self._fan_out_call = self.clock.callLater(max(0.0, wait), self._fan_out)
 
     def _fan_out(self) -> None:
         """Put the queued records in the ring and send them to the live
         clients, a batch at a time."""
         self._fan_out_call = None
+        self._pass_started = started = self.clock.seconds()
         records, self._incoming = self._incoming, []
         index = self.index
         batch: list[Entry] = []
@@ -545,6 +555,7 @@ class Hub:
                 batch, size = [], 0
         if batch:
             self._send_live(batch)
+        self._pass_seconds = self.clock.seconds() - started
 
     def _send_live(self, entries: list[Entry]) -> None:
         last = entries[-1]
@@ -573,8 +584,10 @@ class Hub:
 class Hubs:
     """Finds or starts the hub for a set of partitions; stops idle ones."""
 
-    def __init__(self, backend: Backend, ring_size: int, linger: float, clock: IReactorTime):
+    def __init__(self, backend: Backend, ring_size: int, linger: float, clock: IReactorTime,
+                 max_gap: float = 0.0):
         self.backend = backend
+        self.max_gap = max_gap
         self.ring_size = ring_size
         self.linger = linger
         self.clock = clock
@@ -594,7 +607,7 @@ class Hubs:
             self._starting[key].append(waiting)
             return waiting
         self._starting[key] = [waiting]
-        hub = Hub(self.backend, tps, self.ring_size, self.clock)
+        hub = Hub(self.backend, tps, self.ring_size, self.clock, self.max_gap)
         hub.on_empty = self._check_idle
 
         def done(result: Any) -> None:

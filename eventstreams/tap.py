@@ -128,7 +128,7 @@ class Core:
         service = config.service
         self.backend = make_backend(config, reactor, writer)
         self.connections = Connections(reactor, service.heartbeat)
-        self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor)
+        self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor, service.fan_out_interval)
         limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
                              table, index)
         self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)

@@ -208,6 +208,16 @@ class ConfigErrors(ConfigTestCase):
             "[eventstreams]\nring_size = 0\n" + MINIMAL, "eventstreams", "ring_size", "expected an integer >= 1, got '0'"
         )
 
+    def test_fan_out_interval_is_at_most_a_second(self):
+        self.assertConfigError(
+            "[eventstreams]\nfan_out_interval = 2\n" + MINIMAL,
+            "eventstreams", "fan_out_interval", "expected at most 1 (second), got '2'",
+        )
+        self.assertConfigError(
+            "[eventstreams]\nfan_out_interval = -0.1\n" + MINIMAL,
+            "eventstreams", "fan_out_interval", "expected a non-negative number, got '-0.1'",
+        )
+
     def test_bad_boolean(self):
         self.assertConfigError(
             "[eventstreams]\nid_updates = maybe\n" + MINIMAL,
