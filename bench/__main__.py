@@ -97,7 +97,7 @@ class Server:
     """The daemon under test, pinned to core 0 (with --workers, the process
     tree may use every core); CPU and RSS are summed over the tree."""
 
-    def __init__(self, ip_limit: int = 0, workers: int = 1, kafka: str = "") -> None:
+    def __init__(self, ip_limit: int = 0, workers: int = 1, kafka: str = "", sets: tuple = ()) -> None:
         self.dir = tempfile.mkdtemp(prefix="es-bench-")
         self.port, self.intake, self.metrics = free_port(), free_port(), free_port()
         path = os.path.join(self.dir, "streams.ini")
@@ -110,7 +110,7 @@ class Server:
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.proc = subprocess.Popen(
             ["taskset", "-c", "0" if workers == 1 else f"0-{os.cpu_count() - 1}", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
-             "eventstreams", "-c", path],
+             "eventstreams", "-c", path] + [arg for item in sets for arg in ("--set", item)],
             cwd=ROOT,
         )
         for _ in range(100):
@@ -242,7 +242,7 @@ def report(name: str, value: object, unit: str = "") -> None:
 
 def run_scenario(args: argparse.Namespace) -> None:
     ip_limit = args.ip_limit if args.scenario == "iplimit" else 0
-    server = Server(ip_limit, args.workers, args.kafka)
+    server = Server(ip_limit, args.workers, args.kafka, tuple(args.set))
     try:
         rss0, cpu0 = server.rss_kib(), server.cpu()
         processes = max(1, min(4, (args.clients + 4999) // 5000))
@@ -330,6 +330,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes ([eventstreams] workers)")
     parser.add_argument("--kafka", default="", metavar="BOOTSTRAP",
                         help="serve from this Kafka broker (host:port; scripts/kafka start) instead of the embedded log")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a configuration override for the server (repeatable), e.g. eventstreams.fan_out_interval=0.1")
     parser.add_argument("--rate", type=float, default=0, help="events per second (default: the scenario's)")
     parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
     args = parser.parse_args()
