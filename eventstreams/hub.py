@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
+from .pacing import Pacer
 from .positions import encode_id
 
 log = Logger()
@@ -370,9 +371,6 @@ class Hub:
         max_gap: float = 0.0,
     ):
         self.backend = backend
-        self.max_gap = max_gap  # longest wait of a record for the next pass (0: no pacing)
-        self._pass_started = float("-inf")
-        self._pass_seconds = 0.0
         self.tps = tuple(tps)
         self.index = {tp: i for i, tp in enumerate(self.tps)}
         self.ring_size = ring_size
@@ -388,7 +386,8 @@ class Hub:
         self.skipped_records = 0
         self._tail: Any = None
         self._incoming: list[Record] = []  # from the reader, not yet in the ring
-        self._fan_out_call: Any = None
+        # max_gap 0: each pass on the turn after records arrive
+        self._pacer = Pacer(clock, max_gap, self._fan_out, defer=True)
         self.on_empty: Optional[Callable[["Hub"], None]] = None
 
     def start(self) -> Deferred[None]:
@@ -410,9 +409,7 @@ class Hub:
         if self._tail is not None:
             self._tail.stop()
             self._tail = None
-        if self._fan_out_call is not None and self._fan_out_call.active():
-            self._fan_out_call.cancel()
-        self._fan_out_call = None
+        self._pacer.cancel()
         self._incoming = []
         for sub in list(self.subscriptions):
             sub.cancel()
@@ -511,19 +508,11 @@ class Hub:
     def _on_records(self, records: list[Record]) -> None:
         """Queue records for the next fan-out pass (see the module docstring)."""
         self._incoming.extend(records)
-        if self._fan_out_call is None:
-            # Pacing: a pass starts no sooner than twice the last one's length
-            # after it (at most max_gap): when passes grow long, fan-out keeps
-            # no more than about half the core and each write carries more
-            # events, while accepts, resumes and the intake get the rest.
-            wait = self._pass_started + min(self.max_gap, 2 * self._pass_seconds) - self.clock.seconds()
-            self._fan_out_call = self.clock.callLater(max(0.0, wait), self._fan_out)
+        self._pacer.request()
 
     def _fan_out(self) -> None:
         """Put the queued records in the ring and send them to the live
         clients, a batch at a time."""
-        self._fan_out_call = None
-        self._pass_started = started = self.clock.seconds()
         records, self._incoming = self._incoming, []
         index = self.index
         batch: list[Entry] = []
@@ -555,7 +544,6 @@ class Hub:
                 batch, size = [], 0
         if batch:
             self._send_live(batch)
-        self._pass_seconds = self.clock.seconds() - started
 
     def _send_live(self, entries: list[Entry]) -> None:
         last = entries[-1]

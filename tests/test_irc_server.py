@@ -1,6 +1,8 @@
 """The IRC server without sockets: in-memory transports, a fake clock."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 from twisted.internet.address import IPv4Address
@@ -474,8 +476,27 @@ class Batches(ServerTestCase):
         self.assertEqual([line.split("\x0307")[1].split("\x03")[0] for line in slow.lines()], ["T0", "T1", "T2"])
         self.assertEqual(self.server.counters.lines_sent, 5 + 3)
 
+    def test_an_event_that_cannot_be_formatted_costs_its_own_line_only(self):
+        self.server.broadcast("#de.wikipedia", "creates the channel")
+        client, transport = self.recorded("#de.wikipedia")
+
+        class Weird(dict):
+            def get(self, *args):
+                raise ValueError("bad event")
+
+        self.server.on_batch([(edit(1), None), (Weird(type="edit"), None), (edit(2), None)])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(len(transport.writes), 1)
+        self.assertEqual(len(client.lines()), 2)
+
+
+class PacedBatches(ServerTestCase):
+    """flush_interval > 0: flushes spaced by eventstreams.pacing."""
+
+    config = dataclasses.replace(ServerTestCase.config, flush_interval=0.1)
+    recorded = Batches.recorded
+
     def test_flushes_are_spaced_by_twice_their_duration_up_to_flush_interval(self):
-        self.server.config = IRCConfig(flush_interval=0.1)
         self.server.broadcast("#de.wikipedia", "creates the channel")
         client, transport = self.recorded("#de.wikipedia", "#en.wikipedia")
         self.clock.advance(1)
@@ -507,16 +528,3 @@ class Batches(ServerTestCase):
         self.server.stopService()  # a pending flush is dropped with the clients
         self.clock.advance(1)
         self.assertNotIn("T8", transport.value().decode())
-
-    def test_an_event_that_cannot_be_formatted_costs_its_own_line_only(self):
-        self.server.broadcast("#de.wikipedia", "creates the channel")
-        client, transport = self.recorded("#de.wikipedia")
-
-        class Weird(dict):
-            def get(self, *args):
-                raise ValueError("bad event")
-
-        self.server.on_batch([(edit(1), None), (Weird(type="edit"), None), (edit(2), None)])
-        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
-        self.assertEqual(len(transport.writes), 1)
-        self.assertEqual(len(client.lines()), 2)

@@ -331,8 +331,27 @@ class Batches(unittest.TestCase):
         self.assertTrue(slow.closed)
         self.assertEqual(self.bridge.counters["slow"], 1)
 
+    def test_websocket_frames_are_rfc6455_text_frames(self):
+        factory = WebSocketServerFactory()
+        protocol = SocketProtocol()
+        protocol.factory = factory
+        for size, header in [(5, b"\x81\x05"), (126, b"\x81\x7e\x00\x7e"), (70000, b"\x81\x7f" + (70000).to_bytes(8, "big"))]:
+            frame = protocol._frame("x" * size)
+            self.assertEqual(frame, header + b"x" * size)
+
+
+class PacedBatches(unittest.TestCase):
+    """flush_interval > 0: flushes spaced by eventstreams.pacing."""
+
+    open = Batches.open
+
+    def setUp(self):
+        self.clock = Clock()
+        self.bridge = Bridge(RCStreamConfig(max_queue=5, flush_interval=0.1), self.clock)
+        self.bridge.startService()
+        self.addCleanup(self.bridge.stopService)
+
     def test_flushes_are_spaced_by_twice_their_duration_up_to_flush_interval(self):
-        self.bridge.config = RCStreamConfig(max_queue=5, flush_interval=0.1)
         session, t = self.open(["*"])
         self.clock.advance(1)
         self.bridge.on_batch([(rc_event(0), None)])  # quick flushes: each batch at once
@@ -363,11 +382,3 @@ class Batches(unittest.TestCase):
         self.bridge.stopService()  # a pending flush is dropped with the sessions
         self.clock.advance(1)
         self.assertEqual(len(t.packets), 9)
-
-    def test_websocket_frames_are_rfc6455_text_frames(self):
-        factory = WebSocketServerFactory()
-        protocol = SocketProtocol()
-        protocol.factory = factory
-        for size, header in [(5, b"\x81\x05"), (126, b"\x81\x7e\x00\x7e"), (70000, b"\x81\x7f" + (70000).to_bytes(8, "big"))]:
-            frame = protocol._frame("x" * size)
-            self.assertEqual(frame, header + b"x" * size)

@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from eventstreams import __version__
 from eventstreams.fastwrite import writer_for
+from eventstreams.pacing import Pacer
 
 from .config import IRCConfig
 from .message import Message
@@ -116,9 +117,7 @@ class IRCServer(Service):
         self._keepalive = LoopingCall(self.keepalive)
         self._keepalive.clock = clock
         self._pending: dict[Channel, list[bytes]] = {}  # lines waiting for the next flush
-        self._flush_call: Any = None
-        self._last_flush = float("-inf")  # when the last flush started
-        self._last_pass = 0.0  # how long it took
+        self._pacer = Pacer(clock, config.flush_interval, self._flush_pending)
 
     def startService(self) -> None:
         super().startService()
@@ -128,9 +127,7 @@ class IRCServer(Service):
         super().stopService()
         if self._keepalive.running:
             self._keepalive.stop()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        self._pacer.cancel()
         self._pending.clear()
         closing = [client.closed for client in self.clients]
         for client in list(self.clients):
@@ -159,25 +156,17 @@ class IRCServer(Service):
                 channel, data = self._line(*formatted)
                 if channel.members:
                     lines.setdefault(channel, []).append(data)
-        if not lines or self._flush_call is not None:
-            return
-        gap = min(self.config.flush_interval, 2 * self._last_pass)
-        wait = self._last_flush + gap - self.clock.seconds()
-        if wait > 0:
-            self._flush_call = self.clock.callLater(wait, self.flush)
-        else:
-            self.flush()
+        if lines:
+            self._pacer.request()
 
     def flush(self) -> None:
-        """Write the pending lines: per channel, one write per member."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        self._last_flush = self.clock.seconds()
+        """Write the pending lines now: per channel, one write per member."""
+        self._pacer.run()
+
+    def _flush_pending(self) -> None:
         pending, self._pending = self._pending, {}
         for channel, lines in pending.items():
             self._send(channel, lines)
-        self._last_pass = self.clock.seconds() - self._last_flush
 
     def broadcast(self, name: str, text: str) -> None:
         """One line now (after any pending ones, in order)."""

@@ -34,6 +34,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from eventstreams.pacing import Pacer
+
 from . import packets as P
 from .config import RCStreamConfig
 
@@ -350,9 +352,7 @@ class Bridge(Service):
         self.counters = {"sessions": 0, "changes": 0, "slow": 0}
         self._loop: Optional[LoopingCall] = None
         self._pending: list[tuple[str, dict]] = []  # (server name, event) of the changes to flush
-        self._flush_call: Any = None
-        self._last_flush = float("-inf")  # when the last flush started
-        self._last_pass = 0.0  # how long it took
+        self._pacer = Pacer(clock, config.flush_interval, self._flush_pending)
 
     def startService(self) -> None:
         super().startService()
@@ -364,9 +364,7 @@ class Bridge(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        self._pacer.cancel()
         self._pending = []
         for session in list(self.sessions.values()):
             session.close()
@@ -402,22 +400,16 @@ class Bridge(Service):
             if not isinstance(server_name, str):
                 server_name = meta.get("domain") if isinstance(meta.get("domain"), str) else ""
             changes.append((server_name, event))
-        if not changes or self._flush_call is not None:
-            return
-        gap = min(self.config.flush_interval, 2 * self._last_pass)
-        wait = self._last_flush + gap - self.clock.seconds()
-        if wait > 0:
-            self._flush_call = self.clock.callLater(wait, self.flush)
-        else:
-            self.flush()
+        if changes:
+            self._pacer.request()
 
     def flush(self) -> None:
+        """Send the pending changes now."""
+        self._pacer.run()
+
+    def _flush_pending(self) -> None:
         """Each pending change encoded once per protocol; sessions with the
         same protocol and subscriptions get the same Outgoing."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        self._last_flush = self.clock.seconds()
         changes, self._pending = self._pending, []
         if not changes:
             return
@@ -434,7 +426,6 @@ class Bridge(Service):
             if out is not None:
                 session.send_shared(out)
                 self.counters["changes"] += len(out.packets)
-        self._last_pass = self.clock.seconds() - self._last_flush
 
     def status(self) -> dict:
         return {
