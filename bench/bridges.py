@@ -509,18 +509,7 @@ def run(args) -> None:
         results = [result_queue.get(timeout=120) for _ in procs]
         for p in procs:
             p.join()
-        r = Result()
-        for x in results:
-            r.connected += x.connected
-            r.failed += x.failed
-            r.lines += x.lines
-            r.counts += x.counts
-            r.latencies += x.latencies
-            r.sampled += x.sampled
-            r.missing += x.missing
-            r.duplicates += x.duplicates
-            r.pings += x.pings
-            r.errors += x.errors
+        r = load.merge(results)
         unit = "lines" if kind == "irc" else "events"
         complete = sum(1 for c in r.counts if c == published)
         report("clients ready (joined / subscribed) / failed", f"{r.connected} / {r.failed}")

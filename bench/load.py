@@ -9,13 +9,14 @@ from the `bench_ts` the publisher puts in each event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 SOURCE_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 12)]
 MARKER = b"event: message"
@@ -285,24 +286,23 @@ def run(host: str, port: int, path: str, total: int, processes: int, sample_ever
     results = [queue.get() for _ in procs]
     for p in procs:
         p.join()
-    merged = WorkerResult()
-    for r in results:
-        merged.connected += r.connected
-        merged.failed += r.failed
-        merged.frames += r.frames
-        merged.gaps += r.gaps
-        merged.duplicates += r.duplicates
-        merged.latencies += r.latencies
-        merged.first_byte += r.first_byte
-        merged.resumed += r.resumed
-        merged.resume_seconds += r.resume_seconds
-        merged.stalled += r.stalled
-        merged.stalled_frames += r.stalled_frames
-        merged.stalled_gaps += r.stalled_gaps
-        merged.stalled_duplicates += r.stalled_duplicates
-        merged.connect_seconds = max(merged.connect_seconds, r.connect_seconds)
-        for k, v in r.statuses.items():
-            merged.statuses[k] = merged.statuses.get(k, 0) + v
+    return merge(results)
+
+
+def merge(results: list) -> Any:
+    """The load generator processes' results (dataclasses of one type) as
+    one: counts add, lists join, status tallies add, durations take the max."""
+    merged = type(results[0])()
+    for result in results:
+        for f in dataclasses.fields(merged):
+            mine, theirs = getattr(merged, f.name), getattr(result, f.name)
+            if isinstance(mine, dict):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0) + v
+            elif isinstance(mine, float):
+                setattr(merged, f.name, max(mine, theirs))
+            else:
+                setattr(merged, f.name, mine + theirs)
     return merged
 
 

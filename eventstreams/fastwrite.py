@@ -41,3 +41,14 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
         buffered(data)
 
     return write
+
+
+def no_delay(transport: Any) -> None:
+    """TCP_NODELAY: our writes are already coalesced, and Nagle would hold one
+    back until the client's (delayed, up to 40 ms or more) ACK of the last."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass

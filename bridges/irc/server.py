@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from eventstreams import __version__
-from eventstreams.fastwrite import writer_for
+from eventstreams.fastwrite import no_delay, writer_for
 from eventstreams.pacing import Pacer
 
 from .config import IRCConfig
@@ -59,17 +59,6 @@ ISUPPORT = (
 PRE_REGISTRATION = {"CAP", "PASS", "USER", "NICK", "QUIT", "PING", "PONG"}
 _NICK = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,%d}" % (NICKLEN - 1))
 _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ[]\\~", "abcdefghijklmnopqrstuvwxyz{}|^")
-
-
-def no_delay(transport: Any) -> None:
-    """TCP_NODELAY: our writes are already coalesced, and Nagle would hold one
-    back until the client's (delayed, up to 40 ms or more) ACK of the last."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass
 
 
 def irc_lower(name: str) -> str:

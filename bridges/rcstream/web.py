@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from eventstreams.fastwrite import writer_for
+from eventstreams.fastwrite import no_delay, writer_for
 
 from . import packets as P
 from .sessions import Bridge, EioSession, Outgoing, Session, Sio09Session
@@ -25,17 +25,6 @@ log = Logger()
 
 TRANSPORTS_09 = "websocket,xhr-polling,jsonp-polling"
 NOT_HANDSHAKEN = P.error_packet("", P.REASON_CLIENT_NOT_HANDSHAKEN, P.ADVICE_RECONNECT)
-
-
-def no_delay(transport: Any) -> None:
-    """TCP_NODELAY: our writes are already coalesced, and Nagle would hold one
-    back until the client's (delayed, up to 40 ms or more) ACK of the last."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass
 
 
 def arg(request: Any, name: str) -> Optional[str]:
