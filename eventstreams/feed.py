@@ -81,19 +81,15 @@ class StreamFeed(Service):
 
     # -- the Sink interface of eventstreams.hub ----------------------------------
 
-    def send(self, entry: Entry, matched: bool) -> None:
-        if matched and entry.event is not None:
-            try:
-                self.on_event(entry.event, entry)
-            except Exception:
-                log.failure("{stream}: a bridge failed on an event", stream=self.stream.name)
-
     def send_batch(self, batch: Batch) -> None:
-        if self.on_batch is None:
-            for entry in batch.matched:
-                self.send(entry, True)
-            return
         events = [(entry.event, entry) for entry in batch.matched if entry.event is not None]
+        if self.on_batch is None:
+            for event, entry in events:  # a failing event costs only itself
+                try:
+                    self.on_event(event, entry)
+                except Exception:
+                    log.failure("{stream}: a bridge failed on an event", stream=self.stream.name)
+            return
         if not events:
             return
         try:

@@ -114,6 +114,13 @@ class Sink(Protocol):
         """The subscription cannot go on; end the client with this reason."""
 
 
+def matching(entries: list[Entry], flt: Optional[Filter]) -> list[Entry]:
+    """The entries a client with this filter gets (the others only move its id)."""
+    if flt is None:
+        return [e for e in entries if e.event is not None]
+    return [e for e in entries if e.event is not None and flt.matches(e.event)]
+
+
 def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
     """The event of a record with meta.topic/partition/offset (and key) set,
     and its compact JSON; (None, None) when the value is not a JSON object."""
@@ -287,9 +294,7 @@ class Subscription:
 
     def _send_batch(self, entries: list[Entry]) -> None:
         """Write entries read at this cursor's own pace, as one write."""
-        flt = self.filter
-        matched = [e for e in entries if e.event is not None and (flt is None or flt.matches(e.event))]
-        self.sink.send_batch(Batch(matched, entries[-1]))
+        self.sink.send_batch(Batch(matching(entries, self.filter), entries[-1]))
 
     def _read(self) -> None:
         hub = self.hub
@@ -548,11 +553,7 @@ class Hub:
     def _send_live(self, entries: list[Entry]) -> None:
         last = entries[-1]
         for flt, subs in list(self.groups.values()):
-            if flt is None:
-                matched = [e for e in entries if e.event is not None]
-            else:
-                matched = [e for e in entries if e.event is not None and flt.matches(e.event)]
-            batch = Batch(matched, last)
+            batch = Batch(matching(entries, flt), last)
             for sub in list(subs):  # the fan-out itself: keep it lean
                 if not sub.closed:
                     sub.last = last

@@ -51,17 +51,17 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
+FRAME_KEYS = {(ndjson, chunked): ("ndjson" if ndjson else "sse") + ("-chunk" if chunked else "")
+              for ndjson in (False, True) for chunked in (False, True)}
+
+
 def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
     """An event as a ready HTTP chunk, built once per entry and shared."""
-    key = "ndjson-chunk" if ndjson else "sse-chunk"
+    key = FRAME_KEYS[ndjson, True]
     frame = entry.frames.get(key)
     if frame is None:
         frame = entry.frames[key] = chunk(ndjson_line(entry) if ndjson else event_frame(entry))
     return frame
-
-
-FRAME_KEYS = {(ndjson, chunked): ("ndjson" if ndjson else "sse") + ("-chunk" if chunked else "")
-              for ndjson in (False, True) for chunked in (False, True)}
 
 
 def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:

@@ -18,7 +18,7 @@ from .config import Config
 from .errors import ApiError, bad_last_event_id, not_found, unavailable
 from .filters import FilterError, parse_filters
 from .hub import Hubs
-from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits, LocalLimits
+from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits
 from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
 from .spec import openapi_spec
 from .sse import Connections, ResponseSink
@@ -105,7 +105,7 @@ class Api:
         hubs: Hubs,
         connections: Connections,
         clock: IReactorTime,
-        limits: Optional[Limits] = None,
+        limits: Limits,
     ):
         self.config = config
         self.service = config.service
@@ -113,8 +113,7 @@ class Api:
         self.hubs = hubs
         self.connections = connections
         self.clock = clock
-        self.limits = limits or LocalLimits(
-            connections, config.service.max_connections, config.service.client_ip_connection_limit)
+        self.limits = limits
         self.spec = json.dumps(openapi_spec(config), separators=(",", ":")).encode()
         self.ui_files = load_ui_files()  # read once: no file I/O on the reactor thread
         self.stream_list = json.dumps(
