@@ -159,17 +159,17 @@ class Registration(ServerTestCase):
         client = self.client(register=False)
         client.send("CAP LS 302", "PING x", "JOIN #en.wikipedia", "USER a b c")
         self.assertEqual(client.lines(), [
-            ":irc.wikimedia.org PONG irc.wikimedia.org :x",
+            ":irc.wikimedia.org PONG irc.wikimedia.org x",
             ":irc.wikimedia.org 451 * :You have not registered",
             ":irc.wikimedia.org 461 * USER :Not enough parameters",
         ])
 
     def test_bad_nicks_and_reregistration(self):
         client = self.client(register=False)
-        client.send("NICK", "NICK 1abc", "NICK rc-pmtpa", "NICK " + "a" * 31)
+        client.send("NICK", "NICK a|b", "NICK rc-pmtpa", "NICK " + "a" * 31)
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 431 * :No nickname given",
-            ":irc.wikimedia.org 432 * 1abc :Erroneous nickname",
+            ":irc.wikimedia.org 432 * a|b :Erroneous nickname",
             ":irc.wikimedia.org 433 * rc-pmtpa :Nickname is already in use",
             ":irc.wikimedia.org 432 * " + "a" * 31 + " :Erroneous nickname",
         ])
@@ -177,7 +177,7 @@ class Registration(ServerTestCase):
         client.send("USER x 0 * :x", "NICK bob")
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 462 alice :You may not reregister",
-            ":alice!al@10.0.0.7 NICK :bob",
+            ":alice!al@irc.wikimedia.org NICK bob",
         ])
 
     def test_unknown_command(self):
@@ -191,7 +191,7 @@ class Registration(ServerTestCase):
     def test_quit_sends_error_and_closes(self):
         client = self.client()
         client.send("QUIT :see you")
-        self.assertEqual(client.lines(), ["ERROR :Closing Link: 10.0.0.7 (see you)"])
+        self.assertEqual(client.lines(), ["ERROR :Closing Link: (Quit: see you)"])
         self.assertTrue(client.transport.disconnecting)
         client.send("PING x")
         self.assertEqual(client.lines(), [])
@@ -202,11 +202,11 @@ class Channels(ServerTestCase):
         client = self.client()
         client.send("JOIN #EN.wikipedia,#nope")
         self.assertEqual(client.lines(), [
-            ":alice!al@10.0.0.7 JOIN #en.wikipedia",
-            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic en.wikipedia",
-            ":irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa 1700000000",
+            ":alice!al@irc.wikimedia.org JOIN #en.wikipedia",
+            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic #en.wikipedia",
+            ":irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa!rc-pmtpa@irc.wikimedia.org 1700000000",
             ":irc.wikimedia.org 353 alice = #en.wikipedia :alice @rc-pmtpa",
-            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list.",
+            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list",
             ":irc.wikimedia.org 403 alice #nope :No such channel",
         ])
         client.send("JOIN #en.wikipedia")  # already there: nothing
@@ -240,9 +240,9 @@ class Channels(ServerTestCase):
         client.lines()
         client.send("PART #en.wikipedia :bye", "PART #en.wikipedia", "PART #nope")
         self.assertEqual(client.lines(), [
-            ":alice!al@10.0.0.7 PART #en.wikipedia :bye",
+            ":alice!al@irc.wikimedia.org PART #en.wikipedia",
             ":irc.wikimedia.org 442 alice #en.wikipedia :You're not on that channel",
-            ":irc.wikimedia.org 403 alice #nope :No such channel",
+            ":irc.wikimedia.org 442 alice #nope :You're not on that channel",
         ])
         self.server.broadcast("#en.wikipedia", "after part")
         self.assertEqual(client.lines(), [])
@@ -250,39 +250,47 @@ class Channels(ServerTestCase):
     def test_list_names_topic_mode(self):
         self.server.broadcast("#de.wikipedia", "x")
         client = self.client()
+        client.send("JOIN #de.wikipedia")
+        client.lines()
         client.send("LIST", "NAMES #de.wikipedia", "NAMES", "TOPIC #de.wikipedia", "TOPIC #de.wikipedia :mine",
+                    "TOPIC #en.wikipedia",
                     "MODE #de.wikipedia", "MODE #de.wikipedia b", "MODE #de.wikipedia +o alice", "MODE alice",
-                    "MODE alice +i", "MODE alice +o", "MODE rc-pmtpa")
+                    "MODE alice +i", "MODE alice +o", "MODE rc-pmtpa", "MODE bob", "MODE #nope")
         self.assertEqual(client.lines(), [
-            ":irc.wikimedia.org 321 alice Channel :Users  Name",
-            ":irc.wikimedia.org 322 alice #de.wikipedia 1 :Stream for topic de.wikipedia",
-            ":irc.wikimedia.org 322 alice #en.wikipedia 1 :Stream for topic en.wikipedia",
+            ":irc.wikimedia.org 322 alice #de.wikipedia 2 :Stream for topic #de.wikipedia",
+            ":irc.wikimedia.org 322 alice #en.wikipedia 1 :Stream for topic #en.wikipedia",
             ":irc.wikimedia.org 323 alice :End of /LIST",
-            ":irc.wikimedia.org 353 alice = #de.wikipedia :@rc-pmtpa",
-            ":irc.wikimedia.org 366 alice #de.wikipedia :End of /NAMES list.",
-            ":irc.wikimedia.org 366 alice * :End of /NAMES list.",
-            ":irc.wikimedia.org 332 alice #de.wikipedia :Stream for topic de.wikipedia",
-            ":irc.wikimedia.org 333 alice #de.wikipedia rc-pmtpa 1700000000",
-            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not channel operator",
+            ":irc.wikimedia.org 353 alice = #de.wikipedia :alice @rc-pmtpa",
+            ":irc.wikimedia.org 366 alice #de.wikipedia :End of /NAMES list",
+            ":irc.wikimedia.org 366 alice * :End of /NAMES list",
+            ":irc.wikimedia.org 332 alice #de.wikipedia :Stream for topic #de.wikipedia",
+            ":irc.wikimedia.org 333 alice #de.wikipedia rc-pmtpa!rc-pmtpa@irc.wikimedia.org 1700000000",
+            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not a channel operator",
+            ":irc.wikimedia.org 442 alice #en.wikipedia :You're not on that channel",
             ":irc.wikimedia.org 324 alice #de.wikipedia +mts",
-            ":irc.wikimedia.org 329 alice #de.wikipedia 1700000000",
             ":irc.wikimedia.org 368 alice #de.wikipedia :End of channel ban list",
-            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not channel operator",
+            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not a channel operator",
             ":irc.wikimedia.org 221 alice +i",
-            ":irc.wikimedia.org 501 alice :Unknown MODE flag",
-            ":irc.wikimedia.org 502 alice :Cant change mode for other users",
+            ":irc.wikimedia.org 502 alice :Can't change mode for other users",
+            ":irc.wikimedia.org 401 alice bob :No such nick/channel",
+            ":irc.wikimedia.org 403 alice #nope :No such channel",
         ])
 
     def test_privmsg_is_refused_in_channels_and_dropped_for_the_bot(self):
         client = self.client()
         client.send("PRIVMSG #en.wikipedia :hello", "PRIVMSG rc-pmtpa :hello", "PRIVMSG bob :hi",
-                    "PRIVMSG #nope :x", "NOTICE #en.wikipedia :x", "PRIVMSG", "PRIVMSG rc-pmtpa")
+                    "PRIVMSG #nope :x", "NOTICE #en.wikipedia :x", "PRIVMSG", "PRIVMSG rc-pmtpa", "PRIVMSG :",
+                    "NOTICE :", "PRIVMSG alice :to myself", "NOTICE bob,ALICE :me too")
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 404 alice #en.wikipedia :Cannot send to channel",
             ":irc.wikimedia.org 401 alice bob :No such nick/channel",
             ":irc.wikimedia.org 401 alice #nope :No such nick/channel",
-            ":irc.wikimedia.org 411 alice :No recipient given (PRIVMSG)",
-            ":irc.wikimedia.org 412 alice :No text to send",
+            ":irc.wikimedia.org 461 alice PRIVMSG :Not enough parameters",
+            ":irc.wikimedia.org 461 alice PRIVMSG :Not enough parameters",
+            ":irc.wikimedia.org 461 alice PRIVMSG :Not enough parameters",
+            ":irc.wikimedia.org 461 alice NOTICE :Not enough parameters",
+            ":alice!al@irc.wikimedia.org PRIVMSG alice :to myself",
+            ":alice!al@irc.wikimedia.org NOTICE alice :me too",
         ])
 
 
@@ -295,14 +303,15 @@ class Users(ServerTestCase):
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 315 alice #en.wikipedia :End of /WHO list.",
             ":irc.wikimedia.org 401 alice bob :No such nick/channel",
-            ":irc.wikimedia.org 318 alice bob :End of /WHOIS list.",
+            ":irc.wikimedia.org 318 alice bob :End of /WHOIS list",
             ":irc.wikimedia.org 311 alice alice al 10.0.0.7 * :Alice Liddell",
             ":irc.wikimedia.org 312 alice alice irc.wikimedia.org :Wikimedia",
-            ":irc.wikimedia.org 318 alice alice :End of /WHOIS list.",
+            ":irc.wikimedia.org 317 alice alice 0 1700000000 :seconds idle, signon time",
+            ":irc.wikimedia.org 318 alice alice :End of /WHOIS list",
             ":irc.wikimedia.org 311 alice rc-pmtpa rc-pmtpa irc.wikimedia.org * :rc-pmtpa",
             ":irc.wikimedia.org 312 alice rc-pmtpa irc.wikimedia.org :Wikimedia",
-            ":irc.wikimedia.org 313 alice rc-pmtpa :is a bot",
-            ":irc.wikimedia.org 318 alice rc-pmtpa :End of /WHOIS list.",
+            ":irc.wikimedia.org 317 alice rc-pmtpa 0 1700000000 :seconds idle, signon time",
+            ":irc.wikimedia.org 318 alice rc-pmtpa :End of /WHOIS list",
             ":irc.wikimedia.org 406 alice bob :There was no such nickname",
             ":irc.wikimedia.org 369 alice bob :End of WHOWAS",
             ":irc.wikimedia.org 302 alice :alice=+al@10.0.0.7 rc-pmtpa*=+rc-pmtpa@irc.wikimedia.org",
@@ -316,28 +325,33 @@ class Input(ServerTestCase):
         split = data.index("ë".encode("utf-8")) + 1
         client.protocol.dataReceived(data[:split])
         client.protocol.dataReceived(data[split:])
-        self.assertEqual(client.lines(), [":irc.wikimedia.org 432 alice zoë :Erroneous nickname"])
+        self.assertEqual(client.lines(), [":alice!al@irc.wikimedia.org NICK zoë"])  # \w: letters of any script
 
     def test_invalid_utf8_is_replaced_not_fatal(self):
         client = self.client()
         client.protocol.dataReceived(b"FOO\xff\xfe bar\r\nPING ok\n")
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 421 alice FOO\ufffd\ufffd :Unknown command",
-            ":irc.wikimedia.org PONG irc.wikimedia.org :ok",
+            ":irc.wikimedia.org PONG irc.wikimedia.org ok",
         ])
         self.assertFalse(client.transport.disconnecting)
 
-    def test_lines_over_512_bytes_are_refused_politely(self):
+    def test_lines_over_510_bytes_are_cut_and_run(self):
+        """RFC 2813 3.3 and IRCStream: the first 510 bytes of a line (without
+        CRLF) are the command; the answer is cut at 510 characters too."""
         client = self.client()
-        client.send("PING " + "x" * 505)  # 512 bytes with CRLF: fine
-        client.send("PING " + "x" * 506)
-        client.protocol.dataReceived(b"PING " + b"y" * 600)  # no newline yet
-        client.protocol.dataReceived(b"yyy\r\nPING after\r\n")
+        client.send("PING " + "x" * 505)  # 510 bytes without CRLF: whole
+        client.send("PING " + "y" * 506)
+        client.protocol.dataReceived(b"PING " + b"z" * 600)  # no newline yet
+        client.protocol.dataReceived(b"zzz" * 10000)  # still none: not kept
+        self.assertLessEqual(len(client.protocol.partial), 512)
+        client.protocol.dataReceived(b"zzz\r\nPING after\r\n")
+        pong = ":irc.wikimedia.org PONG irc.wikimedia.org "
         self.assertEqual(client.lines(), [
-            ":irc.wikimedia.org PONG irc.wikimedia.org :" + "x" * 505,
-            ":irc.wikimedia.org 417 alice :Input line was too long",
-            ":irc.wikimedia.org 417 alice :Input line was too long",
-            ":irc.wikimedia.org PONG irc.wikimedia.org :after",
+            (pong + "x" * 505)[:510],
+            (pong + "y" * 505)[:510],
+            (pong + "z" * 505)[:510],
+            pong + "after",
         ])
         self.assertFalse(client.transport.disconnecting)
 
@@ -350,9 +364,9 @@ class Keepalive(ServerTestCase):
             self.assertEqual(quiet.lines(), ["PING :irc.wikimedia.org"])
             self.assertEqual(answering.lines(), ["PING :irc.wikimedia.org"])
             answering.send("PONG :irc.wikimedia.org")
-        self.assertEqual(unregistered.lines(), [])
+        self.assertEqual(unregistered.lines(), ["ERROR :Closing Link: (Registration timed out)"])  # at 60 s
         self.clock.advance(45)  # 225 s without a PONG
-        self.assertEqual(quiet.lines(), ["ERROR :Closing Link: 10.0.0.7 (Ping timeout: 225 seconds)"])
+        self.assertEqual(quiet.lines(), ["ERROR :Closing Link: (Ping timeout: 225 seconds)"])
         self.assertTrue(quiet.transport.disconnecting)
         self.assertTrue(unregistered.transport.disconnecting)
         self.assertEqual(answering.lines(), ["PING :irc.wikimedia.org"])
@@ -389,7 +403,7 @@ class Queue(ServerTestCase):
         self.assertEqual(self.server.channels["#en.wikipedia"].members, set())
         self.assertEqual(self.server.clients, {other.protocol})
         d = self.server.stopService()
-        self.assertEqual(other.lines()[-1], "ERROR :Closing Link: 10.0.0.7 (Server shutting down)")
+        self.assertEqual(other.lines()[-1], "ERROR :Closing Link: (Server shutting down)")
         self.assertNoResult(d)
         other.lose()
         self.successResultOf(d)
