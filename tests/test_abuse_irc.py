@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.internet.threads import deferToThread
-
-from bench.attacks_irc import run_irc_flood
+from twisted.python import log
 
 from .support import async_test, free_port, sleep, write_config
-from .test_daemon import Child, DaemonTestCase
+from .test_daemon import REPO, Child, DaemonTestCase
 from .test_irc import RawIRC
 
 PROBE_TIMEOUT = 5.0  # a probe not answered within this is a failure (the reactor stalled)
@@ -71,6 +70,12 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def event(n: int, host: str = "en.wikipedia.org") -> dict:
     return {"$schema": "/mediawiki/recentchange/1.0.0", "meta": {"stream": "mediawiki.recentchange", "domain": host},
             "type": "edit", "namespace": 0, "title": f"T{n}", "user": "U", "bot": False,
@@ -95,6 +100,18 @@ class IRCAbuseTestCase(DaemonTestCase):
         await self.wait_listening(self.child, self.irc)
         self.addCleanup(self.no_traceback)
         return self.child
+
+    def attack(self, function: str, *args: Any) -> Child:
+        """bench.attacks_irc.FUNCTION(host, port, *args) in a process of its own
+        (not in this one: the attack must not slow the healthy clients' side);
+        its counts are the child's output (JSON)."""
+        child = Child()
+        code = (f"import json; from bench.attacks_irc import {function}; "
+                f"print(json.dumps({function}('127.0.0.1', {self.irc}, *{args!r})))")
+        process = reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code], env=dict(os.environ),
+                                       path=REPO)
+        self.addCleanup(lambda: child.ended.called or process.signalProcess("KILL"))
+        return child
 
     def no_traceback(self) -> None:
         self.assertNotIn("Traceback", self.child.output, self.child.output[-3000:])
@@ -163,14 +180,21 @@ class IRCAbuseTestCase(DaemonTestCase):
                 peak = max(peak, rss(pid))
                 await sleep(0.1)
 
+        cpu = cpu_seconds(pid)
         await defer.gatherResults([defer.ensureDeferred(f()) for f in (probe, publish, memory)],
                                   consumeErrors=True)
+        log.msg(f"daemon CPU: {(cpu_seconds(pid) - cpu) / seconds:.0%} of a core")
         await client.wait_for(lambda: sum("PRIVMSG" in line for line in client.lines[start_line:]) >= posted,
                               timeout=PROBE_TIMEOUT)
         return {"probes": probes, "failures": failures, "peak": peak, "lines": line_latencies(client, start_line),
                 "posted": posted}
 
     def assertHealthy(self, quiet: dict[str, Any], attacked: dict[str, Any]) -> None:
+        log.msg(format="%(test)s: /_info median %(q).1f -> %(a).1f ms, IRC line median %(ql).1f -> %(al).1f ms, "
+                "RSS peak %(qr).0f -> %(ar).0f MiB", test=self.id(),
+                q=statistics.median(quiet["probes"]) * 1000, a=statistics.median(attacked["probes"]) * 1000,
+                ql=statistics.median(quiet["lines"]) * 1000, al=statistics.median(attacked["lines"]) * 1000,
+                qr=quiet["peak"] / 2**20, ar=attacked["peak"] / 2**20)
         self.assertEqual(quiet["failures"], [])
         self.assertEqual(attacked["failures"], [], "/_info stopped answering during the attack")
         for key, what in (("probes", "/_info"), ("lines", "IRC line")):
@@ -213,9 +237,10 @@ class CommandFlood(IRCAbuseTestCase):
         await self.start()
         client = await self.healthy_in_channel()
         quiet = await self.measure(client, 3)
-        attack = deferToThread(run_irc_flood, "127.0.0.1", self.irc, 6, 10)
+        attacker = self.attack("run_irc_flood", 6, 10)
         attacked = await self.measure(client, 6)
-        counts = await attack
+        counts = json.loads((await self.finish(attacker, 30)).out)
+        log.msg(f"attack counts: {counts}")
         self.assertGreater(counts["bytes_sent"], 0)
         self.assertHealthy(quiet, attacked)
         self.assertFalse(client.done, "the healthy client was dropped")

@@ -434,16 +434,24 @@ class IRCClient(Protocol):
         rest up to flood_buffer bytes."""
         if self.closing or self.bucket is None:
             return
-        *complete, rest = data.split(b"\n")
-        for raw in complete:
+        certain = self.config.flood_buffer + self.config.flood_burst * (MAX_LINE + 2)  # excess whatever runs
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            raw, start = data[start:end], end + 1
             if self.partial:
                 raw, self.partial = self.partial + raw[:LINE_CAP], b""
             raw = raw.rstrip(b"\r")[:MAX_LINE]
             if raw.strip():
                 self.waiting.append(raw)
                 self.waiting_bytes += len(raw) + 2
+                if self.waiting_bytes > certain:
+                    self.close("Excess Flood")
+                    return
         if len(self.partial) < LINE_CAP:
-            self.partial = (self.partial + rest)[:LINE_CAP]
+            self.partial = (self.partial + data[start : start + LINE_CAP])[:LINE_CAP]
         self._run_waiting()
         if self.waiting_bytes > self.config.flood_buffer and not self.closing:
             self.close("Excess Flood")
