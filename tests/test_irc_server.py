@@ -542,3 +542,143 @@ class PacedBatches(ServerTestCase):
         self.server.stopService()  # a pending flush is dropped with the clients
         self.clock.advance(1)
         self.assertNotIn("T8", transport.value().decode())
+
+
+class Limits(ServerTestCase):
+    """Issue 12: what one client may cost (a fake clock, in-memory transports)."""
+
+    config = dataclasses.replace(ServerTestCase.config, flood_rate=10, flood_burst=5, flood_buffer=1024,
+                                 max_clients=4, max_clients_per_address=2, registration_timeout=30)
+
+    def at(self, host: str) -> Client:
+        client = Client.__new__(Client)
+        client.protocol = self.server.factory.buildProtocol(None)
+        client.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4242))
+        client.protocol.makeConnection(client.transport)
+        return client
+
+    def test_commands_beyond_the_burst_wait_for_tokens_and_all_run(self):
+        client = self.client()
+        self.clock.advance(1)  # the bucket is full again after NICK and USER
+        client.protocol.dataReceived(b"".join(b"PING n%d\r\n" % n for n in range(8)))
+        self.assertEqual([line.split()[-1] for line in client.lines()], ["n0", "n1", "n2", "n3", "n4"])
+        self.clock.advance(0.1)  # one token back
+        self.assertEqual([line.split()[-1] for line in client.lines()], ["n5"])
+        self.clock.advance(0.2)
+        self.assertEqual([line.split()[-1] for line in client.lines()], ["n6", "n7"])
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_more_waiting_than_flood_buffer_is_excess_flood(self):
+        client = self.client()
+        client.protocol.dataReceived(b"LIST\r\n" * 150)  # 900 bytes: waits
+        self.assertFalse(client.transport.disconnecting)
+        client.lines()
+        client.protocol.dataReceived(b"LIST\r\n" * 50)  # 1,200 bytes waiting
+        self.assertEqual(client.lines(), ["ERROR :Closing Link: (Excess Flood)"])
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(len(client.protocol.waiting), 0)
+
+    def test_a_flood_in_one_read_is_refused_before_any_command_runs(self):
+        client = self.client(register=False)
+        client.protocol.dataReceived(b"NICK a\r\nUSER a 0 * :a\r\n" + b"LIST\r\n" * 11000)
+        self.assertEqual(client.lines(), ["ERROR :Closing Link: (Excess Flood)"])
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_a_client_whose_output_is_paused_is_not_read_and_runs_nothing(self):
+        client = self.client()
+        client.protocol.pauseProducing()  # its transport's buffer is full
+        self.assertEqual(client.transport.producerState, "paused")
+        client.protocol.dataReceived(b"PING a\r\nPING b\r\n")  # what was already read
+        self.assertEqual(client.lines(), [])
+        client.protocol.resumeProducing()
+        self.assertEqual(client.lines(), [":irc.wikimedia.org PONG irc.wikimedia.org a",
+                                          ":irc.wikimedia.org PONG irc.wikimedia.org b"])
+
+    def test_a_command_that_pauses_the_output_stops_the_ones_after_it(self):
+        client = self.client()
+        pause = client.protocol.pauseProducing
+        client.protocol.handle_LIST = lambda params: pause()  # as a transport does when LIST fills it
+        client.protocol.dataReceived(b"LIST\r\nPING a\r\n")
+        self.assertEqual(client.lines(), [])
+        client.protocol.resumeProducing()
+        self.assertEqual(client.lines(), [":irc.wikimedia.org PONG irc.wikimedia.org a"])
+
+    def test_connections_per_address_and_in_all_are_capped(self):
+        a1, a2, a3 = self.at("10.0.0.1"), self.at("10.0.0.1"), self.at("10.0.0.1")
+        self.assertEqual(a3.lines(), ["ERROR :Closing Link: (Too many connections from your address)"])
+        self.assertTrue(a3.transport.disconnecting)
+        self.assertEqual((a1.lines(), a1.transport.disconnecting), ([], False))
+        b1, b2, c1 = self.at("10.0.0.2"), self.at("10.0.0.2"), self.at("10.0.0.3")
+        self.assertEqual(c1.lines(), ["ERROR :Closing Link: (Server is full, try later)"])
+        self.assertEqual(len(self.server.clients), 4)
+        a3.lose()  # a refused client leaving changes nothing
+        c1.lose()
+        self.assertEqual(self.server.per_address, {"10.0.0.1": 2, "10.0.0.2": 2})
+        a1.lose()
+        a4 = self.at("10.0.0.1")
+        self.assertEqual(a4.lines(), [])
+        self.assertEqual(self.server.per_address, {"10.0.0.1": 2, "10.0.0.2": 2})
+
+    def test_registration_deadline(self):
+        slow, quick = self.client(register=False), self.client(register=False)
+        self.clock.advance(29)
+        quick.register()
+        quick.lines()
+        self.clock.advance(1)
+        self.assertEqual(slow.lines(), ["ERROR :Closing Link: (Registration timed out)"])
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertFalse(quick.transport.disconnecting)
+
+
+class IPv6Hosts(ServerTestCase):
+    def at(self, host: str) -> Client:
+        return Limits.at(self, host)
+
+    def test_a_host_starting_with_a_colon_is_shown_with_a_zero(self):
+        client = self.at("::1")
+        welcome = client.register()
+        self.assertEqual(welcome[0], ":irc.wikimedia.org 001 alice :Welcome to the Wikimedia IRC Network alice!al@0::1")
+        client.send("WHOIS alice", "USERHOST alice")
+        self.assertEqual(client.lines()[0], ":irc.wikimedia.org 311 alice alice al 0::1 * :Alice Liddell")
+        self.assertEqual(self.server.per_address, {"::1": 1})
+
+    def test_an_ipv4_mapped_address_is_shown_as_ipv4(self):
+        client = self.at("::ffff:10.0.0.8")
+        self.assertTrue(client.register()[0].endswith("alice!al@10.0.0.8"))
+        self.assertEqual(self.server.per_address, {"10.0.0.8": 1})
+
+
+class LimitsConfig(unittest.TestCase):
+    def load(self, *overrides: str):
+        return irc_config(load(write_config(self.mktemp()), ("irc.listen=tcp:6667",) + overrides))
+
+    def test_defaults(self):
+        c = self.load()
+        self.assertEqual((c.max_clients, c.max_clients_per_address, c.registration_timeout, c.flood_rate,
+                          c.flood_burst, c.flood_buffer), (10000, 50, 60.0, 10.0, 20, 16384))
+
+    def test_values_and_errors(self):
+        c = self.load("irc.max_clients=0", "irc.max_clients_per_address=0", "irc.registration_timeout=2m",
+                      "irc.flood_rate=2.5", "irc.flood_burst=5", "irc.flood_buffer=4k")
+        self.assertEqual((c.max_clients, c.max_clients_per_address, c.registration_timeout, c.flood_rate,
+                          c.flood_burst, c.flood_buffer), (0, 0, 120.0, 2.5, 5, 4096))
+        cases = {
+            "irc.max_clients=-1": "[irc] max_clients: expected a non-negative integer",
+            "irc.flood_rate=0": "[irc] flood_rate: must be above 0",
+            "irc.flood_burst=0": "[irc] flood_burst: expected an integer >= 1",
+            "irc.flood_buffer=100": "[irc] flood_buffer: must be at least 512 bytes",
+            "irc.registration_timeout=0": "[irc] registration_timeout: must be above 0",
+        }
+        for override, message in cases.items():
+            with self.assertRaises(ConfigError) as caught:
+                self.load(override)
+            self.assertIn(message, str(caught.exception), override)
+
+    def test_both_shipped_configurations_set_the_limits(self):
+        for path in ("etc/streams.ini", "debian/streams.ini"):
+            with open(os.path.join(os.path.dirname(__file__), "..", path)) as f:
+                text = f.read()
+            section = text[text.index("[irc]"):]
+            for key in ("max_clients", "max_clients_per_address", "registration_timeout", "flood_rate",
+                        "flood_burst", "flood_buffer"):
+                self.assertIn(f"\n{key} = ", section, f"{path}: {key}")
