@@ -682,3 +682,13 @@ class LimitsConfig(unittest.TestCase):
             for key in ("max_clients", "max_clients_per_address", "registration_timeout", "flood_rate",
                         "flood_burst", "flood_buffer"):
                 self.assertIn(f"\n{key} = ", section, f"{path}: {key}")
+
+
+class LineLength(ServerTestCase):
+    def test_bot_lines_are_cut_at_510_characters_as_ircstream_sends_them(self):
+        client = self.client()
+        client.send("JOIN #en.wikipedia")
+        client.lines()
+        self.server.broadcast("#en.wikipedia", "é" * 600)
+        (sent,) = client.lines()
+        self.assertEqual(sent, (f"{BOT} PRIVMSG #en.wikipedia :" + "é" * 600)[:510])
