@@ -576,7 +576,7 @@ class Limits(ServerTestCase):
         client.protocol.dataReceived(b"LIST\r\n" * 50)  # 1,200 bytes waiting
         self.assertEqual(client.lines(), ["ERROR :Closing Link: (Excess Flood)"])
         self.assertTrue(client.transport.disconnecting)
-        self.assertEqual(len(client.protocol.waiting), 0)
+        self.assertEqual(client.protocol.waiting, b"")
 
     def test_a_flood_in_one_read_is_refused_before_any_command_runs(self):
         client = self.client(register=False)

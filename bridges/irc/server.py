@@ -21,8 +21,8 @@ lines when there are many clients) and never waits more than
 What one client may cost is bounded (issue 12): connections in all and per
 address are capped, registration has a deadline, and commands run at most
 `flood_rate` a second after a burst of `flood_burst` (a token bucket); the
-commands waiting their turn are kept up to `flood_buffer` bytes, beyond
-which the client is closed for Excess Flood. A client whose output is
+commands received and not yet run are kept up to `flood_buffer` bytes,
+beyond which the client is closed for Excess Flood. A client whose output is
 paused is not read and its waiting commands are not run, so its replies
 cannot pile up. Lines are cut at 510 bytes on input and 510 characters on
 output, as RFC 2813 3.3 and IRCStream do.
@@ -266,8 +266,7 @@ class IRCClient(Protocol):
         self.server = server
         self.config = server.config
         self.partial = b""  # the start of a line whose newline has not come (at most LINE_CAP bytes)
-        self.waiting: collections.deque[bytes] = collections.deque()  # commands waiting for a token
-        self.waiting_bytes = 0
+        self.waiting = b""  # complete lines received and not yet run
         self.bucket: Optional[TokenBucket] = None
         self.nick: Optional[str] = None
         self.user: Optional[str] = None
@@ -336,7 +335,7 @@ class IRCClient(Protocol):
             channel.members.discard(self)
         self.channels.clear()
         self.queue.clear()
-        self.waiting.clear()
+        self.waiting = b""
         if not self.closed.called:
             self.closed.callback(None)
 
@@ -345,7 +344,7 @@ class IRCClient(Protocol):
         if self.closing:
             return
         self.queue.clear()
-        self.waiting.clear()
+        self.waiting = b""
         self.send(Message("ERROR", (f"Closing Link: ({reason})",)))
         self.closing = True
         if self.counted:
@@ -429,47 +428,41 @@ class IRCClient(Protocol):
     # -- input -------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        """Split into lines (each cut at MAX_LINE bytes, so a line that never
-        ends costs LINE_CAP bytes), run what the flood limit allows, keep the
-        rest up to flood_buffer bytes."""
+        """Keep the complete lines for _run_waiting, and of a line whose
+        newline has not come only its first LINE_CAP bytes; more than
+        flood_buffer bytes of commands not yet run is Excess Flood. Only C
+        calls here, whatever the size of data."""
         if self.closing or self.bucket is None:
             return
-        certain = self.config.flood_buffer + self.config.flood_burst * (MAX_LINE + 2)  # excess whatever runs
-        start = 0
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                break
-            raw, start = data[start:end], end + 1
-            if self.partial:
-                raw, self.partial = self.partial + raw[:LINE_CAP], b""
-            raw = raw.rstrip(b"\r")[:MAX_LINE]
-            if raw.strip():
-                self.waiting.append(raw)
-                self.waiting_bytes += len(raw) + 2
-                if self.waiting_bytes > certain:
-                    self.close("Excess Flood")
-                    return
-        if len(self.partial) < LINE_CAP:
-            self.partial = (self.partial + data[start : start + LINE_CAP])[:LINE_CAP]
-        self._run_waiting()
-        if self.waiting_bytes > self.config.flood_buffer and not self.closing:
+        last = data.rfind(b"\n")
+        if last < 0:
+            if len(self.partial) < LINE_CAP:
+                self.partial = (self.partial + data[:LINE_CAP])[:LINE_CAP]
+            return
+        first = data.find(b"\n")
+        head = (self.partial + data[: min(first, LINE_CAP)])[:LINE_CAP]
+        self.waiting = b"".join((self.waiting, head, data[first : last + 1]))
+        self.partial = data[last + 1 : last + 1 + LINE_CAP]
+        if len(self.waiting) > self.config.flood_buffer:
             self.close("Excess Flood")
+            return
+        self._run_waiting()
 
     def _run_waiting(self) -> None:
-        """Run waiting commands while there are tokens and the output flows."""
+        """Run waiting commands (each cut at MAX_LINE bytes) while there are
+        tokens and the output flows: at most flood_burst in one go."""
         if self._wakeup is not None and self._wakeup.active():
             self._wakeup.cancel()
         self._wakeup = None
-        clock, bucket, waiting = self.server.clock, self.bucket, self.waiting
-        while waiting and not self.paused and not self.closing:
+        clock, bucket = self.server.clock, self.bucket
+        while self.waiting and not self.paused and not self.closing:
             if not bucket.take(clock.seconds()):
                 self._wakeup = clock.callLater(bucket.wait(clock.seconds()), self._run_waiting)
                 return
-            raw = waiting.popleft()
-            self.waiting_bytes -= len(raw) + 2
+            end = self.waiting.find(b"\n")
+            raw, self.waiting = self.waiting[:end], self.waiting[end + 1 :]
             try:
-                self.line_received(raw.decode("utf-8", "replace"))
+                self.line_received(raw.rstrip(b"\r")[:MAX_LINE].decode("utf-8", "replace"))
             except Exception:
                 log.failure("IRC: a command from {host} failed", host=self.host)
 
