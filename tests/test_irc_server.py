@@ -577,6 +577,7 @@ class Limits(ServerTestCase):
         self.assertEqual(client.lines(), ["ERROR :Closing Link: (Excess Flood)"])
         self.assertTrue(client.transport.disconnecting)
         self.assertEqual(client.protocol.waiting, b"")
+        self.assertEqual(self.server.counters.flooded, 1)
 
     def test_a_flood_in_one_read_is_refused_before_any_command_runs(self):
         client = self.client(register=False)
@@ -611,6 +612,8 @@ class Limits(ServerTestCase):
         b1, b2, c1 = self.at("10.0.0.2"), self.at("10.0.0.2"), self.at("10.0.0.3")
         self.assertEqual(c1.lines(), ["ERROR :Closing Link: (Server is full, try later)"])
         self.assertEqual(len(self.server.clients), 4)
+        samples = {name: value for name, _, _, _, value in self.server.samples()}
+        self.assertEqual(samples["eventstreams_irc_refused_total"], 2)
         a3.lose()  # a refused client leaving changes nothing
         c1.lose()
         self.assertEqual(self.server.per_address, {"10.0.0.1": 2, "10.0.0.2": 2})

@@ -114,6 +114,8 @@ class Counters:
     clients_total: int = 0
     lines_sent: int = 0
     lines_dropped: int = 0
+    refused: int = 0  # connections over max_clients or max_clients_per_address
+    flooded: int = 0  # clients closed for Excess Flood
 
 
 class IRCServer(Service):
@@ -245,6 +247,9 @@ class IRCServer(Service):
              "Bot lines dropped because a client's queue was full.", {}, c.lines_dropped),
             ("eventstreams_irc_clients_dropping", "gauge", "Connected IRC clients that have lost lines.", {},
              sum(1 for client in self.clients if client.dropped)),
+            ("eventstreams_irc_refused_total", "counter",
+             "IRC connections refused (max_clients, max_clients_per_address).", {}, c.refused),
+            ("eventstreams_irc_excess_flood_total", "counter", "IRC clients closed for Excess Flood.", {}, c.flooded),
         ]
 
 
@@ -300,6 +305,7 @@ class IRCClient(Protocol):
             self.address = address
         refused = server.admit(self.address)
         if refused is not None:
+            server.counters.refused += 1
             self.close(refused)
             return
         self.counted = True
@@ -444,6 +450,7 @@ class IRCClient(Protocol):
         self.waiting = b"".join((self.waiting, head, data[first : last + 1]))
         self.partial = data[last + 1 : last + 1 + LINE_CAP]
         if len(self.waiting) > self.config.flood_buffer:
+            self.server.counters.flooded += 1
             self.close("Excess Flood")
             return
         self._run_waiting()
