@@ -272,7 +272,7 @@ class IRCClient(Protocol):
         self.config = server.config
         self.partial = b""  # the start of a line whose newline has not come (at most LINE_CAP bytes)
         self.waiting = b""  # complete lines received and not yet run
-        self.bucket: Optional[TokenBucket] = None
+        self.bucket = TokenBucket(self.config.flood_rate, self.config.flood_burst, server.clock.seconds())
         self.nick: Optional[str] = None
         self.user: Optional[str] = None
         self.realname = ""
@@ -315,7 +315,6 @@ class IRCClient(Protocol):
         server.counters.clients_total += 1
         self.last_pong = clock.seconds()
         self.signon = int(server.wall())
-        self.bucket = TokenBucket(self.config.flood_rate, self.config.flood_burst, clock.seconds())
         self._deadline = clock.callLater(self.config.registration_timeout, self.close, "Registration timed out")
         self._write = writer_for(self.transport)
         no_delay(self.transport)
@@ -438,7 +437,7 @@ class IRCClient(Protocol):
         newline has not come only its first LINE_CAP bytes; more than
         flood_buffer bytes of commands not yet run is Excess Flood. Only C
         calls here, whatever the size of data."""
-        if self.closing or self.bucket is None:
+        if self.closing or not self.counted:
             return
         last = data.rfind(b"\n")
         if last < 0:
