@@ -117,11 +117,8 @@ class IRCAbuseTestCase(DaemonTestCase):
         self.assertNotIn("Traceback", self.child.output, self.child.output[-3000:])
 
     async def post(self, events: list[dict]) -> None:
-        status, body = await self.http_post(json.dumps(events).encode())
+        status, body = await http(self.intake, "POST", "/v1/events", json.dumps(events).encode(), timeout=30)
         self.assertEqual(status, 201, body)
-
-    async def http_post(self, body: bytes) -> tuple[int, bytes]:
-        return await http(self.intake, "POST", "/v1/events", body, timeout=30)
 
     async def irc_client(self, nick: str = "healthy") -> "TimedIRC":
         client = TimedIRC()
@@ -265,6 +262,7 @@ class NoNewline(IRCAbuseTestCase):
 
         stop = time.monotonic() + 6
         calls: list[Any] = []
+        self.addCleanup(lambda: [call.cancel() for call in calls if call.active()])
         feed()
         attacked = await self.measure(client, 6)
         sent = sum(s.sent for s in senders)
@@ -306,15 +304,17 @@ class ConnectionFlood(IRCAbuseTestCase):
         client = await self.healthy_in_channel()
         quiet = await self.measure(client, 3)
         idle: list[RawIRC] = []
-        for _ in range(200):
-            c = RawIRC()
-            try:
+
+        async def open_idle() -> None:
+            for _ in range(200):
+                c = RawIRC()
                 await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: c))
-            except error.ConnectError:
-                continue
-            idle.append(c)
-            self.addCleanup(lambda c=c: c.done or c.transport.abortConnection())
+                idle.append(c)
+                self.addCleanup(lambda c=c: c.done or c.transport.abortConnection())
+
+        opening = defer.ensureDeferred(open_idle())
         attacked = await self.measure(client, 4)
+        await opening
         self.assertHealthy(quiet, attacked)
         refused = [c for c in idle if c.lines == ["ERROR :Closing Link: (Too many connections from your address)"]]
         self.assertGreaterEqual(len(refused), 200 - 30)
