@@ -167,7 +167,11 @@ class IRCAbuseTestCase(DaemonTestCase):
         async def publish() -> None:
             nonlocal posted
             while time.monotonic() < stop:
-                await self.post([event(posted)])
+                try:
+                    await self.post([event(posted)])
+                except TimeoutError as e:
+                    failures.append(f"intake: {e}")
+                    continue
                 posted += 1
                 await sleep(0.1)
 
@@ -180,7 +184,9 @@ class IRCAbuseTestCase(DaemonTestCase):
         cpu = cpu_seconds(pid)
         await defer.gatherResults([defer.ensureDeferred(f()) for f in (probe, publish, memory)],
                                   consumeErrors=True)
-        log.msg(f"daemon CPU: {(cpu_seconds(pid) - cpu) / seconds:.0%} of a core")
+        log.msg(f"daemon CPU: {(cpu_seconds(pid) - cpu) / seconds:.0%} of a core, RSS peak {peak / 2**20:.0f} MiB, "
+                f"failures {failures}")
+        self.assertEqual(failures, [], "the daemon stopped answering")
         await client.wait_for(lambda: sum("PRIVMSG" in line for line in client.lines[start_line:]) >= posted,
                               timeout=PROBE_TIMEOUT)
         return {"probes": probes, "failures": failures, "peak": peak, "lines": line_latencies(client, start_line),
@@ -192,8 +198,6 @@ class IRCAbuseTestCase(DaemonTestCase):
                 q=statistics.median(quiet["probes"]) * 1000, a=statistics.median(attacked["probes"]) * 1000,
                 ql=statistics.median(quiet["lines"]) * 1000, al=statistics.median(attacked["lines"]) * 1000,
                 qr=quiet["peak"] / 2**20, ar=attacked["peak"] / 2**20)
-        self.assertEqual(quiet["failures"], [])
-        self.assertEqual(attacked["failures"], [], "/_info stopped answering during the attack")
         for key, what in (("probes", "/_info"), ("lines", "IRC line")):
             before = max(statistics.median(quiet[key]), FLOOR)
             during = statistics.median(attacked[key])
