@@ -56,6 +56,8 @@ stream = mediawiki.recentchange
 ping_interval = 45
 ping_timeout = 180
 queue_size = 1000
+max_clients = 0
+max_clients_per_address = 0
 """
 
 RCSTREAM_SECTION = """

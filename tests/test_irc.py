@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.threads import deferToThread
 
@@ -164,14 +164,14 @@ class RawSockets(IRCTestCase):
         client.send("JOIN #en.wikipedia,#xx.wikipedia")
         await client.wait_line(start, lambda line: " 403 " in line)
         self.assertEqual(client.lines[start:], [
-            ":alice!alice@127.0.0.1 JOIN #en.wikipedia",
-            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic en.wikipedia",
+            ":alice!alice@irc.wikimedia.org JOIN #en.wikipedia",
+            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic #en.wikipedia",
             client.lines[start + 2],
             ":irc.wikimedia.org 353 alice = #en.wikipedia :alice @rc-pmtpa",
-            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list.",
+            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list",
             ":irc.wikimedia.org 403 alice #xx.wikipedia :No such channel",
         ])
-        self.assertRegex(client.lines[start + 2], r"^:irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa \d+$")
+        self.assertRegex(client.lines[start + 2], r"^:irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa!rc-pmtpa@irc.wikimedia.org \d+$")
 
         event, channel, line = golden("02-edit")
         self.assertEqual(channel, "#en.wikipedia")
@@ -199,7 +199,7 @@ class RawSockets(IRCTestCase):
         client = await self.registered(d)
         client.send("QUIT :done here")
         await client.closed
-        self.assertEqual(client.lines[-1], "ERROR :Closing Link: 127.0.0.1 (done here)")
+        self.assertEqual(client.lines[-1], "ERROR :Closing Link: (Quit: done here)")
 
     @async_test
     async def test_ping_timeout_drops_a_silent_client_and_keeps_an_answering_one(self):
@@ -216,7 +216,7 @@ class RawSockets(IRCTestCase):
         self.addCleanup(lambda: [c.cancel() for c in calls if c.active()])
         await silent.wait_for(lambda: silent.done, timeout=5)
         self.assertIn("PING :irc.wikimedia.org", silent.lines)
-        self.assertRegex(silent.lines[-1], r"^ERROR :Closing Link: 127\.0\.0\.1 \(Ping timeout: \d+ seconds\)$")
+        self.assertRegex(silent.lines[-1], r"^ERROR :Closing Link: \(Ping timeout: \d+ seconds\)$")
         self.assertFalse(answering.done)
         self.assertIn("PING :irc.wikimedia.org", answering.lines)
 
@@ -234,7 +234,7 @@ class RawSockets(IRCTestCase):
         await client.wait_line(start, lambda line: line.endswith("\ufffd"))
         self.assertEqual(client.lines[start:], [
             ":irc.wikimedia.org PONG irc.wikimedia.org :zoë ☺",
-            ":irc.wikimedia.org PONG irc.wikimedia.org :\ufffd",
+            ":irc.wikimedia.org PONG irc.wikimedia.org \ufffd",
         ])
 
     @async_test
@@ -244,7 +244,7 @@ class RawSockets(IRCTestCase):
         client = await self.registered(d)
         await d.stop()
         await client.closed
-        self.assertEqual(client.lines[-1], "ERROR :Closing Link: 127.0.0.1 (Server shutting down)")
+        self.assertEqual(client.lines[-1], "ERROR :Closing Link: (Server shutting down)")
 
     @async_test
     async def test_metrics_count_clients_and_lines(self):
@@ -320,3 +320,157 @@ class JaracoBot(IRCTestCase):
             ("rc-pmtpa!rc-pmtpa@irc.wikimedia.org", channel, line),
             ("rc-pmtpa!rc-pmtpa@irc.wikimedia.org", channel, golden("05-type-new")[2]),
         ])
+
+
+class IRCStreamReplies(IRCTestCase):
+    """Issue 15: what a bot sees is what IRCStream (the server behind
+    irc.wikimedia.org) sends, over IPv4 here and IPv6 (::1) below."""
+
+    listen = "tcp:0:interface=127.0.0.1"
+    host = "127.0.0.1"
+    shown = "127.0.0.1"  # the client's host in replies
+
+    async def irc_daemon(self, *overrides: str) -> Daemon:
+        return await self.daemon(f"irc.listen={self.listen}", *overrides)
+
+    async def connect(self, d: Daemon) -> RawIRC:
+        client = RawIRC()
+        endpoint = (TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint)(reactor, self.host, d.ports["irc"])
+        await endpoint.connect(ClientFactory.forProtocol(lambda: client))
+        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        return client
+
+    async def exchange(self, client: RawIRC, *lines: str) -> list[str]:
+        """Send lines and a PING marker; the lines answered before its PONG."""
+        self.marker = getattr(self, "marker", 0) + 1
+        start = len(client.lines)
+        client.send(*lines, f"PING end{self.marker}")
+        pong = f":irc.wikimedia.org PONG irc.wikimedia.org end{self.marker}"
+        await client.wait_line(start, lambda line: line == pong)
+        return client.lines[start : client.lines.index(pong, start)]
+
+    async def in_channel(self) -> tuple[Daemon, RawIRC]:
+        d = await self.irc_daemon()
+        client = await self.registered(d, "alice")
+        await self.post(d, [rc_event(1)])
+        await self.channel_exists(client, "#en.wikipedia")
+        return d, client
+
+    @async_test
+    async def test_registration_numerics_and_the_client_as_it_sees_itself(self):
+        d = await self.irc_daemon()
+        client = await self.connect(d)
+        self.assertEqual(await self.exchange(client, "NICK a", "NICK a|b", "NICK " + "n" * 31, "USER a b", "PING"), [
+            ":irc.wikimedia.org 432 * a :Erroneous nickname",
+            ":irc.wikimedia.org 432 * a|b :Erroneous nickname",
+            f":irc.wikimedia.org 432 * {'n' * 31} :Erroneous nickname",
+            ":irc.wikimedia.org 461 * USER :Not enough parameters",
+            ":irc.wikimedia.org 409 * :No origin specified",
+        ])
+        welcome = await self.exchange(client, "NICK zoë", "USER averylongusername 0 * :Zoë Test")
+        self.assertEqual(welcome[0], f":irc.wikimedia.org 001 zoë :Welcome to the Wikimedia IRC Network "
+                                     f"zoë!averylongusername@{self.shown}")
+        lines = await self.exchange(client, "PASS x", "USER a b", "USER a b c d", "WHOIS", "WHOWAS",
+                                    "WHOIS zoë", "USERHOST zoë", "NICK zoe2")
+        self.assertRegex(lines[7], r"^:irc\.wikimedia\.org 317 zoë zoë 0 \d+ :seconds idle, signon time$")
+        lines[7] = "317"
+        self.assertEqual(lines, [
+            ":irc.wikimedia.org 462 zoë :You may not reregister",
+            ":irc.wikimedia.org 461 zoë USER :Not enough parameters",
+            ":irc.wikimedia.org 462 zoë :You may not reregister",
+            ":irc.wikimedia.org 431 zoë :No nickname given",
+            ":irc.wikimedia.org 431 zoë :No nickname given",
+            f":irc.wikimedia.org 311 zoë zoë averylongusername {self.shown} * :Zoë Test",
+            ":irc.wikimedia.org 312 zoë zoë irc.wikimedia.org :Wikimedia",
+            "317",
+            ":irc.wikimedia.org 318 zoë zoë :End of /WHOIS list",
+            f":irc.wikimedia.org 302 zoë :zoë=+averylongusername@{self.shown}",
+            ":zoë!averylongusername@irc.wikimedia.org NICK zoe2",
+        ])
+
+    @async_test
+    async def test_ping_pong_and_long_lines_are_cut_at_510(self):
+        d = await self.irc_daemon()
+        client = await self.registered(d)
+        pong = ":irc.wikimedia.org PONG irc.wikimedia.org "
+        self.assertEqual(await self.exchange(client, "PING x", "PING :a b", "PING x y.example", "PING " + "z" * 600), [
+            pong + "x",
+            pong + ":a b",
+            ":irc.wikimedia.org PONG y.example x",
+            (pong + "z" * 505)[:510],  # the input was cut at 510 bytes, the reply at 510 characters
+        ])
+        # A JOIN of more channels than fit: what fits in 510 bytes is run, no 417.
+        await self.post(d, [rc_event(1)])
+        await self.channel_exists(client, "#en.wikipedia")
+        command = "JOIN #en.wikipedia," + ",".join(f"#x{n:03}" for n in range(100))
+        lines = await self.exchange(client, command)
+        self.assertEqual(lines[0], ":alice!alice@irc.wikimedia.org JOIN #en.wikipedia")
+        fits = (len(command[:510]) - len("JOIN #en.wikipedia,") + 1) // 6  # "#xNNN," each
+        self.assertEqual([line.split()[3] for line in lines if " 403 " in line], [f"#x{n:03}" for n in range(fits)])
+        self.assertNotIn(" 417 ", " ".join(lines))
+
+    @async_test
+    async def test_channel_replies(self):
+        d, client = await self.in_channel()
+        self.assertEqual(await self.exchange(
+            client, "PART #en.wikipedia", "TOPIC #en.wikipedia", "TOPIC #nope", "JOIN #en.wikipedia"), [
+            ":irc.wikimedia.org 442 alice #en.wikipedia :You're not on that channel",
+            ":irc.wikimedia.org 442 alice #en.wikipedia :You're not on that channel",
+            ":irc.wikimedia.org 442 alice #nope :You're not on that channel",
+            ":alice!alice@irc.wikimedia.org JOIN #en.wikipedia",
+            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic #en.wikipedia",
+            client.lines[-4],
+            ":irc.wikimedia.org 353 alice = #en.wikipedia :alice @rc-pmtpa",
+            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list",
+        ])
+        self.assertRegex(client.lines[-4], r"^:irc\.wikimedia\.org 333 alice #en\.wikipedia "
+                                           r"rc-pmtpa!rc-pmtpa@irc\.wikimedia\.org \d+$")
+        self.assertEqual(await self.exchange(
+            client, "LIST", "TOPIC #en.wikipedia :mine", "MODE #en.wikipedia", "MODE #en.wikipedia b",
+            "MODE #en.wikipedia +o alice", "MODE alice", "MODE rc-pmtpa", "MODE bob", "PRIVMSG alice :hi me",
+            "NOTICE alice :note", "PRIVMSG :", "NOTICE :", "PRIVMSG #en.wikipedia :hello", "PART #en.wikipedia"), [
+            ":irc.wikimedia.org 322 alice #en.wikipedia 2 :Stream for topic #en.wikipedia",
+            ":irc.wikimedia.org 323 alice :End of /LIST",
+            ":irc.wikimedia.org 482 alice #en.wikipedia :You're not a channel operator",
+            ":irc.wikimedia.org 324 alice #en.wikipedia +mts",
+            ":irc.wikimedia.org 368 alice #en.wikipedia :End of channel ban list",
+            ":irc.wikimedia.org 482 alice #en.wikipedia :You're not a channel operator",
+            ":irc.wikimedia.org 221 alice +i",
+            ":irc.wikimedia.org 502 alice :Can't change mode for other users",
+            ":irc.wikimedia.org 401 alice bob :No such nick/channel",
+            ":alice!alice@irc.wikimedia.org PRIVMSG alice :hi me",
+            ":alice!alice@irc.wikimedia.org NOTICE alice note",
+            ":irc.wikimedia.org 461 alice PRIVMSG :Not enough parameters",
+            ":irc.wikimedia.org 461 alice NOTICE :Not enough parameters",
+            ":irc.wikimedia.org 404 alice #en.wikipedia :Cannot send to channel",
+            ":alice!alice@irc.wikimedia.org PART #en.wikipedia",
+        ])
+        self.assertEqual(await self.exchange(client, "LIST #en.wikipedia"), [
+            ":irc.wikimedia.org 322 alice #en.wikipedia 1 :Stream for topic #en.wikipedia",
+            ":irc.wikimedia.org 323 alice :End of /LIST",
+        ])
+
+    @async_test
+    async def test_quit_texts(self):
+        d = await self.irc_daemon()
+        for command, reason in (("QUIT :bye now", "Quit: bye now"), ("QUIT", "Quit: No reason")):
+            client = await self.registered(d)
+            client.send(command)
+            await client.closed
+            self.assertEqual(client.lines[-1], f"ERROR :Closing Link: ({reason})")
+
+    @async_test
+    async def test_excess_flood_closes_and_paced_commands_all_run(self):
+        d = await self.irc_daemon("irc.flood_burst=5", "irc.flood_rate=50", "irc.flood_buffer=1k")
+        client = await self.registered(d)
+        lines = await self.exchange(client, *[f"PING n{n}" for n in range(30)])  # 30 x 10 bytes: waits, runs
+        self.assertEqual(lines, [f":irc.wikimedia.org PONG irc.wikimedia.org n{n}" for n in range(30)])
+        client.send(*["LIST"] * 400)  # 2,400 bytes at once
+        await client.closed
+        self.assertEqual(client.lines[-1], "ERROR :Closing Link: (Excess Flood)")
+
+
+class IRCStreamRepliesIPv6(IRCStreamReplies):
+    listen = r"tcp6:0:interface=\:\:1"
+    host = "::1"
+    shown = "0::1"  # a host cannot start with ':' in a reply

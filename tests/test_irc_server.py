@@ -159,17 +159,17 @@ class Registration(ServerTestCase):
         client = self.client(register=False)
         client.send("CAP LS 302", "PING x", "JOIN #en.wikipedia", "USER a b c")
         self.assertEqual(client.lines(), [
-            ":irc.wikimedia.org PONG irc.wikimedia.org :x",
+            ":irc.wikimedia.org PONG irc.wikimedia.org x",
             ":irc.wikimedia.org 451 * :You have not registered",
             ":irc.wikimedia.org 461 * USER :Not enough parameters",
         ])
 
     def test_bad_nicks_and_reregistration(self):
         client = self.client(register=False)
-        client.send("NICK", "NICK 1abc", "NICK rc-pmtpa", "NICK " + "a" * 31)
+        client.send("NICK", "NICK a|b", "NICK rc-pmtpa", "NICK " + "a" * 31)
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 431 * :No nickname given",
-            ":irc.wikimedia.org 432 * 1abc :Erroneous nickname",
+            ":irc.wikimedia.org 432 * a|b :Erroneous nickname",
             ":irc.wikimedia.org 433 * rc-pmtpa :Nickname is already in use",
             ":irc.wikimedia.org 432 * " + "a" * 31 + " :Erroneous nickname",
         ])
@@ -177,7 +177,7 @@ class Registration(ServerTestCase):
         client.send("USER x 0 * :x", "NICK bob")
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 462 alice :You may not reregister",
-            ":alice!al@10.0.0.7 NICK :bob",
+            ":alice!al@irc.wikimedia.org NICK bob",
         ])
 
     def test_unknown_command(self):
@@ -191,7 +191,7 @@ class Registration(ServerTestCase):
     def test_quit_sends_error_and_closes(self):
         client = self.client()
         client.send("QUIT :see you")
-        self.assertEqual(client.lines(), ["ERROR :Closing Link: 10.0.0.7 (see you)"])
+        self.assertEqual(client.lines(), ["ERROR :Closing Link: (Quit: see you)"])
         self.assertTrue(client.transport.disconnecting)
         client.send("PING x")
         self.assertEqual(client.lines(), [])
@@ -202,11 +202,11 @@ class Channels(ServerTestCase):
         client = self.client()
         client.send("JOIN #EN.wikipedia,#nope")
         self.assertEqual(client.lines(), [
-            ":alice!al@10.0.0.7 JOIN #en.wikipedia",
-            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic en.wikipedia",
-            ":irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa 1700000000",
+            ":alice!al@irc.wikimedia.org JOIN #en.wikipedia",
+            ":irc.wikimedia.org 332 alice #en.wikipedia :Stream for topic #en.wikipedia",
+            ":irc.wikimedia.org 333 alice #en.wikipedia rc-pmtpa!rc-pmtpa@irc.wikimedia.org 1700000000",
             ":irc.wikimedia.org 353 alice = #en.wikipedia :alice @rc-pmtpa",
-            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list.",
+            ":irc.wikimedia.org 366 alice #en.wikipedia :End of /NAMES list",
             ":irc.wikimedia.org 403 alice #nope :No such channel",
         ])
         client.send("JOIN #en.wikipedia")  # already there: nothing
@@ -240,9 +240,9 @@ class Channels(ServerTestCase):
         client.lines()
         client.send("PART #en.wikipedia :bye", "PART #en.wikipedia", "PART #nope")
         self.assertEqual(client.lines(), [
-            ":alice!al@10.0.0.7 PART #en.wikipedia :bye",
+            ":alice!al@irc.wikimedia.org PART #en.wikipedia",
             ":irc.wikimedia.org 442 alice #en.wikipedia :You're not on that channel",
-            ":irc.wikimedia.org 403 alice #nope :No such channel",
+            ":irc.wikimedia.org 442 alice #nope :You're not on that channel",
         ])
         self.server.broadcast("#en.wikipedia", "after part")
         self.assertEqual(client.lines(), [])
@@ -250,39 +250,47 @@ class Channels(ServerTestCase):
     def test_list_names_topic_mode(self):
         self.server.broadcast("#de.wikipedia", "x")
         client = self.client()
+        client.send("JOIN #de.wikipedia")
+        client.lines()
         client.send("LIST", "NAMES #de.wikipedia", "NAMES", "TOPIC #de.wikipedia", "TOPIC #de.wikipedia :mine",
+                    "TOPIC #en.wikipedia",
                     "MODE #de.wikipedia", "MODE #de.wikipedia b", "MODE #de.wikipedia +o alice", "MODE alice",
-                    "MODE alice +i", "MODE alice +o", "MODE rc-pmtpa")
+                    "MODE alice +i", "MODE alice +o", "MODE rc-pmtpa", "MODE bob", "MODE #nope")
         self.assertEqual(client.lines(), [
-            ":irc.wikimedia.org 321 alice Channel :Users  Name",
-            ":irc.wikimedia.org 322 alice #de.wikipedia 1 :Stream for topic de.wikipedia",
-            ":irc.wikimedia.org 322 alice #en.wikipedia 1 :Stream for topic en.wikipedia",
+            ":irc.wikimedia.org 322 alice #de.wikipedia 2 :Stream for topic #de.wikipedia",
+            ":irc.wikimedia.org 322 alice #en.wikipedia 1 :Stream for topic #en.wikipedia",
             ":irc.wikimedia.org 323 alice :End of /LIST",
-            ":irc.wikimedia.org 353 alice = #de.wikipedia :@rc-pmtpa",
-            ":irc.wikimedia.org 366 alice #de.wikipedia :End of /NAMES list.",
-            ":irc.wikimedia.org 366 alice * :End of /NAMES list.",
-            ":irc.wikimedia.org 332 alice #de.wikipedia :Stream for topic de.wikipedia",
-            ":irc.wikimedia.org 333 alice #de.wikipedia rc-pmtpa 1700000000",
-            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not channel operator",
+            ":irc.wikimedia.org 353 alice = #de.wikipedia :alice @rc-pmtpa",
+            ":irc.wikimedia.org 366 alice #de.wikipedia :End of /NAMES list",
+            ":irc.wikimedia.org 366 alice * :End of /NAMES list",
+            ":irc.wikimedia.org 332 alice #de.wikipedia :Stream for topic #de.wikipedia",
+            ":irc.wikimedia.org 333 alice #de.wikipedia rc-pmtpa!rc-pmtpa@irc.wikimedia.org 1700000000",
+            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not a channel operator",
+            ":irc.wikimedia.org 442 alice #en.wikipedia :You're not on that channel",
             ":irc.wikimedia.org 324 alice #de.wikipedia +mts",
-            ":irc.wikimedia.org 329 alice #de.wikipedia 1700000000",
             ":irc.wikimedia.org 368 alice #de.wikipedia :End of channel ban list",
-            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not channel operator",
+            ":irc.wikimedia.org 482 alice #de.wikipedia :You're not a channel operator",
             ":irc.wikimedia.org 221 alice +i",
-            ":irc.wikimedia.org 501 alice :Unknown MODE flag",
-            ":irc.wikimedia.org 502 alice :Cant change mode for other users",
+            ":irc.wikimedia.org 502 alice :Can't change mode for other users",
+            ":irc.wikimedia.org 401 alice bob :No such nick/channel",
+            ":irc.wikimedia.org 403 alice #nope :No such channel",
         ])
 
     def test_privmsg_is_refused_in_channels_and_dropped_for_the_bot(self):
         client = self.client()
         client.send("PRIVMSG #en.wikipedia :hello", "PRIVMSG rc-pmtpa :hello", "PRIVMSG bob :hi",
-                    "PRIVMSG #nope :x", "NOTICE #en.wikipedia :x", "PRIVMSG", "PRIVMSG rc-pmtpa")
+                    "PRIVMSG #nope :x", "NOTICE #en.wikipedia :x", "PRIVMSG", "PRIVMSG rc-pmtpa", "PRIVMSG :",
+                    "NOTICE :", "PRIVMSG alice :to myself", "NOTICE bob,ALICE :me too")
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 404 alice #en.wikipedia :Cannot send to channel",
             ":irc.wikimedia.org 401 alice bob :No such nick/channel",
             ":irc.wikimedia.org 401 alice #nope :No such nick/channel",
-            ":irc.wikimedia.org 411 alice :No recipient given (PRIVMSG)",
-            ":irc.wikimedia.org 412 alice :No text to send",
+            ":irc.wikimedia.org 461 alice PRIVMSG :Not enough parameters",
+            ":irc.wikimedia.org 461 alice PRIVMSG :Not enough parameters",
+            ":irc.wikimedia.org 461 alice PRIVMSG :Not enough parameters",
+            ":irc.wikimedia.org 461 alice NOTICE :Not enough parameters",
+            ":alice!al@irc.wikimedia.org PRIVMSG alice :to myself",
+            ":alice!al@irc.wikimedia.org NOTICE alice :me too",
         ])
 
 
@@ -295,14 +303,15 @@ class Users(ServerTestCase):
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 315 alice #en.wikipedia :End of /WHO list.",
             ":irc.wikimedia.org 401 alice bob :No such nick/channel",
-            ":irc.wikimedia.org 318 alice bob :End of /WHOIS list.",
+            ":irc.wikimedia.org 318 alice bob :End of /WHOIS list",
             ":irc.wikimedia.org 311 alice alice al 10.0.0.7 * :Alice Liddell",
             ":irc.wikimedia.org 312 alice alice irc.wikimedia.org :Wikimedia",
-            ":irc.wikimedia.org 318 alice alice :End of /WHOIS list.",
+            ":irc.wikimedia.org 317 alice alice 0 1700000000 :seconds idle, signon time",
+            ":irc.wikimedia.org 318 alice alice :End of /WHOIS list",
             ":irc.wikimedia.org 311 alice rc-pmtpa rc-pmtpa irc.wikimedia.org * :rc-pmtpa",
             ":irc.wikimedia.org 312 alice rc-pmtpa irc.wikimedia.org :Wikimedia",
-            ":irc.wikimedia.org 313 alice rc-pmtpa :is a bot",
-            ":irc.wikimedia.org 318 alice rc-pmtpa :End of /WHOIS list.",
+            ":irc.wikimedia.org 317 alice rc-pmtpa 0 1700000000 :seconds idle, signon time",
+            ":irc.wikimedia.org 318 alice rc-pmtpa :End of /WHOIS list",
             ":irc.wikimedia.org 406 alice bob :There was no such nickname",
             ":irc.wikimedia.org 369 alice bob :End of WHOWAS",
             ":irc.wikimedia.org 302 alice :alice=+al@10.0.0.7 rc-pmtpa*=+rc-pmtpa@irc.wikimedia.org",
@@ -316,28 +325,33 @@ class Input(ServerTestCase):
         split = data.index("ë".encode("utf-8")) + 1
         client.protocol.dataReceived(data[:split])
         client.protocol.dataReceived(data[split:])
-        self.assertEqual(client.lines(), [":irc.wikimedia.org 432 alice zoë :Erroneous nickname"])
+        self.assertEqual(client.lines(), [":alice!al@irc.wikimedia.org NICK zoë"])  # \w: letters of any script
 
     def test_invalid_utf8_is_replaced_not_fatal(self):
         client = self.client()
         client.protocol.dataReceived(b"FOO\xff\xfe bar\r\nPING ok\n")
         self.assertEqual(client.lines(), [
             ":irc.wikimedia.org 421 alice FOO\ufffd\ufffd :Unknown command",
-            ":irc.wikimedia.org PONG irc.wikimedia.org :ok",
+            ":irc.wikimedia.org PONG irc.wikimedia.org ok",
         ])
         self.assertFalse(client.transport.disconnecting)
 
-    def test_lines_over_512_bytes_are_refused_politely(self):
+    def test_lines_over_510_bytes_are_cut_and_run(self):
+        """RFC 2813 3.3 and IRCStream: the first 510 bytes of a line (without
+        CRLF) are the command; the answer is cut at 510 characters too."""
         client = self.client()
-        client.send("PING " + "x" * 505)  # 512 bytes with CRLF: fine
-        client.send("PING " + "x" * 506)
-        client.protocol.dataReceived(b"PING " + b"y" * 600)  # no newline yet
-        client.protocol.dataReceived(b"yyy\r\nPING after\r\n")
+        client.send("PING " + "x" * 505)  # 510 bytes without CRLF: whole
+        client.send("PING " + "y" * 506)
+        client.protocol.dataReceived(b"PING " + b"z" * 600)  # no newline yet
+        client.protocol.dataReceived(b"zzz" * 10000)  # still none: not kept
+        self.assertLessEqual(len(client.protocol.partial), 512)
+        client.protocol.dataReceived(b"zzz\r\nPING after\r\n")
+        pong = ":irc.wikimedia.org PONG irc.wikimedia.org "
         self.assertEqual(client.lines(), [
-            ":irc.wikimedia.org PONG irc.wikimedia.org :" + "x" * 505,
-            ":irc.wikimedia.org 417 alice :Input line was too long",
-            ":irc.wikimedia.org 417 alice :Input line was too long",
-            ":irc.wikimedia.org PONG irc.wikimedia.org :after",
+            (pong + "x" * 505)[:510],
+            (pong + "y" * 505)[:510],
+            (pong + "z" * 505)[:510],
+            pong + "after",
         ])
         self.assertFalse(client.transport.disconnecting)
 
@@ -350,9 +364,9 @@ class Keepalive(ServerTestCase):
             self.assertEqual(quiet.lines(), ["PING :irc.wikimedia.org"])
             self.assertEqual(answering.lines(), ["PING :irc.wikimedia.org"])
             answering.send("PONG :irc.wikimedia.org")
-        self.assertEqual(unregistered.lines(), [])
+        self.assertEqual(unregistered.lines(), ["ERROR :Closing Link: (Registration timed out)"])  # at 60 s
         self.clock.advance(45)  # 225 s without a PONG
-        self.assertEqual(quiet.lines(), ["ERROR :Closing Link: 10.0.0.7 (Ping timeout: 225 seconds)"])
+        self.assertEqual(quiet.lines(), ["ERROR :Closing Link: (Ping timeout: 225 seconds)"])
         self.assertTrue(quiet.transport.disconnecting)
         self.assertTrue(unregistered.transport.disconnecting)
         self.assertEqual(answering.lines(), ["PING :irc.wikimedia.org"])
@@ -389,7 +403,7 @@ class Queue(ServerTestCase):
         self.assertEqual(self.server.channels["#en.wikipedia"].members, set())
         self.assertEqual(self.server.clients, {other.protocol})
         d = self.server.stopService()
-        self.assertEqual(other.lines()[-1], "ERROR :Closing Link: 10.0.0.7 (Server shutting down)")
+        self.assertEqual(other.lines()[-1], "ERROR :Closing Link: (Server shutting down)")
         self.assertNoResult(d)
         other.lose()
         self.successResultOf(d)
@@ -528,3 +542,156 @@ class PacedBatches(ServerTestCase):
         self.server.stopService()  # a pending flush is dropped with the clients
         self.clock.advance(1)
         self.assertNotIn("T8", transport.value().decode())
+
+
+class Limits(ServerTestCase):
+    """Issue 12: what one client may cost (a fake clock, in-memory transports)."""
+
+    config = dataclasses.replace(ServerTestCase.config, flood_rate=10, flood_burst=5, flood_buffer=1024,
+                                 max_clients=4, max_clients_per_address=2, registration_timeout=30)
+
+    def at(self, host: str) -> Client:
+        client = Client.__new__(Client)
+        client.protocol = self.server.factory.buildProtocol(None)
+        client.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4242))
+        client.protocol.makeConnection(client.transport)
+        return client
+
+    def test_commands_beyond_the_burst_wait_for_tokens_and_all_run(self):
+        client = self.client()
+        self.clock.advance(1)  # the bucket is full again after NICK and USER
+        client.protocol.dataReceived(b"".join(b"PING n%d\r\n" % n for n in range(8)))
+        self.assertEqual([line.split()[-1] for line in client.lines()], ["n0", "n1", "n2", "n3", "n4"])
+        self.clock.advance(0.1)  # one token back
+        self.assertEqual([line.split()[-1] for line in client.lines()], ["n5"])
+        self.clock.advance(0.2)
+        self.assertEqual([line.split()[-1] for line in client.lines()], ["n6", "n7"])
+        self.assertFalse(client.transport.disconnecting)
+
+    def test_more_waiting_than_flood_buffer_is_excess_flood(self):
+        client = self.client()
+        client.protocol.dataReceived(b"LIST\r\n" * 150)  # 900 bytes: waits
+        self.assertFalse(client.transport.disconnecting)
+        client.lines()
+        client.protocol.dataReceived(b"LIST\r\n" * 50)  # 1,200 bytes waiting
+        self.assertEqual(client.lines(), ["ERROR :Closing Link: (Excess Flood)"])
+        self.assertTrue(client.transport.disconnecting)
+        self.assertEqual(client.protocol.waiting, b"")
+        self.assertEqual(self.server.counters.flooded, 1)
+
+    def test_a_flood_in_one_read_is_refused_before_any_command_runs(self):
+        client = self.client(register=False)
+        client.protocol.dataReceived(b"NICK a\r\nUSER a 0 * :a\r\n" + b"LIST\r\n" * 11000)
+        self.assertEqual(client.lines(), ["ERROR :Closing Link: (Excess Flood)"])
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_a_client_whose_output_is_paused_is_not_read_and_runs_nothing(self):
+        client = self.client()
+        client.protocol.pauseProducing()  # its transport's buffer is full
+        self.assertEqual(client.transport.producerState, "paused")
+        client.protocol.dataReceived(b"PING a\r\nPING b\r\n")  # what was already read
+        self.assertEqual(client.lines(), [])
+        client.protocol.resumeProducing()
+        self.assertEqual(client.lines(), [":irc.wikimedia.org PONG irc.wikimedia.org a",
+                                          ":irc.wikimedia.org PONG irc.wikimedia.org b"])
+
+    def test_a_command_that_pauses_the_output_stops_the_ones_after_it(self):
+        client = self.client()
+        pause = client.protocol.pauseProducing
+        client.protocol.handle_LIST = lambda params: pause()  # as a transport does when LIST fills it
+        client.protocol.dataReceived(b"LIST\r\nPING a\r\n")
+        self.assertEqual(client.lines(), [])
+        client.protocol.resumeProducing()
+        self.assertEqual(client.lines(), [":irc.wikimedia.org PONG irc.wikimedia.org a"])
+
+    def test_connections_per_address_and_in_all_are_capped(self):
+        a1, a2, a3 = self.at("10.0.0.1"), self.at("10.0.0.1"), self.at("10.0.0.1")
+        self.assertEqual(a3.lines(), ["ERROR :Closing Link: (Too many connections from your address)"])
+        self.assertTrue(a3.transport.disconnecting)
+        self.assertEqual((a1.lines(), a1.transport.disconnecting), ([], False))
+        b1, b2, c1 = self.at("10.0.0.2"), self.at("10.0.0.2"), self.at("10.0.0.3")
+        self.assertEqual(c1.lines(), ["ERROR :Closing Link: (Server is full, try later)"])
+        self.assertEqual(len(self.server.clients), 4)
+        samples = {name: value for name, _, _, _, value in self.server.samples()}
+        self.assertEqual(samples["eventstreams_irc_refused_total"], 2)
+        a3.lose()  # a refused client leaving changes nothing
+        c1.lose()
+        self.assertEqual(self.server.per_address, {"10.0.0.1": 2, "10.0.0.2": 2})
+        a1.lose()
+        a4 = self.at("10.0.0.1")
+        self.assertEqual(a4.lines(), [])
+        self.assertEqual(self.server.per_address, {"10.0.0.1": 2, "10.0.0.2": 2})
+
+    def test_registration_deadline(self):
+        slow, quick = self.client(register=False), self.client(register=False)
+        self.clock.advance(29)
+        quick.register()
+        quick.lines()
+        self.clock.advance(1)
+        self.assertEqual(slow.lines(), ["ERROR :Closing Link: (Registration timed out)"])
+        self.assertTrue(slow.transport.disconnecting)
+        self.assertFalse(quick.transport.disconnecting)
+
+
+class IPv6Hosts(ServerTestCase):
+    def at(self, host: str) -> Client:
+        return Limits.at(self, host)
+
+    def test_a_host_starting_with_a_colon_is_shown_with_a_zero(self):
+        client = self.at("::1")
+        welcome = client.register()
+        self.assertEqual(welcome[0], ":irc.wikimedia.org 001 alice :Welcome to the Wikimedia IRC Network alice!al@0::1")
+        client.send("WHOIS alice", "USERHOST alice")
+        self.assertEqual(client.lines()[0], ":irc.wikimedia.org 311 alice alice al 0::1 * :Alice Liddell")
+        self.assertEqual(self.server.per_address, {"::1": 1})
+
+    def test_an_ipv4_mapped_address_is_shown_as_ipv4(self):
+        client = self.at("::ffff:10.0.0.8")
+        self.assertTrue(client.register()[0].endswith("alice!al@10.0.0.8"))
+        self.assertEqual(self.server.per_address, {"10.0.0.8": 1})
+
+
+class LimitsConfig(unittest.TestCase):
+    def load(self, *overrides: str):
+        return irc_config(load(write_config(self.mktemp()), ("irc.listen=tcp:6667",) + overrides))
+
+    def test_defaults(self):
+        c = self.load()
+        self.assertEqual((c.max_clients, c.max_clients_per_address, c.registration_timeout, c.flood_rate,
+                          c.flood_burst, c.flood_buffer), (10000, 50, 60.0, 10.0, 20, 16384))
+
+    def test_values_and_errors(self):
+        c = self.load("irc.max_clients=0", "irc.max_clients_per_address=0", "irc.registration_timeout=2m",
+                      "irc.flood_rate=2.5", "irc.flood_burst=5", "irc.flood_buffer=4k")
+        self.assertEqual((c.max_clients, c.max_clients_per_address, c.registration_timeout, c.flood_rate,
+                          c.flood_burst, c.flood_buffer), (0, 0, 120.0, 2.5, 5, 4096))
+        cases = {
+            "irc.max_clients=-1": "[irc] max_clients: expected a non-negative integer",
+            "irc.flood_rate=0": "[irc] flood_rate: must be above 0",
+            "irc.flood_burst=0": "[irc] flood_burst: expected an integer >= 1",
+            "irc.flood_buffer=100": "[irc] flood_buffer: must be at least 512 bytes",
+            "irc.registration_timeout=0": "[irc] registration_timeout: must be above 0",
+        }
+        for override, message in cases.items():
+            with self.assertRaises(ConfigError) as caught:
+                self.load(override)
+            self.assertIn(message, str(caught.exception), override)
+
+    def test_both_shipped_configurations_set_the_limits(self):
+        for path in ("etc/streams.ini", "debian/streams.ini"):
+            with open(os.path.join(os.path.dirname(__file__), "..", path)) as f:
+                text = f.read()
+            section = text[text.index("[irc]"):]
+            for key in ("max_clients", "max_clients_per_address", "registration_timeout", "flood_rate",
+                        "flood_burst", "flood_buffer"):
+                self.assertIn(f"\n{key} = ", section, f"{path}: {key}")
+
+
+class LineLength(ServerTestCase):
+    def test_bot_lines_are_cut_at_510_characters_as_ircstream_sends_them(self):
+        client = self.client()
+        client.send("JOIN #en.wikipedia")
+        client.lines()
+        self.server.broadcast("#en.wikipedia", "é" * 600)
+        (sent,) = client.lines()
+        self.assertEqual(sent, (f"{BOT} PRIVMSG #en.wikipedia :" + "é" * 600)[:510])

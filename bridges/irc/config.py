@@ -5,7 +5,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from eventstreams.config import Config, ConfigError, _endpoint, _number, _positive_count, parse_values
+from eventstreams.config import (
+    Config, ConfigError, _count, _duration, _endpoint, _number, _positive_count, _size, parse_values,
+)
 
 _WORD = re.compile(r"[^\s:,\x00\x07]+")
 
@@ -49,6 +51,13 @@ class IRCConfig:
     ping_timeout: float = 180.0
     queue_size: int = 1000  # lines waiting for one slow client
     flush_interval: float = 0.1  # seconds a line may wait to be coalesced (0: write each batch at once)
+    # What one client may cost (issue 12); 0 = no limit for the counts.
+    max_clients: int = 10000  # connections in all
+    max_clients_per_address: int = 50  # connections from one address
+    registration_timeout: float = 60.0  # seconds from connect to NICK + USER done
+    flood_rate: float = 10.0  # commands a second, sustained (token bucket refill)
+    flood_burst: int = 20  # commands at once (bucket size)
+    flood_buffer: int = 16384  # bytes of received commands waiting their turn; beyond: Excess Flood
 
 
 FIELDS: dict[str, Callable] = {
@@ -62,6 +71,12 @@ FIELDS: dict[str, Callable] = {
     "ping_timeout": _number,
     "queue_size": _positive_count,
     "flush_interval": _number,
+    "max_clients": _count,
+    "max_clients_per_address": _count,
+    "registration_timeout": _duration,
+    "flood_rate": _number,
+    "flood_burst": _positive_count,
+    "flood_buffer": _size,
 }
 
 
@@ -84,6 +99,12 @@ def irc_config(config: Config) -> Optional[IRCConfig]:
         raise ConfigError(config.path, "irc", "ping_interval", "must be above 0 seconds")
     if result.ping_timeout <= 0:
         raise ConfigError(config.path, "irc", "ping_timeout", "must be above 0 seconds")
+    if result.registration_timeout <= 0:
+        raise ConfigError(config.path, "irc", "registration_timeout", "must be above 0 seconds")
+    if result.flood_rate <= 0:
+        raise ConfigError(config.path, "irc", "flood_rate", "must be above 0 commands a second")
+    if result.flood_buffer < 512:
+        raise ConfigError(config.path, "irc", "flood_buffer", "must be at least 512 bytes (one IRC line)")
     if result.flush_interval > 1:
         raise ConfigError(config.path, "irc", "flush_interval", "must be at most 1 second")
     return IRCConfig(**{**kwargs, "stream": stream.name})
