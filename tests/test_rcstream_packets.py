@@ -68,7 +68,7 @@ class Sio09Packets(unittest.TestCase):
     def test_jsonp_bodies(self):
         self.assertEqual(P.jsonp_body("3", ["1::"]), 'io.j[3]("1::");')
         body = P.jsonp_body("0", ['5::/rc:{"a":"\\u00e9</script>"}', "2::"])
-        self.assertEqual(body, 'io.j[0]("\ufffd30\ufffd5::/rc:{\\"a\\":\\"\\\\u00e9<\\/script>\\"}\ufffd3\ufffd2::");')
+        self.assertEqual(body, 'io.j[0]("\ufffd30\ufffd5::/rc:{\\"a\\":\\"\\\\u00e9\\u003c/script>\\"}\ufffd3\ufffd2::");')
         self.assertEqual(P.jsonp_post_data('"1::/rc:"'), "1::/rc:")
         self.assertEqual(P.jsonp_post_data("2::"), "2::")
         for bad in ['"unterminated', '"a" "b"']:
@@ -382,3 +382,57 @@ class PacedBatches(unittest.TestCase):
         self.bridge.stopService()  # a pending flush is dropped with the sessions
         self.clock.advance(1)
         self.assertEqual(len(t.packets), 9)
+
+
+class JsonpDeclaredLengths(unittest.TestCase):
+    """Issue 15: every framed packet of a jsonp body decodes to exactly its
+    declared length, whether the client unescapes the JS string first (JS,
+    JSON) or each framed part after splitting (socketIO-client 0.5.7.4,
+    with Python's unicode_escape)."""
+
+    PACKETS = [P.event_packet("/rc", "change", P.ascii_json([{"comment": text}]))
+               for text in ['<span>a</span>', 'say "hi"', "back\\slash", "\U0001F600 \u00e4 \u2603", "</script>"]]
+
+    def test_split_then_unescape_gives_the_declared_lengths(self):
+        import codecs
+
+        body = P.jsonp_body("1", self.PACKETS)
+        inner = body[len('io.j[1]("'):-len('");')]
+        parts = inner.split(P.BOUNDARY)[1:]
+        decoded = [codecs.getdecoder("unicode_escape")(part)[0] for part in parts[1::2]]
+        self.assertEqual([int(n) for n in parts[0::2]], [len(text) for text in decoded])
+        self.assertEqual(decoded, self.PACKETS)
+
+    def test_unescape_then_split_gives_the_packets(self):
+        body = P.jsonp_body("1", self.PACKETS)
+        text = json.loads(body[len('io.j[1]('):-len(');')])
+        self.assertEqual(P.decode_payload(text), self.PACKETS)
+        self.assertNotIn("</", body)
+
+
+class Eio3BinaryPayloads(unittest.TestCase):
+    def test_round_trip_and_python_engineio_3_bytes(self):
+        packets = ["40/rc", '42/rc,["subscribe","\u00e4"]', "2"]
+        data = P.encode_eio3_binary_payload(packets)
+        # byte for byte what python-engineio 3.14's Payload.encode() gives (24 UTF-8 bytes: digits 2, 4)
+        self.assertEqual(data, b'\x00\x05\xff40/rc\x00\x02\x04\xff42/rc,["subscribe","\xc3\xa4"]\x00\x01\xff2')
+        self.assertEqual(P.decode_eio3_binary_payload(data), packets)
+        self.assertEqual(P.decode_eio3_binary_payload(b"\x01\x03\xff\x04ab\x00\x01\xff2"), [None, "2"])
+
+    def test_bad_binary_framing_is_refused(self):
+        for data in [b"\x00\xff", b"\x00\x0a\xff", b"\x00\x01", b"\x00\x05\xff40", b"\x02\x01\xff2",
+                     b"\x00" + b"\x01" * 12 + b"\xff", b"\x00\x02\xff\xc3("]:
+            with self.assertRaises(P.PacketError, msg=repr(data)):
+                P.decode_eio3_binary_payload(data)
+
+
+class JsonDepth(unittest.TestCase):
+    def test_nesting_over_the_limit_is_a_packet_error(self):
+        self.assertEqual(P.loads('[["a", {"b": [1]}], "[[[[[["]', 4), [["a", {"b": [1]}], "[[[[[["])
+        for text in ["[" * 30_000 + "]" * 30_000, '{"a":' * 5000 + "1" + "}" * 5000]:
+            with self.assertRaises(P.PacketError):
+                P.loads(text)
+        with self.assertRaises(P.PacketError):
+            P.SioPacket.parse("2/rc," + "[" * 40 + "]" * 40)
+        with self.assertRaises(P.PacketError):
+            P.Packet.parse('5::/rc:{"name":"x","args":' + "[" * 40 + "]" * 40 + "}").event()
