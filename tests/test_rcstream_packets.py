@@ -436,3 +436,75 @@ class JsonDepth(unittest.TestCase):
             P.SioPacket.parse("2/rc," + "[" * 40 + "]" * 40)
         with self.assertRaises(P.PacketError):
             P.Packet.parse('5::/rc:{"name":"x","args":' + "[" * 40 + "]" * 40 + "}").event()
+
+
+class Limits(unittest.TestCase):
+    """Issue 12: what one client address can make the bridge do, on a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.config = RCStreamConfig(max_sessions=6, max_sessions_per_address=4, max_handshakes_per_second=3,
+                                     max_pattern_length=20, max_patterns_per_second=5)
+        self.bridge = Bridge(self.config, self.clock)
+        self.bridge.startService()
+        self.addCleanup(self.bridge.stopService)
+
+    def handshake(self, address):
+        refusal = self.bridge.refusal(address)
+        return refusal if refusal is not None else self.bridge.create(Sio09Session, address)
+
+    def test_handshakes_per_second_then_sessions_per_address_then_in_all(self):
+        from bridges.rcstream.sessions import FULL, FULL_FOR_ADDRESS, TOO_FAST
+
+        first = [self.handshake("a") for _ in range(4)]
+        self.assertEqual(first[3], TOO_FAST)  # 3 a second, the burst too
+        self.clock.advance(1 / 3)
+        self.assertIsInstance(self.handshake("a"), Sio09Session)
+        self.clock.advance(1)
+        self.assertEqual(self.handshake("a"), FULL_FOR_ADDRESS)
+        self.assertIsInstance(self.handshake("b"), Sio09Session)
+        self.assertIsInstance(self.handshake("b"), Sio09Session)
+        self.assertEqual(self.handshake("c"), FULL)
+        first[0].close()  # a closed session frees its places
+        self.clock.advance(1)
+        self.assertIsInstance(self.handshake("a"), Sio09Session)
+        self.assertEqual(self.bridge.per_address, {"a": 4, "b": 2})
+        self.assertEqual(dict((s[0], s[4]) for s in self.bridge.samples())["eventstreams_rcstream_refused_total"], 3)
+        self.clock.advance(10)
+        self.bridge.tick()
+        self.assertEqual(self.bridge.handshakes.buckets, {})  # full buckets are forgotten
+
+    def test_long_patterns_and_too_many_new_patterns_are_refused(self):
+        session = self.bridge.create(Sio09Session, "a")
+        t = Recorder()
+        session.attach(t)
+        session.receive('5::/rc:{"name":"subscribe","args":["' + "a*" * 11 + '"]}')
+        self.assertEqual(t.packets[-1], '5::/rc:{"name":"error","args":["subscribe_error","Subscription pattern too long"]}')
+        session.receive('5::/rc:{"name":"subscribe","args":[["1","2","3","4","5","6"]]}')
+        self.assertIn("Too many new subscription patterns", t.packets[-1])
+        self.assertEqual(session.subscriptions, [])
+        self.clock.advance(1)
+        other = self.bridge.create(Sio09Session, "a")
+        other.attach(Recorder())
+        other.receive('5::/rc:{"name":"subscribe","args":[["1","2","3","4","5"]]}')  # compiled once for all
+        session.receive('5::/rc:{"name":"subscribe","args":[["1","2","3","4","5"]]}')
+        self.assertEqual(session.subscriptions, ["1", "2", "3", "4", "5"])
+        self.assertIs(session.matchers["1"], other.matchers["1"])
+
+    def test_ticks_are_sliced_across_reactor_turns(self):
+        from bridges.rcstream.sessions import TICK_SLICE
+
+        bridge = Bridge(RCStreamConfig(max_sessions=0, max_sessions_per_address=0, max_handshakes_per_second=0),
+                        self.clock)
+        for _ in range(TICK_SLICE * 2 + 10):
+            bridge.create(Sio09Session, "a")
+        self.clock.advance(61)
+        bridge.tick()
+        self.assertEqual(len(bridge.sessions), TICK_SLICE + 10)  # one slice expired this turn
+        bridge.tick()  # a pass under way: no second one
+        self.assertEqual(len(bridge.sessions), TICK_SLICE + 10)
+        self.clock.advance(0)  # the next turns (callLater(0) each)
+        self.assertEqual(len(bridge.sessions), 0)
+        self.assertIsNone(bridge._ticking)
+        self.assertEqual(bridge.per_address, {})
