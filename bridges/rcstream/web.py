@@ -319,7 +319,8 @@ class SocketProtocol(WebSocketServerProtocol):
         self.path = request.path
         self.params = request.params
         forwarded = request.headers.get(self.ip_header.lower()) if self.ip_header else None
-        self.address = forwarded.split(",")[0].strip() if forwarded else self.transport.getPeer().host
+        peer = getattr(self.transport.getPeer(), "host", None) or "local"  # as client_ip() has it
+        self.address = forwarded.split(",")[0].strip() if forwarded else peer
 
     def onOpen(self) -> None:
         if getattr(self.transport, "producer", None) is not None:
