@@ -68,6 +68,10 @@ session_timeout = 60s
 poll_timeout = 20s
 max_subscriptions = 10
 max_queue = 1000
+# every load client comes from loopback: no per-address caps (issue 12's)
+max_sessions = 0
+max_sessions_per_address = 0
+max_handshakes_per_second = 0
 """
 
 

@@ -171,10 +171,12 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if rcstream is not None:
         bridge = rcstream_sessions.Bridge(rcstream, reactor)
         if rcstream.listen:  # a listener of its own (required with workers)
-            listeners["rcstream"] = listener(reactor, rcstream.listen, Site(rcstream_web.mount(Resource(), bridge, reactor)))
+            root = rcstream_web.mount(Resource(), bridge, reactor, service.client_ip_header)
+            listeners["rcstream"] = listener(reactor, rcstream.listen, Site(root))
         else:
             site = listeners["api"].factory  # type: ignore[attr-defined]
-            site.resource = rcstream_web.mount(site.resource, bridge, reactor)  # /socket.io/, /rcstream_status
+            site.resource = rcstream_web.mount(site.resource, bridge, reactor,  # /socket.io/, /rcstream_status
+                                               service.client_ip_header)
         bridges.append(bridge)  # the heartbeat timer; closes the sessions on stop
         bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor,
                                   on_batch=bridge.on_batch))

@@ -3,7 +3,9 @@ environment under .cache/ (not committed), installed on first use:
 
 - .cache/rcstream-py/sio09: Python socketIO-client 0.5.7.4 (Socket.IO 0.9);
 - .cache/rcstream-py/sio5: python-socketio 5.x client (Engine.IO 4);
-- .cache/rcstream-js: socket.io-client 0.9.16, 2.x and 4.x from
+- .cache/rcstream-py/sio4: python-socketio 4.x client (Engine.IO 3, binary
+  payload framing over polling);
+- .cache/rcstream-js: socket.io-client 0.9.16, 1.7.x, 2.x and 4.x from
   tests/rcstream-clients/package-lock.json (npm ci).
 
 `python -m tests.rcstream_clients` installs them all (Makefile, CI).
@@ -27,6 +29,8 @@ PYTHON_ENVS = {
     # versions verified with it.
     "sio09": ["socketIO-client==0.5.7.4", "requests==2.34.2", "websocket-client==1.9.2", "six==1.17.0"],
     "sio5": ["python-socketio[client]==5.18.1", "python-engineio==4.15.1", "websocket-client==1.9.2"],
+    "sio4": ["python-socketio[client]==4.6.1", "python-engineio==3.14.2", "websocket-client==1.9.2",
+             "requests==2.34.2"],
 }
 
 

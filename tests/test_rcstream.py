@@ -461,3 +461,132 @@ class RealClients(RCStreamCase):
     async def test_python_socketio_5_polling_upgraded_to_websocket(self):
         lines = await self.sio5("polling,websocket")
         self.assertIn({"transport": "websocket"}, lines)
+
+
+def hostile_events() -> list[dict]:
+    """Changes whose text stresses every escaping layer (issue 15): `</span>`
+    and `</script>`, quotes, backslashes, non-BMP characters; all on
+    *.wikipedia.org."""
+    texts = ['<span dir="auto"><span class="autocomment">Intro</span></span> tidy',
+             'a "quoted" word and a back\\slash \\" \\\\ \\u0041',
+             "non-BMP: \U0001F600 \U00010348 \U0001D11E, and \u00e4 \u2603 \ufffd",
+             "</script><script>alert(1)</script> <\\/ </",
+             'all: </span> "\\" \U0001F4A9']
+    events = []
+    for n, text in enumerate(texts * 2):
+        event = rc_event(100 + n, "enwiki" if n % 2 else "dewiki")
+        event["comment"] = text
+        event["parsedcomment"] = text.replace("<", "&lt;")
+        event["title"] = f"T\u00eatre {text[:12]} \U0001F3AD"
+        events.append(event)
+    return events
+
+
+class LegacyClientsHostileText(RCStreamCase):
+    """Issue 15: the transports that lost data, and the clients the issue
+    names, under a feed whose every change needs escaping. All the changes
+    of one append arrive in one polling response (framed), where the
+    declared lengths matter; each must arrive, equal to what was fed."""
+
+    timeout = 180
+    client = RealClients.client
+
+    async def check(self, d, argv: list[str], cwd=None, ordered: bool = True) -> list[dict]:
+        events = hostile_events()
+        run = deferToThread(subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd=cwd)
+        await self.wait_subscribed(d)
+        await sleep(0.3)
+        await d.append(d.rc[0], events)
+        result = await run
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        changes = [line["change"] for line in lines if "change" in line]
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        self.assertNotIn("invalid declared length", result.stderr)
+        if not ordered:
+            changes.sort(key=lambda change: change["id"])
+        expected = [change_of(e) for e in events]
+        self.assertEqual([json.dumps(c, sort_keys=True) for c in changes],
+                         [json.dumps(c, sort_keys=True) for c in expected])
+        await sleep(0.3)
+        return lines
+
+    async def sio09(self, transport: str) -> list[dict]:
+        python = await self.client(lambda: rcstream_clients.python_env("sio09"))
+        d = await self.daemon()
+        script = str(rcstream_clients.CLIENTS / "client_sio09.py")
+        return await self.check(d, [str(python), script, str(d.ports["api"]), transport, '"*.wikipedia.org"', "10",
+                                    "30"])
+
+    async def node(self, version: str, transport: str) -> list[dict]:
+        modules = await self.client(rcstream_clients.node_modules)
+        d = await self.daemon()
+        return await self.check(d, ["node", "client.js", version, d.url(""), transport, '["*.wikipedia.org"]', "10",
+                                    "30"], cwd=str(modules))
+
+    async def sio4(self, transports: str) -> list[dict]:
+        python = await self.client(lambda: rcstream_clients.python_env("sio4"))
+        d = await self.daemon()
+        script = str(rcstream_clients.CLIENTS / "client_sio5.py")
+        return await self.check(d, [str(python), script, d.url(""), transports, '"*.wikipedia.org"', "10", "30"],
+                                ordered=False)
+
+    @async_test
+    async def test_python_socketio_client_0_5_jsonp_polling(self):
+        lines = await self.sio09("jsonp-polling")
+        self.assertIn({"transport": "jsonp-polling"}, lines)
+
+    @async_test
+    async def test_python_socketio_client_0_5_xhr_polling(self):
+        lines = await self.sio09("xhr-polling")
+        self.assertIn({"transport": "xhr-polling"}, lines)
+
+    @async_test
+    async def test_python_socketio_4_polling(self):
+        lines = await self.sio4("polling")
+        self.assertIn({"transport": "polling"}, lines)
+
+    @async_test
+    async def test_python_socketio_4_websocket(self):
+        lines = await self.sio4("websocket")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_python_socketio_4_polling_upgraded_to_websocket(self):
+        lines = await self.sio4("polling,websocket")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_1_polling(self):
+        lines = await self.node("1", "polling")
+        self.assertIn({"transport": "polling"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_1_websocket(self):
+        lines = await self.node("1", "websocket")
+        self.assertIn({"transport": "websocket"}, lines)
+
+    @async_test
+    async def test_node_socket_io_client_1_polling_upgraded_to_websocket(self):
+        lines = await self.node("1", "upgrade")
+        self.assertIn({"transport": "websocket"}, lines)
+
+
+class Eio3BinaryPollingByHand(RCStreamCase):
+    @async_test
+    async def test_binary_posts_are_read_and_answered_in_binary_unless_b64(self):
+        d = await self.daemon()
+        _, _, body = await self.text("GET", d.url("/socket.io/?EIO=3&transport=polling"))
+        length, _, rest = body.partition(":")
+        sid = json.loads(rest[1:int(length)])["sid"]
+        url = d.url(f"/socket.io/?EIO=3&transport=polling&sid={sid}")
+        posted = b"\x00\x05\xff40/rc\x00\x02\x07\xff42/rc,1[\"subscribe\",\"de.*\"]"  # python-engineio 3.x's
+        code, _, answer = await self.text("POST", url, data=posted,
+                                          headers={"Content-Type": "application/octet-stream"})
+        self.assertEqual((code, answer), (200, "ok"))
+        response = await self.request("GET", url)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/octet-stream"])
+        self.assertEqual(await response.content(), b"\x00\x05\xff40/rc\x00\x01\x03\xff43/rc,1[null]")
+        await d.append(d.rc[0], [rc_event(1, "dewiki")])
+        _, headers, body = await self.text("GET", url + "&b64=1")  # b64=1: text framing
+        self.assertTrue(headers["content-type"].startswith("text/plain"))
+        self.assertRegex(body, r'^\d+:42/rc,\["change",\{"id":1,')

@@ -68,7 +68,7 @@ class Sio09Packets(unittest.TestCase):
     def test_jsonp_bodies(self):
         self.assertEqual(P.jsonp_body("3", ["1::"]), 'io.j[3]("1::");')
         body = P.jsonp_body("0", ['5::/rc:{"a":"\\u00e9</script>"}', "2::"])
-        self.assertEqual(body, 'io.j[0]("\ufffd30\ufffd5::/rc:{\\"a\\":\\"\\\\u00e9<\\/script>\\"}\ufffd3\ufffd2::");')
+        self.assertEqual(body, 'io.j[0]("\ufffd30\ufffd5::/rc:{\\"a\\":\\"\\\\u00e9\\u003c/script>\\"}\ufffd3\ufffd2::");')
         self.assertEqual(P.jsonp_post_data('"1::/rc:"'), "1::/rc:")
         self.assertEqual(P.jsonp_post_data("2::"), "2::")
         for bad in ['"unterminated', '"a" "b"']:
@@ -382,3 +382,129 @@ class PacedBatches(unittest.TestCase):
         self.bridge.stopService()  # a pending flush is dropped with the sessions
         self.clock.advance(1)
         self.assertEqual(len(t.packets), 9)
+
+
+class JsonpDeclaredLengths(unittest.TestCase):
+    """Issue 15: every framed packet of a jsonp body decodes to exactly its
+    declared length, whether the client unescapes the JS string first (JS,
+    JSON) or each framed part after splitting (socketIO-client 0.5.7.4,
+    with Python's unicode_escape)."""
+
+    PACKETS = [P.event_packet("/rc", "change", P.ascii_json([{"comment": text}]))
+               for text in ['<span>a</span>', 'say "hi"', "back\\slash", "\U0001F600 \u00e4 \u2603", "</script>"]]
+
+    def test_split_then_unescape_gives_the_declared_lengths(self):
+        import codecs
+
+        body = P.jsonp_body("1", self.PACKETS)
+        inner = body[len('io.j[1]("'):-len('");')]
+        parts = inner.split(P.BOUNDARY)[1:]
+        decoded = [codecs.getdecoder("unicode_escape")(part)[0] for part in parts[1::2]]
+        self.assertEqual([int(n) for n in parts[0::2]], [len(text) for text in decoded])
+        self.assertEqual(decoded, self.PACKETS)
+
+    def test_unescape_then_split_gives_the_packets(self):
+        body = P.jsonp_body("1", self.PACKETS)
+        text = json.loads(body[len('io.j[1]('):-len(');')])
+        self.assertEqual(P.decode_payload(text), self.PACKETS)
+        self.assertNotIn("</", body)
+
+
+class Eio3BinaryPayloads(unittest.TestCase):
+    def test_round_trip_and_python_engineio_3_bytes(self):
+        packets = ["40/rc", '42/rc,["subscribe","\u00e4"]', "2"]
+        data = P.encode_eio3_binary_payload(packets)
+        # byte for byte what python-engineio 3.14's Payload.encode() gives (24 UTF-8 bytes: digits 2, 4)
+        self.assertEqual(data, b'\x00\x05\xff40/rc\x00\x02\x04\xff42/rc,["subscribe","\xc3\xa4"]\x00\x01\xff2')
+        self.assertEqual(P.decode_eio3_binary_payload(data), packets)
+        self.assertEqual(P.decode_eio3_binary_payload(b"\x01\x03\xff\x04ab\x00\x01\xff2"), [None, "2"])
+
+    def test_bad_binary_framing_is_refused(self):
+        for data in [b"\x00\xff", b"\x00\x0a\xff", b"\x00\x01", b"\x00\x05\xff40", b"\x02\x01\xff2",
+                     b"\x00" + b"\x01" * 12 + b"\xff", b"\x00\x02\xff\xc3("]:
+            with self.assertRaises(P.PacketError, msg=repr(data)):
+                P.decode_eio3_binary_payload(data)
+
+
+class JsonDepth(unittest.TestCase):
+    def test_nesting_over_the_limit_is_a_packet_error(self):
+        self.assertEqual(P.loads('[["a", {"b": [1]}], "[[[[[["]', 4), [["a", {"b": [1]}], "[[[[[["])
+        for text in ["[" * 30_000 + "]" * 30_000, '{"a":' * 5000 + "1" + "}" * 5000]:
+            with self.assertRaises(P.PacketError):
+                P.loads(text)
+        with self.assertRaises(P.PacketError):
+            P.SioPacket.parse("2/rc," + "[" * 40 + "]" * 40)
+        with self.assertRaises(P.PacketError):
+            P.Packet.parse('5::/rc:{"name":"x","args":' + "[" * 40 + "]" * 40 + "}").event()
+
+
+class Limits(unittest.TestCase):
+    """Issue 12: what one client address can make the bridge do, on a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.config = RCStreamConfig(max_sessions=6, max_sessions_per_address=4, max_handshakes_per_second=3,
+                                     max_pattern_length=20, max_patterns_per_second=5)
+        self.bridge = Bridge(self.config, self.clock)
+        self.bridge.startService()
+        self.addCleanup(self.bridge.stopService)
+
+    def handshake(self, address):
+        refusal = self.bridge.refusal(address)
+        return refusal if refusal is not None else self.bridge.create(Sio09Session, address)
+
+    def test_handshakes_per_second_then_sessions_per_address_then_in_all(self):
+        from bridges.rcstream.sessions import FULL, FULL_FOR_ADDRESS, TOO_FAST
+
+        first = [self.handshake("a") for _ in range(4)]
+        self.assertEqual(first[3], TOO_FAST)  # 3 a second, the burst too
+        self.clock.advance(1 / 3)
+        self.assertIsInstance(self.handshake("a"), Sio09Session)
+        self.clock.advance(1)
+        self.assertEqual(self.handshake("a"), FULL_FOR_ADDRESS)
+        self.assertIsInstance(self.handshake("b"), Sio09Session)
+        self.assertIsInstance(self.handshake("b"), Sio09Session)
+        self.assertEqual(self.handshake("c"), FULL)
+        first[0].close()  # a closed session frees its places
+        self.clock.advance(1)
+        self.assertIsInstance(self.handshake("a"), Sio09Session)
+        self.assertEqual(self.bridge.per_address, {"a": 4, "b": 2})
+        self.assertEqual(dict((s[0], s[4]) for s in self.bridge.samples())["eventstreams_rcstream_refused_total"], 3)
+        self.clock.advance(10)
+        self.bridge.tick()
+        self.assertEqual(self.bridge.handshakes.buckets, {})  # full buckets are forgotten
+
+    def test_long_patterns_and_too_many_new_patterns_are_refused(self):
+        session = self.bridge.create(Sio09Session, "a")
+        t = Recorder()
+        session.attach(t)
+        session.receive('5::/rc:{"name":"subscribe","args":["' + "a*" * 11 + '"]}')
+        self.assertEqual(t.packets[-1], '5::/rc:{"name":"error","args":["subscribe_error","Subscription pattern too long"]}')
+        session.receive('5::/rc:{"name":"subscribe","args":[["1","2","3","4","5","6"]]}')
+        self.assertIn("Too many new subscription patterns", t.packets[-1])
+        self.assertEqual(session.subscriptions, [])
+        self.clock.advance(1)
+        other = self.bridge.create(Sio09Session, "a")
+        other.attach(Recorder())
+        other.receive('5::/rc:{"name":"subscribe","args":[["1","2","3","4","5"]]}')  # compiled once for all
+        session.receive('5::/rc:{"name":"subscribe","args":[["1","2","3","4","5"]]}')
+        self.assertEqual(session.subscriptions, ["1", "2", "3", "4", "5"])
+        self.assertIs(session.matchers["1"], other.matchers["1"])
+
+    def test_ticks_are_sliced_across_reactor_turns(self):
+        from bridges.rcstream.sessions import TICK_SLICE
+
+        bridge = Bridge(RCStreamConfig(max_sessions=0, max_sessions_per_address=0, max_handshakes_per_second=0),
+                        self.clock)
+        for _ in range(TICK_SLICE * 2 + 10):
+            bridge.create(Sio09Session, "a")
+        self.clock.advance(61)
+        bridge.tick()
+        self.assertEqual(len(bridge.sessions), TICK_SLICE + 10)  # one slice expired this turn
+        bridge.tick()  # a pass under way: no second one
+        self.assertEqual(len(bridge.sessions), TICK_SLICE + 10)
+        self.clock.advance(0)  # the next turns (callLater(0) each)
+        self.assertEqual(len(bridge.sessions), 0)
+        self.assertIsNone(bridge._ticking)
+        self.assertEqual(bridge.per_address, {})

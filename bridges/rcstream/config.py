@@ -26,9 +26,16 @@ class RCStreamConfig:
     max_subscriptions: int = 10
     max_queue: int = 1000  # packets waiting for a slow session; more closes it
     max_post: int = 64 * 1024  # bytes of one polling POST body
-    max_sessions: int = 0  # 0: no limit
+    max_sessions: int = 10000  # 0: no limit
     listen: Optional[str] = None  # None: mounted on the [eventstreams] listener
     flush_interval: float = 0.1  # seconds a change may wait to be coalesced (0: each hub batch at once)
+    # Limits on what one client can make the server do (issue 12); 0: no limit.
+    max_sessions_per_address: int = 100  # open sessions of one client address
+    max_handshakes_per_second: int = 10  # new sessions a second from one address (the burst too)
+    max_pattern_length: int = 255  # characters of one subscription pattern
+    max_patterns_per_second: int = 100  # new patterns compiled a second for one address
+    max_message: int = 64 * 1024  # bytes of one WebSocket message (and frame)
+    max_json_depth: int = 32  # nesting of the JSON in one packet from a client
 
 
 def _seconds(text: str) -> float:
@@ -49,6 +56,12 @@ FIELDS: dict[str, Callable] = {
     "max_sessions": _count,
     "listen": _optional_endpoint,
     "flush_interval": _duration,
+    "max_sessions_per_address": _count,
+    "max_handshakes_per_second": _count,
+    "max_pattern_length": _positive_count,
+    "max_patterns_per_second": _count,
+    "max_message": _size,
+    "max_json_depth": _positive_count,
 }
 
 

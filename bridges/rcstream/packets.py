@@ -15,8 +15,38 @@ BOUNDARY = "\ufffd"  # Socket.IO 0.9 payload framing: \ufffd<len>\ufffd<packet>
 EIO4_SEPARATOR = "\x1e"  # Engine.IO 4 polling payloads: packets joined by RS
 
 
+MAX_DEPTH = 32  # JSON nesting of a client's packet ([rcstream] max_json_depth)
+
+
 class PacketError(ValueError):
-    """A packet or payload that cannot be parsed."""
+    """A packet or payload that cannot be parsed (in `namespace`, when known)."""
+
+    def __init__(self, message: str, namespace: str = "/"):
+        super().__init__(message)
+        self.namespace = namespace
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def loads(text: str, max_depth: int = MAX_DEPTH) -> Any:
+    """json.loads of a client's text, nested at most max_depth deep: checked
+    first (the decoder recurses, and would raise RecursionError), in time
+    linear in the text's length."""
+    if text.count("[") + text.count("{") > max_depth:
+        depth = 0
+        for token in _JSON_TOKEN.finditer(text):
+            bracket = token.group()
+            if bracket in "[{":
+                depth += 1
+                if depth > max_depth:
+                    raise PacketError(f"JSON nested deeper than {max_depth}")
+            elif bracket in "]}":
+                depth -= 1
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise PacketError("not JSON") from None
 
 
 def utf16_len(text: str) -> int:
@@ -102,12 +132,12 @@ class Packet:
         """The endpoint without a query string."""
         return self.endpoint.split("?", 1)[0]
 
-    def event(self) -> tuple[str, list]:
+    def event(self, max_depth: int = MAX_DEPTH) -> tuple[str, list]:
         """(name, args) of an EVENT packet."""
         try:
-            value = json.loads(self.data or "")
-        except ValueError:
-            raise PacketError("event data is not JSON") from None
+            value = loads(self.data or "", max_depth)
+        except PacketError as e:
+            raise PacketError(f"event data: {e}") from None
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             raise PacketError("event data needs a name")
         args = value.get("args", [])
@@ -158,12 +188,15 @@ def decode_payload(text: str) -> list[str]:
 
 
 def jsonp_body(index: str, packets: list[str]) -> str:
-    """`io.j[N]("…");` of a jsonp-polling response. Each packet is escaped as
-    a JS string; the framing character stays literal so that clients that
-    split before unescaping (socketIO-client) and JS alike read it."""
+    """`io.j[N]("…");` of a jsonp-polling response, framed as Socket.IO 0.9
+    framed it (lengths of the packets before escaping; the framing character
+    stays literal). Escapes are the ones every client reads back as one
+    character each: JS, JSON, and Python's unicode_escape, which
+    socketIO-client applies to each framed part before checking its length
+    (so no `\/`: `<` is `\u003c`, and a `</script>` in a change stays harmless)."""
 
     def escape(p: str) -> str:
-        return ascii_json(p)[1:-1].replace("</", "<\\/")
+        return ascii_json(p)[1:-1].replace("<", "\\u003c")
 
     if len(packets) == 1:
         body = escape(packets[0])
@@ -228,7 +261,7 @@ class SioPacket:
     data: Any = None
 
     @classmethod
-    def parse(cls, text: str) -> "SioPacket":
+    def parse(cls, text: str, max_depth: int = MAX_DEPTH) -> "SioPacket":
         if not text or not text[0].isdigit():
             raise PacketError(f"not a Socket.IO packet: {text[:80]!r}")
         try:
@@ -250,9 +283,9 @@ class SioPacket:
         data = None
         if rest:
             try:
-                data = json.loads(rest)
-            except ValueError:
-                raise PacketError("packet data is not JSON") from None
+                data = loads(rest, max_depth)
+            except PacketError as e:
+                raise PacketError(f"packet data: {e}", namespace) from None
         return cls(kind, namespace, packet_id, data)
 
     def __str__(self) -> str:
@@ -303,4 +336,43 @@ def decode_eio3_payload(text: str) -> list[str]:
         start = colon + 1
         i = _take_utf16(text, start, int(digits))
         packets.append(text[start:i])
+    return packets
+
+
+def encode_eio3_binary_payload(packets: list[str]) -> bytes:
+    """Engine.IO 3 binary framing, for clients that do not ask for b64:
+    `\x00` (a string packet), the length of its UTF-8 bytes as one byte per
+    decimal digit, `\xff`, the packet's bytes; repeated."""
+    out = bytearray()
+    for packet in packets:
+        data = packet.encode("utf-8")
+        out += b"\x00" + bytes(int(d) for d in str(len(data))) + b"\xff" + data
+    return bytes(out)
+
+
+def decode_eio3_binary_payload(data: bytes) -> list[Optional[str]]:
+    """The packets of an Engine.IO 3 binary payload (what python-engineio
+    3.x and XHR2 browsers POST); a binary packet (`\x01`) is None, as this
+    server takes none."""
+    packets: list[Optional[str]] = []
+    i = 0
+    while i < len(data):
+        kind = data[i]
+        if kind > 1:
+            raise PacketError("framing: expected \\x00 or \\x01")
+        end = data.find(b"\xff", i + 1, i + 12)
+        digits = data[i + 1 : end] if end > 0 else b""
+        if not digits or len(digits) > 9 or any(d > 9 for d in digits):
+            raise PacketError("framing: bad length")
+        size = int("".join(str(d) for d in digits))
+        start, i = end + 1, end + 1 + size
+        if i > len(data):
+            raise PacketError("payload shorter than its declared length")
+        if kind == 1:
+            packets.append(None)
+            continue
+        try:
+            packets.append(data[start:i].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise PacketError("packet is not UTF-8") from None
     return packets

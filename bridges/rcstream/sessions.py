@@ -24,10 +24,12 @@ a core against 3/4 with 0 (each hub batch at once), for ~30 ms more at p50.
 from __future__ import annotations
 
 import json
+import re
 import secrets
-from collections import deque
-from fnmatch import fnmatchcase
-from typing import Any, Callable, Optional, Protocol
+from collections import OrderedDict, deque
+from fnmatch import translate
+from itertools import islice
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -43,6 +45,35 @@ log = Logger()
 
 NAMESPACE = "/rc"
 TOO_MANY = "Too many subscriptions"
+TOO_LONG = "Subscription pattern too long"
+TICK_SLICE = 500  # sessions ticked (heartbeat, expiry) per reactor turn
+# refusals of a new session (Bridge.refusal)
+FULL = "Too many sessions"
+FULL_FOR_ADDRESS = "Too many sessions from this address"
+TOO_FAST = "Too many handshakes"
+PATTERNS_TOO_FAST = "Too many new subscription patterns, try again in a second"
+COMPILED_CACHE = 4096  # compiled patterns kept for reuse by any session
+
+
+class Buckets:
+    """A token bucket per key (a client address): `rate` tokens a second, at
+    most `rate` saved. Keys whose bucket is full again are dropped by prune()."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, at)
+
+    def take(self, key: str, now: float) -> bool:
+        if not self.rate:
+            return True
+        tokens, at = self.buckets.get(key, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - at) * self.rate)
+        ok = tokens >= 1
+        self.buckets[key] = (tokens - 1 if ok else tokens, now)
+        return ok
+
+    def prune(self, now: float) -> None:
+        self.buckets = {k: (t, at) for k, (t, at) in self.buckets.items() if t + (now - at) * self.rate < self.rate}
 
 
 class Outgoing:
@@ -75,9 +106,11 @@ class Session:
         self.bridge = bridge
         self.config = bridge.config
         self.sid = sid
+        self.address = ""  # the client's, set by Bridge.create
         self.queue: deque[str] = deque()
         self.transport: Optional[Transport] = None
         self.subscriptions: list[str] = []
+        self.matchers: dict[str, re.Pattern] = {}  # pattern → compiled, for each subscription
         self.rc_connected = False
         self.closed = False
         self.upgrading = False  # Engine.IO: a WebSocket probe is under way
@@ -145,7 +178,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self.bridge.sessions.pop(self.sid, None)
+        self.bridge.forget(self)
         transport, self.transport = self.transport, None
         self.queue.clear()
         if transport is not None:
@@ -161,6 +194,8 @@ class Session:
         raise NotImplementedError
 
     def tick(self, now: float) -> None:
+        if self.closed:
+            return
         if now - self.last_seen > self.config.session_timeout:
             log.info("rcstream: session {sid} expired", sid=self.sid)
             self.close()
@@ -177,17 +212,26 @@ class Session:
         if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
             return "Invalid subscription"
         if name == "unsubscribe":
-            self.subscriptions = [p for p in self.subscriptions if p not in patterns]
+            gone = set(patterns)
+            self.subscriptions = [p for p in self.subscriptions if p not in gone]
+            self.matchers = {p: self.matchers[p] for p in self.subscriptions}
             return None
-        added = [p for p in dict.fromkeys(patterns) if p not in self.subscriptions]
+        added = [p for p in dict.fromkeys(patterns) if p not in self.matchers]
         if len(self.subscriptions) + len(added) > self.config.max_subscriptions:
             return TOO_MANY
+        if any(len(p) > self.config.max_pattern_length for p in added):
+            return TOO_LONG
+        matchers = [self.bridge.matcher(p, self.address) for p in added]
+        if None in matchers:
+            return PATTERNS_TOO_FAST
+        self.matchers.update(zip(added, matchers))  # type: ignore[arg-type]
         self.subscriptions += added
         return None
 
     def rc_disconnect(self) -> None:
         self.rc_connected = False
         self.subscriptions = []
+        self.matchers = {}
 
 
 class Sio09Session(Session):
@@ -245,7 +289,7 @@ class Sio09Session(Session):
         if not self._known(packet):
             return
         try:
-            name, args = packet.event()
+            name, args = packet.event(self.config.max_json_depth)
         except P.PacketError:
             self.send(P.error_packet(packet.endpoint))
             return
@@ -265,6 +309,7 @@ class EioSession(Session):
     def __init__(self, bridge: "Bridge", sid: str, version: int):
         super().__init__(bridge, sid)
         self.version = version
+        self.binary = False  # EIO3: the client posts binary payloads, so it reads them too
 
     def open_packet(self, upgrades: list[str]) -> str:
         c = self.config
@@ -311,9 +356,9 @@ class EioSession(Session):
 
     def message(self, text: str) -> None:
         try:
-            packet = P.SioPacket.parse(text)
+            packet = P.SioPacket.parse(text, self.config.max_json_depth)
         except P.PacketError as e:
-            self._sio(P.SioPacket(P.S.CONNECT_ERROR, "/", None, self._error(str(e))))
+            self._sio(P.SioPacket(P.S.CONNECT_ERROR, e.namespace, None, self._error(str(e))))
             return
         if packet.namespace not in ("/", NAMESPACE):
             self._sio(P.SioPacket(P.S.CONNECT_ERROR, packet.namespace, None, self._error("Invalid namespace")))
@@ -349,8 +394,13 @@ class Bridge(Service):
         self.config = config
         self.clock = clock
         self.sessions: dict[str, Session] = {}
-        self.counters = {"sessions": 0, "changes": 0, "slow": 0}
+        self.per_address: dict[str, int] = {}  # open sessions by client address
+        self.handshakes = Buckets(config.max_handshakes_per_second)
+        self.new_patterns = Buckets(config.max_patterns_per_second)
+        self.compiled: OrderedDict[str, re.Pattern] = OrderedDict()  # the last COMPILED_CACHE patterns
+        self.counters = {"sessions": 0, "changes": 0, "slow": 0, "refused": 0}
         self._loop: Optional[LoopingCall] = None
+        self._ticking: Optional[Iterator[Session]] = None  # the sessions a tick pass has left
         self._pending: list[tuple[str, dict]] = []  # (server name, event) of the changes to flush
         self._pacer = Pacer(clock, config.flush_interval, self._flush_pending)
 
@@ -366,23 +416,87 @@ class Bridge(Service):
             self._loop.stop()
         self._pacer.cancel()
         self._pending = []
+        self._ticking = None
         for session in list(self.sessions.values()):
             session.close()
 
-    def create(self, factory: Callable[["Bridge", str], Session]) -> Optional[Session]:
-        """A new session, or None when max_sessions are open."""
-        if self.config.max_sessions and len(self.sessions) >= self.config.max_sessions:
+    def refusal(self, address: str) -> Optional[str]:
+        """Why a handshake from address gets no session (None: it may have
+        one); takes one of the address's max_handshakes_per_second tokens."""
+        reason = None if self.handshakes.take(address, self.clock.seconds()) else TOO_FAST
+        reason = reason or self._full(address)
+        if reason is not None:
+            self.counters["refused"] += 1
+        return reason
+
+    def _full(self, address: str) -> Optional[str]:
+        c = self.config
+        if c.max_sessions and len(self.sessions) >= c.max_sessions:
+            return FULL
+        if c.max_sessions_per_address and self.per_address.get(address, 0) >= c.max_sessions_per_address:
+            return FULL_FOR_ADDRESS
+        return None
+
+    def create(self, factory: Callable[["Bridge", str], Session], address: str = "") -> Optional[Session]:
+        """A new session, or None when the session caps are reached (the
+        handshake was let through by refusal() first)."""
+        if self._full(address) is not None:
             return None
         sid = secrets.token_hex(10)
         session = factory(self, sid)
+        session.address = address
         self.sessions[sid] = session
+        self.per_address[address] = self.per_address.get(address, 0) + 1
         self.counters["sessions"] += 1
         return session
 
+    def matcher(self, pattern: str, address: str) -> Optional[re.Pattern]:
+        """The compiled pattern (fnmatch's semantics), or None when address
+        has compiled max_patterns_per_second new ones: a compile costs up
+        to a few ms, so each address gets a bounded share of the reactor."""
+        compiled = self.compiled.get(pattern)
+        if compiled is not None:
+            self.compiled.move_to_end(pattern)
+            return compiled
+        if not self.new_patterns.take(address, self.clock.seconds()):
+            return None
+        compiled = self.compiled[pattern] = re.compile(translate(pattern))
+        if len(self.compiled) > COMPILED_CACHE:
+            self.compiled.popitem(last=False)
+        return compiled
+
+    def forget(self, session: Session) -> None:
+        """A closed session leaves the tables."""
+        if self.sessions.pop(session.sid, None) is None:
+            return
+        left = self.per_address.get(session.address, 1) - 1
+        if left > 0:
+            self.per_address[session.address] = left
+        else:
+            self.per_address.pop(session.address, None)
+
     def tick(self) -> None:
+        """Heartbeats and expiry for every session, TICK_SLICE sessions per
+        reactor turn (a mass expiry never stalls the others)."""
+        if self._ticking is not None:
+            return  # the last pass has not finished
         now = self.clock.seconds()
-        for session in list(self.sessions.values()):
+        self.handshakes.prune(now)
+        self.new_patterns.prune(now)
+        self._ticking = iter(list(self.sessions.values()))
+        self._tick_slice()
+
+    def _tick_slice(self) -> None:
+        if self._ticking is None:
+            return
+        now, ticked = self.clock.seconds(), 0
+        for session in islice(self._ticking, TICK_SLICE):
             session.tick(now)
+            ticked += 1
+        if ticked < TICK_SLICE:
+            self._ticking = None
+        else:
+            self.clock.callLater(0, self._tick_slice)
 
     def on_event(self, event: dict, entry: Any = None) -> None:
         """One change, sent at once (after any pending ones)."""
@@ -422,7 +536,7 @@ class Bridge(Service):
             if key in groups:
                 out = groups[key]
             else:
-                out = groups[key] = batch.outgoing(session.kind, session.subscriptions)
+                out = groups[key] = batch.outgoing(session.kind, session.matchers)
             if out is not None:
                 session.send_shared(out)
                 self.counters["changes"] += len(out.packets)
@@ -449,6 +563,8 @@ class Bridge(Service):
              self.counters["changes"]),
             ("eventstreams_rcstream_slow_closed_total", "counter", "RCStream sessions closed for falling behind.",
              {}, self.counters["slow"]),
+            ("eventstreams_rcstream_refused_total", "counter",
+             "RCStream handshakes refused (session caps, handshake rate).", {}, self.counters["refused"]),
         ]
 
 
@@ -462,14 +578,14 @@ class _BatchPackets:
         self.encoded: dict[tuple[str, int], str] = {}
         self.args: dict[int, str] = {}
 
-    def outgoing(self, kind: str, patterns: list[str]) -> Optional[Outgoing]:
-        """The packets for a session of this protocol and these patterns, or
-        None when no change matches."""
+    def outgoing(self, kind: str, matchers: dict[str, re.Pattern]) -> Optional[Outgoing]:
+        """The packets for a session of this protocol and these patterns
+        (compiled), or None when no change matches."""
         hits: Optional[list[bool]] = None
-        for pattern in patterns:
+        for pattern, matcher in matchers.items():
             matched = self.matched.get(pattern)
             if matched is None:
-                matched = self.matched[pattern] = [fnmatchcase(name, pattern) for name, _ in self.changes]
+                matched = self.matched[pattern] = [matcher.match(name) is not None for name, _ in self.changes]
             hits = matched if hits is None else [a or b for a, b in zip(hits, matched)]
         if not hits or not any(hits):
             return None

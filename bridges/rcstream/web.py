@@ -17,9 +17,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from eventstreams.fastwrite import no_delay, writer_for
+from eventstreams.web import client_ip
 
 from . import packets as P
-from .sessions import Bridge, EioSession, Outgoing, Session, Sio09Session
+from .sessions import TOO_FAST, Bridge, EioSession, Outgoing, Session, Sio09Session
 
 log = Logger()
 
@@ -41,13 +42,34 @@ def cors(request: Any) -> None:
         request.setHeader(b"access-control-allow-origin", b"*")
 
 
-def reply(request: Any, body: str, status: int = 200, content_type: bytes = b"text/plain; charset=UTF-8") -> bytes:
+def reply(request: Any, body: str | bytes, status: int = 200,
+          content_type: bytes = b"text/plain; charset=UTF-8") -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", content_type)
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-content-type-options", b"nosniff")
+    if status in (429, 503):
+        request.setHeader(b"retry-after", b"1")
     cors(request)
-    return body.encode("utf-8")
+    return body if isinstance(body, bytes) else body.encode("utf-8")
+
+
+OCTET_STREAM = b"application/octet-stream"
+
+
+def payload(session: Session, packets: list[str], binary: bool) -> tuple[str | bytes, bytes]:
+    """A polling body and its content type: EIO3's binary framing when the
+    client reads it, else the session's text framing."""
+    if binary:
+        return P.encode_eio3_binary_payload(packets), OCTET_STREAM
+    return session.encode(packets), b"text/plain; charset=UTF-8"  # type: ignore[attr-defined]
+
+
+def wants_binary(request: Any, session: Session) -> bool:
+    """EIO3 polling answers in binary framing to a client that posts in it
+    (python-engineio 3.x, XHR2 browsers) unless it asks for b64=1; other
+    clients get text framing, as the reference server sends for text packets."""
+    return isinstance(session, EioSession) and session.binary and arg(request, "b64") is None
 
 
 def preflight(request: Any) -> bytes:
@@ -75,8 +97,8 @@ class PollTransport:
     """One held polling GET."""
 
     def __init__(self, request: Any, session: Session, clock: IReactorTime, timeout: float,
-                 jsonp: Optional[str] = None):
-        self.request, self.session, self.jsonp = request, session, jsonp
+                 jsonp: Optional[str] = None, binary: bool = False):
+        self.request, self.session, self.jsonp, self.binary = request, session, jsonp, binary
         self.ready = True
         self._timer = clock.callLater(timeout, self._expire)
         request.notifyFinish().addBoth(self._gone)
@@ -85,7 +107,7 @@ class PollTransport:
         if self.jsonp is not None:
             body, kind = P.jsonp_body(self.jsonp, packets), b"text/javascript; charset=UTF-8"
         else:
-            body, kind = self.session.encode(packets), b"text/plain; charset=UTF-8"  # type: ignore[attr-defined]
+            body, kind = payload(self.session, packets, self.binary)
         self._finish(body, kind)
 
     def deliver_shared(self, out: Outgoing) -> None:
@@ -99,7 +121,7 @@ class PollTransport:
         if self.ready:
             self.close()
 
-    def _finish(self, body: str, kind: bytes) -> None:
+    def _finish(self, body: str | bytes, kind: bytes) -> None:
         if not self.ready:
             return
         self.ready = False
@@ -117,15 +139,10 @@ class PollTransport:
                 self._timer.cancel()
 
 
-def read_body(request: Any, limit: int) -> Optional[str]:
-    """The POST body as text, or None when too big or not UTF-8."""
+def read_body(request: Any, limit: int) -> Optional[bytes]:
+    """The POST body, or None when too big."""
     data = request.content.read(limit + 1)
-    if len(data) > limit:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    return None if len(data) > limit else data
 
 
 class Polling:
@@ -138,20 +155,29 @@ class Polling:
         session.touch()
         if session.transport is not None and not isinstance(session.transport, PollTransport):
             return reply(request, "transport in use by a WebSocket", 400)
+        binary = wants_binary(request, session)
         if session.upgrading:  # the client is moving to a WebSocket: do not hold it
-            return reply(request, session.encode([noop(session)]))  # type: ignore[attr-defined]
-        session.attach(PollTransport(request, session, self.clock, self.bridge.config.poll_timeout, jsonp))
+            body, kind = payload(session, [noop(session)], binary)
+            return reply(request, body, 200, kind)
+        session.attach(PollTransport(request, session, self.clock, self.bridge.config.poll_timeout, jsonp, binary))
         return NOT_DONE_YET
 
     def post(self, request: Any, session: Session, jsonp: bool = False, ok: str = "1") -> bytes:
-        body = read_body(request, self.bridge.config.max_post)
-        if body is None:
-            return reply(request, "payload too large or not UTF-8", 400)
+        data = read_body(request, self.bridge.config.max_post)
+        if data is None:
+            return reply(request, "payload too large", 400)
         try:
-            if jsonp:
-                form = parse_qs(body, keep_blank_values=True)
-                body = P.jsonp_post_data(form.get("d", [""])[0])
-            packets = session.decode(body)  # type: ignore[attr-defined]
+            if isinstance(session, EioSession) and session.version == 3 and data[:1] in (b"\x00", b"\x01"):
+                session.binary = True  # EIO3 binary framing (python-engineio 3.x, XHR2)
+                packets = [p for p in P.decode_eio3_binary_payload(data) if p is not None]
+            else:
+                body = data.decode("utf-8")
+                if jsonp:
+                    form = parse_qs(body, keep_blank_values=True)
+                    body = P.jsonp_post_data(form.get("d", [""])[0])
+                packets = session.decode(body)  # type: ignore[attr-defined]
+        except UnicodeDecodeError:
+            return reply(request, "payload not UTF-8", 400)
         except P.PacketError as e:
             return reply(request, f"bad payload: {e}", 400)
         for packet in packets:
@@ -166,10 +192,14 @@ class _TransportResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, bridge: Bridge, clock: IReactorTime, websocket: WebSocketResource):
+    def __init__(self, bridge: Bridge, clock: IReactorTime, websocket: WebSocketResource,
+                 ip_header: Optional[str] = None):
         super().__init__()
-        self.bridge, self.websocket = bridge, websocket
+        self.bridge, self.websocket, self.ip_header = bridge, websocket, ip_header
         self.polling = Polling(bridge, clock)
+
+    def address(self, request: Any) -> str:
+        return client_ip(request, self.ip_header)
 
     def render_OPTIONS(self, request: Any) -> bytes:
         return preflight(request)
@@ -213,9 +243,11 @@ class Sio09Resource(_TransportResource):
         return self.polling.get(request, session, jsonp)
 
     def handshake(self, request: Any) -> bytes:
-        session = self.bridge.create(Sio09Session)
+        address = self.address(request)
+        refusal = self.bridge.refusal(address)
+        session = self.bridge.create(Sio09Session, address) if refusal is None else None
         if session is None:
-            return reply(request, "too many sessions", 503)
+            return reply(request, refusal or "Too many sessions", 429 if refusal == TOO_FAST else 503)
         c = self.bridge.config
         timeout = int(c.session_timeout)
         text = f"{session.sid}:{timeout}:{timeout}:{TRANSPORTS_09}"
@@ -233,16 +265,21 @@ class EioResource(_TransportResource):
         if version not in ("3", "4"):
             return self._error(request, 5, "Unsupported protocol version")
         transport = arg(request, "transport")
-        if transport == "websocket":
-            normalise_origin(request)
-            return self.websocket.render(request)
-        if transport != "polling":
-            return self._error(request, 0, "Transport unknown")
         sid = arg(request, "sid")
-        if sid is None:
+        if transport not in ("websocket", "polling"):
+            return self._error(request, 0, "Transport unknown")
+        if sid is None:  # a handshake: a new session, unless refused
             if request.method != b"GET":
                 return self._error(request, 2, "Bad handshake method")
-            session = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)))
+            refusal = self.bridge.refusal(self.address(request))
+            if refusal is not None:
+                return self._error(request, 3, refusal, 429 if refusal == TOO_FAST else 503)
+        if transport == "websocket":
+            normalise_origin(request)
+            return self.websocket.render(request)  # the session is created once open
+        if sid is None:
+            session = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)),
+                                         self.address(request))
             if session is None:
                 return self._error(request, 3, "Too many sessions", 503)
             return reply(request, session.encode(session.opening(["websocket"])))  # type: ignore[union-attr]
@@ -271,6 +308,8 @@ class SocketProtocol(WebSocketServerProtocol):
     """
 
     bridge: Bridge
+    ip_header: Optional[str] = None
+    address = ""
     session: Optional[Session] = None
     ready = False
     probing = False  # Engine.IO upgrade from polling in progress
@@ -279,6 +318,9 @@ class SocketProtocol(WebSocketServerProtocol):
     def onConnect(self, request: Any) -> None:
         self.path = request.path
         self.params = request.params
+        forwarded = request.headers.get(self.ip_header.lower()) if self.ip_header else None
+        peer = getattr(self.transport.getPeer(), "host", None) or "local"  # as client_ip() has it
+        self.address = forwarded.split(",")[0].strip() if forwarded else peer
 
     def onOpen(self) -> None:
         if getattr(self.transport, "producer", None) is not None:
@@ -303,7 +345,7 @@ class SocketProtocol(WebSocketServerProtocol):
             self.sendClose()
             return
         if sid is None:
-            created = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)))
+            created = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)), self.address)
             if created is None:
                 self.sendClose()
                 return
@@ -418,14 +460,16 @@ class StatusResource(Resource):
 class SocketIOResource(Resource):
     """`/socket.io`: `1/` is Socket.IO 0.9, the rest Engine.IO."""
 
-    def __init__(self, bridge: Bridge, clock: IReactorTime):
+    def __init__(self, bridge: Bridge, clock: IReactorTime, ip_header: Optional[str] = None):
         super().__init__()
         factory = WebSocketServerFactory()
-        factory.protocol = type("BridgeSocketProtocol", (SocketProtocol,), {"bridge": bridge})
-        factory.setProtocolOptions(autoFragmentSize=0)
+        factory.protocol = type("BridgeSocketProtocol", (SocketProtocol,), {"bridge": bridge, "ip_header": ip_header})
+        limit = bridge.config.max_message  # more: closed with 1009 (message too big), not buffered
+        factory.setProtocolOptions(autoFragmentSize=0, maxMessagePayloadSize=limit, maxFramePayloadSize=limit,
+                                  failByDrop=False)  # a client over a limit gets a close frame saying why
         websocket = WebSocketResource(factory)
-        self.v09 = Sio09Resource(bridge, clock, websocket)
-        self.eio = EioResource(bridge, clock, websocket)
+        self.v09 = Sio09Resource(bridge, clock, websocket, ip_header)
+        self.eio = EioResource(bridge, clock, websocket, ip_header)
 
     def getChild(self, name: bytes, request: Any) -> Resource:
         if name == b"1":
@@ -455,8 +499,10 @@ class Mount(Resource):
         return self.fallback.render(request)
 
 
-def mount(root: Resource, bridge: Bridge, clock: IReactorTime) -> Resource:
-    """The site root with `/socket.io/` and `/rcstream_status` added."""
-    return Mount(root, {b"socket.io": SocketIOResource(bridge, clock), b"rcstream_status": StatusResource(bridge)})
+def mount(root: Resource, bridge: Bridge, clock: IReactorTime, ip_header: Optional[str] = None) -> Resource:
+    """The site root with `/socket.io/` and `/rcstream_status` added;
+    `ip_header` names the trusted proxy's client-address header."""
+    return Mount(root, {b"socket.io": SocketIOResource(bridge, clock, ip_header),
+                        b"rcstream_status": StatusResource(bridge)})
 
 

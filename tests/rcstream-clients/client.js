@@ -2,7 +2,7 @@
 // RCStream examples: connect to <url>/rc, subscribe, print each change as a
 // JSON line ({"change": …}, {"error": …}, {"ack": …}), exit after <count>
 // changes or on a timeout.
-//   node client.js <0.9|2|4> <base url> <transport> <pattern-json> <count> [seconds]
+//   node client.js <0.9|1|2|4> <base url> <transport> <pattern-json> <count> [seconds]
 'use strict';
 const [version, base, transport, patternJson, countText, secondsText] = process.argv.slice(2);
 const pattern = JSON.parse(patternJson);
@@ -18,7 +18,7 @@ if (version === '0.9') {
   io.transports = [transport];
   socket = io.connect(base + '/rc', { 'force new connection': true, reconnect: false });
 } else {
-  const io = require(version === '2' ? 'socket.io-client-2' : 'socket.io-client-4');
+  const io = require('socket.io-client-' + version);
   socket = io(base + '/rc', { transports: transport === 'upgrade' ? ['polling', 'websocket'] : [transport],
                               reconnection: false, forceNew: true });
 }

@@ -1,5 +1,5 @@
-"""A python-socketio 5.x client of `/rc`: prints each change as a JSON line
-and exits after COUNT changes or SECONDS.
+"""A python-socketio 5.x (or 4.x) client of `/rc`: prints each change as a
+JSON line and exits after COUNT changes or SECONDS.
 
     python client_sio5.py URL TRANSPORTS PATTERN-JSON COUNT SECONDS
 """
@@ -42,7 +42,10 @@ def on_error(*args):
     out({"error": list(args)})
 
 
-sio.connect(url, namespaces=['/rc'], transports=transports.split(','), wait_timeout=10)
+try:
+    sio.connect(url, namespaces=['/rc'], transports=transports.split(','), wait_timeout=10)
+except TypeError:  # python-socketio 4.x has no wait_timeout
+    sio.connect(url, namespaces=['/rc'], transports=transports.split(','))
 ok = done.wait(seconds)
 out({"transport": sio.transport()})
 sio.disconnect()
