@@ -65,7 +65,7 @@ class ServiceConfig:
     )
     head_timeout: float = 10.0  # seconds for a whole request head, not reset per byte
     max_pending_heads: int = 1000  # connections still sending a head, in all (the oldest is cut)
-    max_pending_heads_per_ip: int = 10  # ... per peer address (new ones refused); 0: no bound
+    max_pending_heads_per_ip: int = 100  # ... per peer address (new ones refused); 0: no bound
 
 
 @dataclass(frozen=True)

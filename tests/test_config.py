@@ -485,7 +485,7 @@ class RequestHeadLimits(ConfigTestCase):
         for path in (SHIPPED, os.path.join(REPO, "debian", "streams.ini")):
             config = load(path)
             self.assertEqual((config.service.head_timeout, config.service.max_pending_heads,
-                              config.service.max_pending_heads_per_ip), (10.0, 1000, 10), path)
+                              config.service.max_pending_heads_per_ip), (10.0, 1000, 100), path)
             self.assertEqual(config.intake.head_timeout, 10.0, path)
 
     def test_values_are_durations_and_counts(self):
