@@ -140,6 +140,7 @@ class BudgetedChannel(http.HTTPChannel):
     _budget: Optional[HeadBudget] = None
     _head_timer: Any = None
     _head_bytes = 0
+    _head_begun = False  # a byte of the awaited head has arrived
     _refusing = False
 
     def connectionMade(self) -> None:
@@ -153,6 +154,7 @@ class BudgetedChannel(http.HTTPChannel):
     def _await_head(self) -> None:
         """The connection now waits for a request head: the deadline starts."""
         self._head_bytes = 0
+        self._head_begun = False
         budget = self._budget
         if budget is None or self._head_timer is not None:
             return
@@ -180,17 +182,25 @@ class BudgetedChannel(http.HTTPChannel):
         self.head_refused(408, "request_timeout", "the request head was not sent in time")
 
     def head_refused(self, status: int, type: str, detail: str) -> None:
-        self._refuse(ApiError(status, type, reason(status).decode(), detail))
+        """Cut a connection waiting for a head: with an answer once the head
+        has begun; an idle keep-alive connection is only closed (a client
+        reusing it would read an unsolicited answer as the next one's)."""
+        if self._head_begun:
+            self._refuse(ApiError(status, type, reason(status).decode(), detail))
+        else:
+            self._refuse(None)
 
-    def _refuse(self, error: ApiError, retry_after: Optional[int] = None) -> None:
-        """Answer an error of the connection (no request to answer yet) and close."""
+    def _refuse(self, error: Optional[ApiError], retry_after: Optional[int] = None) -> None:
+        """Answer an error of the connection (no request to answer yet), or
+        nothing, and close."""
         if self._refusing:
             return
         self._refusing = True
         self._head_received()
-        method = getattr(self, "_command", b"").decode("ascii", "replace")
-        uri = getattr(self, "_path", b"").decode("utf-8", "replace")
-        self.transport.write(error_bytes(error, method, uri, retry_after))
+        if error is not None:
+            method = getattr(self, "_command", b"").decode("ascii", "replace")
+            uri = getattr(self, "_path", b"").decode("utf-8", "replace")
+            self.transport.write(error_bytes(error, method, uri, retry_after))
         self.setTimeout(None)
         self.persistent = False
         self.transport.loseConnection()
@@ -199,9 +209,11 @@ class BudgetedChannel(http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._refusing:
+            self._head_begun = True  # (while a request is handled, the flag is not read)
             super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
+        self._head_begun = True
         self._head_bytes += len(line) + 2
         if self._head_bytes > MAX_HEAD_BYTES:
             self.lineLengthExceeded(line)

@@ -60,9 +60,19 @@ class Budgeted(unittest.TestCase):
         self.assertIn(b"hello", transport.value())
         self.assertEqual(list(self.budget.pending), [channel])  # waiting for the next head
         transport.clear()
+        channel.dataReceived(b"GET / HT")
         self.clock.advance(10)
         self.assertTrue(transport.disconnecting)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_an_idle_keep_alive_connection_is_closed_without_an_answer(self):
+        # A pooled client would read an unsolicited 408 as its next answer.
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST)
+        transport.clear()
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
 
     def test_a_pipelined_head_in_the_same_bytes_is_answered(self):
         channel, transport = self.connect()
