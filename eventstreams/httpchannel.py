@@ -115,6 +115,7 @@ class HeadBudget:
                 self.log.info("closed the connection that waited longest for its request head: "
                               "{n} connections are sending one", n=len(self.pending))
                 oldest.head_refused(408, "request_timeout", "the request head was not sent in time")
+                self.done(oldest)  # (head_refused did; the loop must end whatever it did)
         self.pending[channel] = address
         self.per_address[address] = self.per_address.get(address, 0) + 1
         return True

@@ -319,7 +319,8 @@ class Api:
             except BackendUnavailable as e:
                 return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
             self._stream_headers(request, ndjson)
-            request.setHeader("connection", "keep-alive")
+            if getattr(request.channel, "persistent", False):
+                request.responseHeaders.removeHeader(b"connection")  # it serves the next request
             return b""
 
         done: Deferred[bytes] = Deferred()

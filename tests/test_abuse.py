@@ -135,6 +135,8 @@ class HeadRequests(unittest.TestCase):
         self.assertEqual(head.status, 200)
         self.assertEqual(head.headers["content-type"], "text/event-stream; charset=utf-8")
         self.assertEqual(head.headers["cache-control"], "no-cache")
+        self.assertNotIn("connection", head.headers)  # unlike the GET's close: this one serves the next
+        self.assertNotIn("transfer-encoding", head.headers)
         self.assertEqual(info.status, 200, info)
         self.assertEqual(info.json()["name"], "eventstreams")
         daemon.check_log(self)
