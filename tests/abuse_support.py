@@ -455,12 +455,16 @@ class Healthy:
             self.stream.transport.abortConnection()
 
 
-def check_healthy(case: Any, quiet: Window, during: Window, factor: float = 20.0) -> None:
+def check_healthy(case: Any, quiet: Window, during: Window, factor: float = 20.0,
+                  max_growth_mib: float = 100.0) -> None:
     """The healthy clients kept being served during the attack: every probe
     answered, events kept arriving, and the median latencies stayed within
     `factor` times the quiet ones (ratios of one run; the floor of 20 ms
-    keeps a sub-millisecond quiet figure from making the bound pure noise)."""
+    keeps a sub-millisecond quiet figure from making the bound pure noise);
+    the daemon's RSS grew by less than `max_growth_mib`."""
     where = f"quiet: {quiet}\nduring: {during}"
+    if quiet.rss_mib and during.rss_mib:
+        case.assertLess(max(during.rss_mib) - min(quiet.rss_mib), max_growth_mib, f"RSS growth\n{where}")
     case.assertEqual(during.failed_probes, 0, f"/_info probes went unanswered\n{where}")
     case.assertTrue(during.probes, f"no /_info probe completed\n{where}")
     case.assertTrue(during.latencies, f"the healthy stream received nothing\n{where}")

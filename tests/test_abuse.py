@@ -101,6 +101,20 @@ class HeaderDrip(unittest.TestCase):
         daemon.check_log(self)
 
     @async_test
+    async def test_the_intake_has_its_own_head_deadline(self):
+        daemon = await AbuseDaemon.start(self, overrides=("intake.head_timeout=2",))
+        drip = Drip(daemon.ports["intake"], [ATTACKER], 3)
+        await drip.open()
+        self.addCleanup(lambda: defer.ensureDeferred(drip.stop()))
+        started = time.monotonic()
+        await Healthy(daemon).wait_for(lambda: drip.open_count == 0, "the intake to close dripping connections", 15)
+        await drip.stop()
+        self.assertEqual([parse_responses(c.received)[0].status for c in drip.conns], [408] * 3)
+        self.assertLess(time.monotonic() - started, 15)
+        await daemon.post_events([{"meta": {"stream": "test"}}])  # still accepts writes
+        daemon.check_log(self)
+
+    @async_test
     async def test_drip_from_many_addresses_cannot_exhaust_file_descriptors(self):
         # 256 files for the daemon, 300 dripping connections from 60 addresses:
         # without a bound on unfinished heads, accept() fails (EMFILE) for everyone.
