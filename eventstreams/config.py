@@ -66,6 +66,7 @@ class ServiceConfig:
     head_timeout: float = 10.0  # seconds for a whole request head, not reset per byte
     max_pending_heads: int = 1000  # connections still sending a head, in all (the oldest is cut)
     max_pending_heads_per_ip: int = 100  # ... per peer address (new ones refused); 0: no bound
+    max_body: int = 1024 * 1024  # request body on the public listener (RCStream polling): 413 beyond
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,7 @@ def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, .
             "head_timeout": _head_timeout,
             "max_pending_heads": _count,
             "max_pending_heads_per_ip": _count,
+            "max_body": _size,
         },
     )
     if service.backend not in ("embedded", "kafka"):

@@ -160,7 +160,7 @@ class BudgetedChannel(http.HTTPChannel):
         if budget is None or self._head_timer is not None:
             return
         if not budget.start(self, self._peer()):
-            self._refuse(ApiError(503, "too_many_connections", "Service Unavailable",
+            self.refuse(ApiError(503, "too_many_connections", "Service Unavailable",
                                   "too many connections from this address are sending a request head"), 10)
             return
         if budget.deadline:
@@ -187,11 +187,11 @@ class BudgetedChannel(http.HTTPChannel):
         has begun; an idle keep-alive connection is only closed (a client
         reusing it would read an unsolicited answer as the next one's)."""
         if self._head_begun:
-            self._refuse(ApiError(status, type, reason(status).decode(), detail))
+            self.refuse(ApiError(status, type, reason(status).decode(), detail))
         else:
-            self._refuse(None)
+            self.refuse(None)
 
-    def _refuse(self, error: Optional[ApiError], retry_after: Optional[int] = None) -> None:
+    def refuse(self, error: Optional[ApiError], retry_after: Optional[int] = None) -> None:
         """Answer an error of the connection (no request to answer yet), or
         nothing, and close."""
         if self._refusing:
@@ -222,7 +222,7 @@ class BudgetedChannel(http.HTTPChannel):
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse(ApiError(431, "request_header_fields_too_large", "Request Header Fields Too Large",
+        self.refuse(ApiError(431, "request_header_fields_too_large", "Request Header Fields Too Large",
                               f"the request head is larger than {MAX_HEAD_BYTES} bytes"))
 
     def allHeadersReceived(self) -> None:
@@ -239,7 +239,7 @@ class BudgetedChannel(http.HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web's answer to a malformed request line or header is a
         # bare "400 Bad Request": answer in the API's shape instead.
-        self._refuse(ApiError(400, "bad_request", "Bad Request", "the request is not valid HTTP/1.1"))
+        self.refuse(ApiError(400, "bad_request", "Bad Request", "the request is not valid HTTP/1.1"))
 
     def connectionLost(self, reason: Any) -> None:
         self._head_received()
@@ -248,7 +248,35 @@ class BudgetedChannel(http.HTTPChannel):
 
 class ApiRequest(server.Request):
     """A request of the public site: standard reason phrases, a JSON 400 for
-    a path that is not UTF-8, a JSON 500 (never a traceback page)."""
+    a path that is not UTF-8, a JSON 500 (never a traceback page), and a
+    bounded body (`site.max_body`; only RCStream polling sends one):
+    twisted.web would spool any length to a temporary file."""
+
+    _body_bytes = 0
+
+    def _max_body(self) -> int:
+        return getattr(getattr(self.channel, "site", None), "max_body", 0)
+
+    def _too_large(self) -> None:
+        refuse = getattr(self.channel, "refuse", None)
+        if refuse is not None:
+            refuse(ApiError(413, "payload_too_large", "Payload Too Large",
+                            f"the body is larger than {self._max_body()} bytes"))
+
+    def gotLength(self, length: Optional[int]) -> None:
+        limit = self._max_body()
+        if limit and length is not None and length > limit:
+            self._too_large()
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        limit = self._max_body()
+        self._body_bytes += len(data)
+        if limit and self._body_bytes > limit:
+            self._too_large()
+            return
+        super().handleContentChunk(data)
 
     def setResponseCode(self, code: int, message: Optional[bytes] = None) -> None:
         super().setResponseCode(code, message if message is not None else reason(code))
@@ -280,10 +308,12 @@ class ApiRequest(server.Request):
                                    "the request could not be handled"))
 
 
-def guard(site: server.Site, budget: HeadBudget, request_factory: Any = None) -> server.Site:
-    """Serve `site` with budgeted connections (and a request factory)."""
+def guard(site: server.Site, budget: HeadBudget, request_factory: Any = None, max_body: int = 0) -> server.Site:
+    """Serve `site` with budgeted connections (and a request factory, and
+    ApiRequest's body limit)."""
     site.protocol = BudgetedChannel  # type: ignore[assignment]
     site.head_budget = budget  # type: ignore[attr-defined]
+    site.max_body = max_body  # type: ignore[attr-defined]
     if request_factory is not None:
         site.requestFactory = request_factory
     return site

@@ -135,7 +135,8 @@ def api_site(resource: Any, service: ServiceConfig, reactor: Any) -> Site:
     """The public site: HTTP/1.1 connections with a request-head budget
     (eventstreams.httpchannel), one channel object per connection (no
     HTTP/2 negotiation wrapper; streams are HTTP/1.1)."""
-    return guard(Site(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service))
+    return guard(Site(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
+                 max_body=service.max_body)
 
 
 class Core:
@@ -171,8 +172,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     intake = None
     if config.intake.listen:
         intake = Intake(config, backend)
-        site = guard(intake_site(intake.resource(), config.intake.max_body),
-                     head_budget(reactor, config.intake.head_timeout, service))
+        site = intake_site(intake.resource(), config.intake.max_body)
+        site = guard(site, head_budget(reactor, config.intake.head_timeout, service), max_body=site.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
 
     bridges: list[IService] = []  # started after the log, stopped before it

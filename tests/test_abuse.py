@@ -234,6 +234,16 @@ class ErrorPaths(unittest.TestCase):
         daemon.check_log(self)
 
     @async_test
+    async def test_a_huge_body_is_refused_before_it_is_read(self):
+        # twisted.web would spool it to a temporary file, byte after byte.
+        daemon = await AbuseDaemon.start(self)
+        found = await request(daemon.port, b"POST /_info HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+                                            + b"x" * 100_000)
+        body = error_body(self, found[0], 413)
+        self.assertEqual(body["type"], "payload_too_large")
+        daemon.check_log(self)
+
+    @async_test
     async def test_a_flood_of_bad_requests_is_logged_at_a_bounded_rate(self):
         daemon = await AbuseDaemon.start(self)
         before = len(daemon.log().splitlines())

@@ -487,6 +487,7 @@ class RequestHeadLimits(ConfigTestCase):
             self.assertEqual((config.service.head_timeout, config.service.max_pending_heads,
                               config.service.max_pending_heads_per_ip), (10.0, 1000, 100), path)
             self.assertEqual(config.intake.head_timeout, 10.0, path)
+            self.assertEqual(config.service.max_body, 1024 * 1024, path)
 
     def test_values_are_durations_and_counts(self):
         config = self.load_text(MINIMAL, ("eventstreams.head_timeout=1m", "eventstreams.max_pending_heads=0",

@@ -27,7 +27,7 @@ class Budgeted(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.budget = HeadBudget(self.clock, deadline=10, max_pending=3, max_per_address=2)
-        self.site = guard(Site(Hello(), reactor=self.clock), self.budget, ApiRequest)
+        self.site = guard(Site(Hello(), reactor=self.clock), self.budget, ApiRequest, max_body=1000)
 
     def connect(self, host: str = "192.0.2.1"):
         channel = self.site.buildProtocol(None)
@@ -124,6 +124,22 @@ class Budgeted(unittest.TestCase):
         self.assertEqual(status, b"HTTP/1.1 400 Bad Request")
         self.assertEqual(body["type"], "bad_request")
         self.assertEqual(self.budget.pending, {})
+
+    def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 5000)
+        status, body = self.answer(transport)
+        self.assertEqual(status, b"HTTP/1.1 413 " + reason(413))  # RFC 9110 renamed it; either is standard
+        self.assertEqual((body["type"], body["method"], body["uri"]), ("payload_too_large", "post", "/"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_chunked_body_over_the_limit_is_refused(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(5):
+            channel.dataReceived(b"190\r\n" + b"x" * 400 + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)
 
     def test_closing_gives_back_the_slot(self):
         channel, transport = self.connect()
