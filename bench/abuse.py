@@ -191,6 +191,7 @@ def run(args: Any) -> None:
         report("ramp time", f"{time.monotonic() - t0:.1f}", "s")
         probe = Probe(server.port)
         probe.start()
+        cpu_start = server.cpu()
         rss = [(time.time(), server.rss_kib())]
         start = time.time()
         publisher.start()
@@ -208,13 +209,14 @@ def run(args: Any) -> None:
         while time.time() < attack_at:
             rss.append((time.time(), server.rss_kib()))
             time.sleep(1)
-        rss_before = server.rss_kib()
+        rss_before, cpu_before = server.rss_kib(), server.cpu()
         for p in attackers:
             p.start()
         procs += attackers
         while time.time() < after_at:
             rss.append((time.time(), server.rss_kib()))
             time.sleep(1)
+        cpu_attacked = server.cpu()
         attack_results = {}
         for _ in attackers:
             try:
@@ -271,6 +273,8 @@ def run(args: Any) -> None:
             answered = [v for v in window if v is not None]
             report(f"  /_info {label}", f"{figures(answered)}; unanswered {len(window) - len(answered)}")
         report("p99 under attack / quiet", ", ".join(f"{n} {r:.2f}x" for n, r in ratios))
+        report("server CPU quiet / under attack", f"{cpu_before - cpu_start:.1f} / {cpu_attacked - cpu_before:.1f}",
+               f"s (of {seconds:.0f} s each)")
         rss_during = max(v for t, v in rss if attack_at <= t < after_at)
         report("server RSS start / before attack / max during / after", f"{rss_start // 1024} / "
                f"{rss_before // 1024} / {rss_during // 1024} / {rss_after // 1024}", "MiB")
