@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall
 
 from .support import StreamClient, free_port, sleep, write_config

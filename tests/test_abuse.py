@@ -4,9 +4,6 @@ daemon must keep serving them, keep its memory bounded and log no
 traceback. The harness is tests/abuse_support.py."""
 from __future__ import annotations
 
-import json
-import time
-
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -106,11 +103,9 @@ class HeaderDrip(unittest.TestCase):
         drip = Drip(daemon.ports["intake"], [ATTACKER], 3)
         await drip.open()
         self.addCleanup(lambda: defer.ensureDeferred(drip.stop()))
-        started = time.monotonic()
         await Healthy(daemon).wait_for(lambda: drip.open_count == 0, "the intake to close dripping connections", 15)
         await drip.stop()
         self.assertEqual([parse_responses(c.received)[0].status for c in drip.conns], [408] * 3)
-        self.assertLess(time.monotonic() - started, 15)
         await daemon.post_events([{"meta": {"stream": "test"}}])  # still accepts writes
         daemon.check_log(self)
 
