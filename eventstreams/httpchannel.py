@@ -14,9 +14,11 @@ a client whose head arrives in one go always gets in.
 
 Every refusal is a JSON error in the API's documented shape with the
 standard reason phrase, and logs at most one line (fewer under a flood).
-The two twisted.web internals used are named where they are used:
-`_respondToBadRequestAndDisconnect` (malformed requests) and the line
-limits `MAX_LENGTH` / `totalHeadersSize` (public attributes).
+Of twisted.web's channel this overrides one private method,
+`_respondToBadRequestAndDisconnect` (its bare 400 for a malformed request),
+reads the request line it parsed (`_command`, `_path`, with getattr) for
+the error's method and uri, and sets the public line limits `MAX_LENGTH`
+and `totalHeadersSize`.
 """
 from __future__ import annotations
 
