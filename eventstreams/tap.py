@@ -192,7 +192,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if rcstream is not None:
         bridge = rcstream_sessions.Bridge(rcstream, reactor)
         if rcstream.listen:  # a listener of its own (required with workers)
-            listeners["rcstream"] = listener(reactor, rcstream.listen, Site(rcstream_web.mount(Resource(), bridge, reactor)))
+            # public like the API: the same request-head budget and body limit
+            site = api_site(rcstream_web.mount(Resource(), bridge, reactor), service, reactor)
+            listeners["rcstream"] = listener(reactor, rcstream.listen, site)
         else:
             site = listeners["api"].factory  # type: ignore[attr-defined]
             site.resource = rcstream_web.mount(site.resource, bridge, reactor)  # /socket.io/, /rcstream_status

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 from .abuse_support import (
     ATTACKER, HEALTHY, AbuseDaemon, Healthy, Raw, check_healthy, connect, get, parse_responses, request,
 )
-from .support import StreamClient, async_test, sleep
+from .support import StreamClient, async_test, free_port, sleep
 
 ERROR_KEYS = {"status", "type", "title", "detail", "method", "uri"}
 
@@ -107,6 +107,22 @@ class HeaderDrip(unittest.TestCase):
         await drip.stop()
         self.assertEqual([parse_responses(c.received)[0].status for c in drip.conns], [408] * 3)
         await daemon.post_events([{"meta": {"stream": "test"}}])  # still accepts writes
+        daemon.check_log(self)
+
+    @async_test
+    async def test_the_rcstream_listener_has_the_same_head_deadline(self):
+        port = free_port()
+        daemon = await AbuseDaemon.start(self, overrides=(
+            "eventstreams.head_timeout=2", "rcstream.stream=mediawiki.recentchange",
+            f"rcstream.listen=tcp:{port}:interface=127.0.0.1"))
+        drip = Drip(port, [ATTACKER], 3)
+        await drip.open()
+        self.addCleanup(lambda: defer.ensureDeferred(drip.stop()))
+        await Healthy(daemon).wait_for(lambda: drip.open_count == 0, "the RCStream listener to cut dripping heads", 15)
+        await drip.stop()
+        self.assertEqual([parse_responses(c.received)[0].status for c in drip.conns], [408] * 3)
+        handshake = await get(port, "/socket.io/1/")
+        self.assertEqual(handshake.status, 200, handshake)
         daemon.check_log(self)
 
     @async_test
