@@ -16,6 +16,8 @@ Scenarios:
   irc        S8: N IRC clients on the [irc] bridge, 30 lines/s (bench/bridges.py)
   socketio   S8: N Socket.IO 0.9 WebSocket clients on the RCStream bridge, 30 changes/s
   engineio   S8: the same over Engine.IO 4 WebSockets
+  abuse      issue 12: N SSE + N/10 IRC + N/10 Socket.IO healthy clients, quiet then every attack at once
+             (bench/abuse.py)
 """
 from __future__ import annotations
 
@@ -323,7 +325,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled", "iplimit", "storm",
-                                        "irc", "socketio", "engineio", "resume"])
+                                        "irc", "socketio", "engineio", "resume", "abuse"])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
     parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")
@@ -342,6 +344,11 @@ def main() -> None:
         from . import resume
 
         resume.run(args)
+        return
+    if args.scenario == "abuse":
+        from . import abuse
+
+        abuse.run(args)
         return
     if args.scenario in ("irc", "socketio", "engineio"):
         from . import bridges

@@ -157,9 +157,10 @@ class SSEClient(asyncio.Protocol):
 
 
 async def run_worker(host: str, port: int, path: str, count: int, sample_every: int, hold: float,
-                     rate: float, stalled_every: int, worker: int) -> WorkerResult:
+                     rate: float, stalled_every: int, worker: int,
+                     result: Optional[WorkerResult] = None) -> WorkerResult:
     loop = asyncio.get_running_loop()
-    result = WorkerResult()
+    result = WorkerResult() if result is None else result  # given: e.g. with latencies kept apart
     clients = []
     started = time.monotonic()
     interval = 1.0 / rate if rate else 0

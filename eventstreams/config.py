@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import configparser
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
 
 from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
@@ -63,6 +63,10 @@ class ServiceConfig:
         "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
         "style-src 'self'; script-src 'self'; frame-ancestors 'none'"
     )
+    head_timeout: float = 10.0  # seconds for a whole request head, not reset per byte
+    max_pending_heads: int = 1000  # connections still sending a head, in all (the oldest is cut)
+    max_pending_heads_per_ip: int = 100  # ... per peer address (new ones refused); 0: no bound
+    max_body: int = 1024 * 1024  # request body on the public listener (RCStream polling): 413 beyond
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class IntakeConfig:
     listen: Optional[str] = "tcp:8192:interface=127.0.0.1"
     streams: Optional[tuple[str, ...]] = None  # None: every configured stream
     max_body: int = 4 * 1024 * 1024
+    head_timeout: float = 10.0  # seconds for a whole request head, not reset per byte
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,14 @@ def _interval(text: str) -> float:
     value = _number(text)
     if value > 1:
         raise ValueError(f"expected at most 1 (second), got {text!r}")
+    return value
+
+
+def _head_timeout(text: str) -> float:
+    """A duration above 0: a head without a deadline is the attack it prevents."""
+    value = _duration(text)
+    if value <= 0:
+        raise ValueError(f"expected a duration above 0 such as 10s, got {text!r}")
     return value
 
 
@@ -317,6 +330,10 @@ def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, .
             "catchup_consumers": _positive_count,
             "cors_origin": _text,
             "content_security_policy": _text,
+            "head_timeout": _head_timeout,
+            "max_pending_heads": _count,
+            "max_pending_heads_per_ip": _count,
+            "max_body": _size,
         },
     )
     if service.backend not in ("embedded", "kafka"):
@@ -340,7 +357,7 @@ def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, .
     intake = section(
         "intake",
         IntakeConfig,
-        {"listen": _optional_endpoint, "streams": _names, "max_body": _size},
+        {"listen": _optional_endpoint, "streams": _names, "max_body": _size, "head_timeout": _head_timeout},
     )
     demo = section(
         "demo",
@@ -400,11 +417,7 @@ def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, .
         if demo.rate <= 0:
             raise ConfigError(path, "demo", "rate", "must be above 0 events per second")
     if intake.streams is not None:
-        intake = IntakeConfig(
-            listen=intake.listen,
-            streams=tuple(check_stream("intake", "streams", n) or n for n in intake.streams),
-            max_body=intake.max_body,
-        )
+        intake = replace(intake, streams=tuple(check_stream("intake", "streams", n) or n for n in intake.streams))
 
     return Config(
         path=path,

@@ -69,6 +69,15 @@ _STREAM_RESPONSES = {
 }
 
 
+def _example(title: str, body: dict) -> dict:
+    """An x-amples entry as upstream's spec has them (service-checker runs
+    them; an operation without one says `x-monitor: false`)."""
+    response: dict = {"status": 200, "headers": {"content-type": "application/json"}}
+    if body:
+        response["body"] = body
+    return {"title": title, "request": {}, "response": response}
+
+
 def openapi_spec(config: Config) -> dict:
     names = sorted(
         {name for s in config.streams.values() for name in (s.name, *s.aliases)}
@@ -93,6 +102,7 @@ def openapi_spec(config: Config) -> dict:
                     _QUERY_SINCE,
                 ],
                 "responses": _STREAM_RESPONSES,
+                "x-monitor": False,  # streams never end: no service-checker probe
             }
         },
     }
@@ -109,6 +119,7 @@ def openapi_spec(config: Config) -> dict:
                     "description": description,
                     "parameters": [_HEADER_LAST_EVENT_ID, _QUERY_SINCE],
                     "responses": _STREAM_RESPONSES,
+                    "x-monitor": False,
                 }
             }
     paths["/v2/streams"] = {
@@ -121,12 +132,13 @@ def openapi_spec(config: Config) -> dict:
                     "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}},
                 }
             },
+            "x-amples": [_example("list the streams", {})],
         }
     }
-    for path, summary in (
-        ("/_info", "Service name, version and description."),
-        ("/_info/name", "Service name."),
-        ("/_info/version", "Service version."),
+    for path, summary, fields in (
+        ("/_info", "Service name, version and description.", ("name", "description", "version", "home")),
+        ("/_info/name", "Service name.", ("name",)),
+        ("/_info/version", "Service version.", ("version",)),
     ):
         paths[path] = {
             "get": {
@@ -135,6 +147,7 @@ def openapi_spec(config: Config) -> dict:
                 "responses": {
                     "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
                 },
+                "x-amples": [_example(f"retrieve {path}", {f: "/.+/" for f in fields})],
             }
         }
     return {
@@ -144,6 +157,10 @@ def openapi_spec(config: Config) -> dict:
             "title": "EventStreams",
             "description": "Streams of JSON events over HTTP Server-Sent Events / EventSource",
             "license": {"name": "Apache-2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"},
+        },
+        "externalDocs": {
+            "description": "EventStreams on Wikitech",
+            "url": "https://wikitech.wikimedia.org/wiki/Event_Platform/EventStreams_HTTP_Service",
         },
         "paths": paths,
     }

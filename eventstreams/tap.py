@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import resource
 import signal
 import sys
 from typing import Any, Callable, Optional
@@ -11,7 +12,6 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -19,9 +19,10 @@ from bridges.irc import IRCServer, irc_config as read_irc_config
 from bridges.rcstream import config as rcstream_config, sessions as rcstream_sessions, web as rcstream_web
 
 from .backends.base import Backend
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, ServiceConfig, load
 from .demo import DemoFeed
 from .feed import StreamFeed
+from .httpchannel import ApiRequest, HeadBudget, guard
 from .hub import Hubs
 from .intake import Intake, intake_site
 from .iplimit import SharedTable, capacity_for, make_limits
@@ -109,14 +110,33 @@ def listener(reactor: Any, endpoint: str, factory: Any) -> IService:
     return service
 
 
-def api_site(resource: Any) -> Site:
-    """The public site. Without HTTP/2 support installed, Twisted's generic
-    channel only forwards every call to an HTTPChannel: use that channel
-    directly, one object less per (mostly idle) stream connection."""
-    site = Site(resource)
-    if not http.H2_ENABLED:
-        site.protocol = http.HTTPChannel  # type: ignore[assignment]
-    return site
+def head_budget(reactor: Any, deadline: float, service: ServiceConfig) -> HeadBudget:
+    """The request-head budget of one listener. Behind a proxy that names
+    the client (client_ip_header) every connection comes from the proxy:
+    only the total bound applies."""
+    per_address = 0 if service.client_ip_header else service.max_pending_heads_per_ip
+    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address)
+
+
+def pending_bound(configured: int) -> int:
+    """At most a quarter of the open-files limit may be connections still
+    sending a head, so dripping clients never make accept() fail (EMFILE)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    bound = max(1, soft // 4)
+    if configured and configured <= bound:
+        return configured
+    log.info("max_pending_heads: {bound} (a quarter of the open-files limit {soft})", bound=bound, soft=soft)
+    return bound
+
+
+def api_site(resource: Any, service: ServiceConfig, reactor: Any) -> Site:
+    """The public site: HTTP/1.1 connections with a request-head budget
+    (eventstreams.httpchannel), one channel object per connection (no
+    HTTP/2 negotiation wrapper; streams are HTTP/1.1)."""
+    return guard(Site(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
+                 max_body=service.max_body)
 
 
 class Core:
@@ -132,7 +152,7 @@ class Core:
         limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
                              table, index)
         self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)
-        self.site = api_site(self.api.resource())
+        self.site = api_site(self.api.resource(), service, reactor)
         self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
 
 
@@ -153,6 +173,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if config.intake.listen:
         intake = Intake(config, backend)
         site = intake_site(intake.resource(), config.intake.max_body)
+        site = guard(site, head_budget(reactor, config.intake.head_timeout, service), max_body=site.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
 
     bridges: list[IService] = []  # started after the log, stopped before it
@@ -171,8 +192,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if rcstream is not None:
         bridge = rcstream_sessions.Bridge(rcstream, reactor)
         if rcstream.listen:  # a listener of its own (required with workers)
-            root = rcstream_web.mount(Resource(), bridge, reactor, service.client_ip_header)
-            listeners["rcstream"] = listener(reactor, rcstream.listen, Site(root))
+            # public like the API: the same request-head budget and body limit
+            site = api_site(rcstream_web.mount(Resource(), bridge, reactor, service.client_ip_header),
+                            service, reactor)
+            listeners["rcstream"] = listener(reactor, rcstream.listen, site)
         else:
             site = listeners["api"].factory  # type: ignore[attr-defined]
             site.resource = rcstream_web.mount(site.resource, bridge, reactor,  # /socket.io/, /rcstream_status

@@ -144,9 +144,17 @@ class Api:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     def _common_headers(self, request: IRequest) -> None:
+        """CORS and upstream's security headers (service-runner's app.js
+        sends them on every response; the prefixed CSP names are for old
+        browsers)."""
         request.setHeader("access-control-allow-origin", self.service.cors_origin)
-        request.setHeader("content-security-policy", self.service.content_security_policy)
+        csp = self.service.content_security_policy
+        request.setHeader("content-security-policy", csp)
+        request.setHeader("x-content-security-policy", csp)
+        request.setHeader("x-webkit-csp", csp)
         request.setHeader("x-content-type-options", "nosniff")
+        request.setHeader("x-frame-options", "SAMEORIGIN")
+        request.setHeader("x-xss-protection", "1; mode=block")
 
     def _error(self, request: IRequest, error: ApiError) -> bytes:
         self.connections.counters.rejected[error.status] = (
@@ -218,7 +226,7 @@ class Api:
         request.setHeader("access-control-max-age", "86400")
         return b""
 
-    @app.route("/v2/stream/<string:names>", methods=["GET"])
+    @app.route("/v2/stream/<string:names>", methods=["GET", "HEAD"])
     def stream(self, request: IRequest, names: str) -> Deferred:
         # The coroutine only sets the stream up and returns: an open stream
         # holds no coroutine frame (nor its context copy), only `done`.
@@ -243,6 +251,16 @@ class Api:
                                              "the request could not be handled"))
 
     # -- the stream -----------------------------------------------------------
+
+    def _stream_headers(self, request: IRequest, ndjson: bool) -> None:
+        """The head of a stream response. `Connection: close`: a stream ends
+        with its connection, so pooled clients must not reuse it."""
+        request.setResponseCode(200)
+        request.setHeader("content-type", "application/json; charset=utf-8" if ndjson else "text/event-stream; charset=utf-8")
+        request.setHeader("cache-control", "no-cache")
+        request.setHeader("connection", "close")
+        request.setHeader("x-accel-buffering", "no")
+        self._common_headers(request)
 
     async def _stream(self, request: IRequest, names_text: str) -> Any:
         config, service = self.config, self.service
@@ -285,14 +303,27 @@ class Api:
         if admission == AT_CAPACITY:
             return self._error(request, unavailable("the server is at its connection limit", 30))
         if admission == OVER_IP_LIMIT:
-            return self._error(
-                request,
-                ApiError(429, "too_many_requests", "Too Many Requests",
-                         f"at most {service.client_ip_connection_limit} concurrent connections per client address"),
-            )
+            error = ApiError(429, "too_many_requests", "Too Many Requests",
+                             f"at most {service.client_ip_connection_limit} concurrent connections per client address")
+            error.retry_after = 10  # type: ignore[attr-defined]
+            return self._error(request, error)
+        ndjson = wants_ndjson(request)
+        if request.method == b"HEAD":
+            # What a GET would get, without the stream: the connection stays
+            # usable for the next request.
+            self.limits.release(ip)
+            try:
+                await resolve(self.backend, topics, assignments, since)
+            except ApiError as e:
+                return self._error(request, e)
+            except BackendUnavailable as e:
+                return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
+            self._stream_headers(request, ndjson)
+            if getattr(request.channel, "persistent", False):
+                request.responseHeaders.removeHeader(b"connection")  # it serves the next request
+            return b""
 
         done: Deferred[bytes] = Deferred()
-        ndjson = wants_ndjson(request)
 
         def finish() -> None:
             if not done.called:
@@ -322,12 +353,7 @@ class Api:
         if sink.closed:  # the client left while we looked things up
             return b""
 
-        request.setResponseCode(200)
-        request.setHeader("content-type", "application/json; charset=utf-8" if ndjson else "text/event-stream; charset=utf-8")
-        request.setHeader("cache-control", "no-cache")
-        request.setHeader("connection", "keep-alive")
-        request.setHeader("access-control-allow-origin", service.cors_origin)
-        request.setHeader("x-accel-buffering", "no")
+        self._stream_headers(request, ndjson)
         sink.begin()
         if getattr(request, "chunked", False) and request.channel is not None:
             sink.use_transport(request.channel.transport)

@@ -476,3 +476,28 @@ class Overrides(ConfigTestCase):
         with open(path, encoding="utf-8") as f:
             self.assertEqual(f.read(), MINIMAL)
         self.assertEqual(load(path).service.heartbeat, 15.0)
+
+
+class RequestHeadLimits(ConfigTestCase):
+    """[eventstreams] head_timeout / max_pending_heads(_per_ip), [intake] head_timeout."""
+
+    def test_shipped_files_set_the_defaults(self):
+        for path in (SHIPPED, os.path.join(REPO, "debian", "streams.ini")):
+            config = load(path)
+            self.assertEqual((config.service.head_timeout, config.service.max_pending_heads,
+                              config.service.max_pending_heads_per_ip), (10.0, 1000, 100), path)
+            self.assertEqual(config.intake.head_timeout, 10.0, path)
+            self.assertEqual(config.service.max_body, 1024 * 1024, path)
+
+    def test_values_are_durations_and_counts(self):
+        config = self.load_text(MINIMAL, ("eventstreams.head_timeout=1m", "eventstreams.max_pending_heads=0",
+                                          "eventstreams.max_pending_heads_per_ip=3", "intake.head_timeout=5s"))
+        self.assertEqual(config.service.head_timeout, 60.0)
+        self.assertEqual(config.service.max_pending_heads, 0)
+        self.assertEqual(config.service.max_pending_heads_per_ip, 3)
+        self.assertEqual(config.intake.head_timeout, 5.0)
+
+    def test_a_head_without_a_deadline_is_refused(self):
+        for section in ("eventstreams", "intake"):
+            self.assertConfigError(MINIMAL, section, "head_timeout", "expected a duration above 0",
+                                   (f"{section}.head_timeout=0",))

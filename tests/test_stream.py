@@ -64,7 +64,7 @@ class StreamBasics(StreamTestCase):
         self.assertEqual(client.status, 200)
         self.assertEqual(client.headers["content-type"], "text/event-stream; charset=utf-8")
         self.assertEqual(client.headers["cache-control"], "no-cache")
-        self.assertEqual(client.headers["connection"], "keep-alive")
+        self.assertEqual(client.headers["connection"], "close")
         self.assertEqual(client.headers["access-control-allow-origin"], "*")
         self.assertEqual(client.headers["x-accel-buffering"], "no")
         self.assertEqual(client.headers["transfer-encoding"], "chunked")

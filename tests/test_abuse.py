@@ -1,0 +1,295 @@
+"""Hostile HTTP clients against a real daemon (issue 12): each attack runs
+while a healthy stream client and /_info probes are measured, and the
+daemon must keep serving them, keep its memory bounded and log no
+traceback. The harness is tests/abuse_support.py."""
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from .abuse_support import (
+    ATTACKER, HEALTHY, AbuseDaemon, Healthy, Raw, check_healthy, connect, get, parse_responses, request,
+)
+from .support import StreamClient, async_test, free_port, sleep
+
+ERROR_KEYS = {"status", "type", "title", "detail", "method", "uri"}
+
+# Small limits so an attack reaches them in a few seconds.
+HEAD_LIMITS = ("eventstreams.head_timeout=2", "eventstreams.max_pending_heads=40",
+               "eventstreams.max_pending_heads_per_ip=5")
+
+
+def drip_head() -> bytes:
+    return b"GET /_info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 10_000 + b"\r\n\r\n"
+
+
+class Drip:
+    """Connections that each send one byte of a request head per `interval`."""
+
+    def __init__(self, port: int, sources: list[str], per_source: int, interval: float = 0.5) -> None:
+        self.port, self.sources, self.per_source, self.interval = port, sources, per_source, interval
+        self.conns: list[Raw] = []
+        self.refused = 0  # connect() failed
+        self.running = True
+        self._loop: defer.Deferred = defer.succeed(None)
+
+    async def open(self) -> None:
+        for source in self.sources:
+            for _ in range(self.per_source):
+                try:
+                    self.conns.append(await connect(self.port, source))
+                except Exception:
+                    self.refused += 1
+        self._loop = defer.ensureDeferred(self._drip())
+
+    async def _drip(self) -> None:
+        head = drip_head()
+        sent = 0
+        while self.running and sent < len(head):
+            for conn in self.conns:
+                conn.send(head[sent:sent + 1])
+            sent += 1
+            await sleep(self.interval)
+
+    @property
+    def open_count(self) -> int:
+        return sum(not c.is_closed for c in self.conns)
+
+    async def stop(self) -> None:
+        self.running = False
+        await self._loop
+        for conn in self.conns:
+            conn.close()
+
+
+def error_body(case: unittest.TestCase, response, status: int) -> dict:
+    case.assertEqual(response.status, status, response)
+    case.assertTrue(response.headers.get("content-type", "").startswith("application/json"), response.headers)
+    body = response.json()
+    case.assertEqual(set(body), ERROR_KEYS, body)
+    case.assertEqual(body["status"], status)
+    return body
+
+
+class HeaderDrip(unittest.TestCase):
+    timeout = 120
+
+    @async_test
+    async def test_dripped_head_is_cut_at_its_deadline_not_reset_per_byte(self):
+        daemon = await AbuseDaemon.start(self, overrides=HEAD_LIMITS)
+        healthy = await Healthy.start(daemon)
+        self.addCleanup(healthy.stop)
+        quiet = await healthy.measure(3)
+        drip = Drip(daemon.port, [ATTACKER], 30)
+        await drip.open()
+        self.addCleanup(lambda: defer.ensureDeferred(drip.stop()))
+        during = await healthy.measure(4)
+        # Over the per-address cap: refused at once; the others: cut at the
+        # deadline although they never stopped sending.
+        await healthy.wait_for(lambda: drip.open_count == 0, "every dripping connection to be closed", 15)
+        await drip.stop()
+        check_healthy(self, quiet, during)
+        answers = [parse_responses(c.received) for c in drip.conns]
+        statuses = sorted(a[0].status for a in answers if a)
+        self.assertEqual(statuses.count(408), 5, statuses)
+        self.assertEqual(statuses.count(503), 25, statuses)
+        for conn, answer in zip(drip.conns, answers):
+            error_body(self, answer[0], answer[0].status)
+        daemon.check_log(self)
+
+    @async_test
+    async def test_the_intake_has_its_own_head_deadline(self):
+        daemon = await AbuseDaemon.start(self, overrides=("intake.head_timeout=2",))
+        drip = Drip(daemon.ports["intake"], [ATTACKER], 3)
+        await drip.open()
+        self.addCleanup(lambda: defer.ensureDeferred(drip.stop()))
+        await Healthy(daemon).wait_for(lambda: drip.open_count == 0, "the intake to close dripping connections", 15)
+        await drip.stop()
+        self.assertEqual([parse_responses(c.received)[0].status for c in drip.conns], [408] * 3)
+        await daemon.post_events([{"meta": {"stream": "test"}}])  # still accepts writes
+        daemon.check_log(self)
+
+    @async_test
+    async def test_the_rcstream_listener_has_the_same_head_deadline(self):
+        port = free_port()
+        daemon = await AbuseDaemon.start(self, overrides=(
+            "eventstreams.head_timeout=2", "rcstream.stream=mediawiki.recentchange",
+            f"rcstream.listen=tcp:{port}:interface=127.0.0.1"))
+        drip = Drip(port, [ATTACKER], 3)
+        await drip.open()
+        self.addCleanup(lambda: defer.ensureDeferred(drip.stop()))
+        await Healthy(daemon).wait_for(lambda: drip.open_count == 0, "the RCStream listener to cut dripping heads", 15)
+        await drip.stop()
+        self.assertEqual([parse_responses(c.received)[0].status for c in drip.conns], [408] * 3)
+        handshake = await get(port, "/socket.io/1/")
+        self.assertEqual(handshake.status, 200, handshake)
+        daemon.check_log(self)
+
+    @async_test
+    async def test_drip_from_many_addresses_cannot_exhaust_file_descriptors(self):
+        # 256 files for the daemon, 300 dripping connections from 60 addresses:
+        # without a bound on unfinished heads, accept() fails (EMFILE) for everyone.
+        daemon = await AbuseDaemon.start(self, nofile=256, overrides=(
+            "eventstreams.head_timeout=30", "eventstreams.max_pending_heads=60",
+            "eventstreams.max_pending_heads_per_ip=5"))
+        healthy = await Healthy.start(daemon)
+        self.addCleanup(healthy.stop)
+        quiet = await healthy.measure(3)
+        drip = Drip(daemon.port, [f"127.0.1.{n}" for n in range(1, 61)], 5, interval=1.0)
+        await drip.open()
+        self.addCleanup(lambda: defer.ensureDeferred(drip.stop()))
+        during = await healthy.measure(5)
+        fds = daemon.open_fds()
+        await drip.stop()
+        after = await healthy.measure(2)
+        check_healthy(self, quiet, during)
+        check_healthy(self, quiet, after)
+        self.assertLess(fds, 200, "the daemon's open files")
+        daemon.check_log(self)
+
+
+class HeadRequests(unittest.TestCase):
+    timeout = 60
+
+    @async_test
+    async def test_head_on_a_stream_answers_headers_only_and_the_next_request_too(self):
+        daemon = await AbuseDaemon.start(self)
+        raw = (b"HEAD /v2/stream/test HTTP/1.1\r\nHost: x\r\n\r\n"
+               b"GET /_info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, info = await request(daemon.port, raw, responses=2, head_only=(True, False))
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(head.headers["cache-control"], "no-cache")
+        self.assertNotIn("connection", head.headers)  # unlike the GET's close: this one serves the next
+        self.assertNotIn("transfer-encoding", head.headers)
+        self.assertEqual(info.status, 200, info)
+        self.assertEqual(info.json()["name"], "eventstreams")
+        daemon.check_log(self)
+
+    @async_test
+    async def test_head_on_an_unknown_stream_is_the_same_400(self):
+        daemon = await AbuseDaemon.start(self)
+        answer = await get(daemon.port, "/v2/stream/nope", method="HEAD")
+        self.assertEqual(answer.status, 400)
+        self.assertEqual(answer.body, b"")
+
+
+class BigHeads(unittest.TestCase):
+    timeout = 90
+
+    @async_test
+    async def test_an_id_of_100_partitions_comes_back_as_last_event_id(self):
+        daemon = await AbuseDaemon.start(self, overrides=("embedded.partitions=100",))
+        path = "/v2/stream/recentchange,test"
+        first = StreamClient(path, {})
+        await connect(daemon.port, HEALTHY, first)
+        await first.head_received
+        await daemon.post_events([{"meta": {"stream": "test"}, "n": 1}])
+        await first.wait_events(1, 20)
+        last_id = first.last_id
+        first.transport.loseConnection()
+        self.assertGreater(len(last_id), 16 * 1024)
+        again = StreamClient(path, {"Last-Event-ID": last_id})
+        await connect(daemon.port, HEALTHY, again)
+        await again.wait_for(lambda: again.status is not None or again.done, 20)
+        self.assertEqual(again.status, 200, again.body[:500])
+        await daemon.post_events([{"meta": {"stream": "test"}, "n": 2}])
+        await again.wait_events(1, 20)
+        self.assertEqual([e["n"] for e in again.events], [2])
+        again.transport.loseConnection()
+        daemon.check_log(self)
+
+    @async_test
+    async def test_a_head_over_the_limit_gets_a_431(self):
+        daemon = await AbuseDaemon.start(self)
+        for headers in ({"Last-Event-ID": "[" + "1," * 100_000 + "1]"},
+                        {f"X-{n}": "a" * 1000 for n in range(200)}):
+            answer = await get(daemon.port, "/v2/stream/test", headers)
+            body = error_body(self, answer, 431)
+            self.assertEqual(answer.reason, "Request Header Fields Too Large")
+            self.assertEqual(body["type"], "request_header_fields_too_large")
+        self.assertEqual((await get(daemon.port, "/_info")).status, 200)
+        daemon.check_log(self)
+
+
+class ErrorPaths(unittest.TestCase):
+    timeout = 90
+
+    @async_test
+    async def test_a_path_that_is_not_utf8_is_a_json_400_with_at_most_one_log_line(self):
+        daemon = await AbuseDaemon.start(self)
+        paths = ["/v2/stream/%ff", "/v2/stream/test%ff,x", "/_info/%ff", "/v2/ui/%ff", "/%ff"]
+        before = len(daemon.log().splitlines())
+        for path in paths:
+            answer = await get(daemon.port, path)
+            body = error_body(self, answer, 400)
+            self.assertEqual(body["uri"], path)
+        await sleep(0.5)  # the access log is written after the answer
+        self.assertLessEqual(len(daemon.log().splitlines()) - before, len(paths))
+        daemon.check_log(self)
+
+    @async_test
+    async def test_malformed_requests_get_json_errors(self):
+        daemon = await AbuseDaemon.start(self)
+        cases = [
+            (b"NONSENSE\r\n\r\n", 400),
+            (b"GET /_info HTTP/1.1\r\nNo colon here\r\n\r\n", 400),
+            (b"GET /_info HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+            (b"POST /_info HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+            (b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        ]
+        for raw, status in cases:
+            found = await request(daemon.port, raw)
+            self.assertTrue(found, raw)
+            error_body(self, found[0], status)
+        daemon.check_log(self)
+
+    @async_test
+    async def test_a_huge_body_is_refused_before_it_is_read(self):
+        # twisted.web would spool it to a temporary file, byte after byte.
+        daemon = await AbuseDaemon.start(self)
+        found = await request(daemon.port, b"POST /_info HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+                                            + b"x" * 100_000)
+        body = error_body(self, found[0], 413)
+        self.assertEqual(body["type"], "payload_too_large")
+        daemon.check_log(self)
+
+    @async_test
+    async def test_a_flood_of_bad_requests_is_logged_at_a_bounded_rate(self):
+        daemon = await AbuseDaemon.start(self)
+        before = len(daemon.log().splitlines())
+        for _ in range(10):
+            await defer.gatherResults([
+                defer.ensureDeferred(request(daemon.port, b"BAD\r\n\r\n", ATTACKER)) for _ in range(30)])
+        await sleep(0.5)
+        added = len(daemon.log().splitlines()) - before
+        self.assertLessEqual(added, 300)
+        self.assertEqual((await get(daemon.port, "/_info")).status, 200)
+        daemon.check_log(self)
+
+
+class StatusLines(unittest.TestCase):
+    timeout = 60
+
+    @async_test
+    async def test_429_and_503_have_their_reason_phrase_and_retry_after(self):
+        daemon = await AbuseDaemon.start(self, overrides=("eventstreams.client_ip_connection_limit=1",
+                                                          "eventstreams.max_connections=2"))
+        first = StreamClient("/v2/stream/test", {})
+        await connect(daemon.port, HEALTHY, first)
+        await first.head_received
+        over_ip = await get(daemon.port, "/v2/stream/test")
+        body = error_body(self, over_ip, 429)
+        self.assertEqual(over_ip.reason, "Too Many Requests")
+        self.assertTrue(over_ip.headers.get("retry-after", "").isdigit(), over_ip.headers)
+        self.assertEqual(body["type"], "too_many_requests")
+        second = StreamClient("/v2/stream/test", {})
+        await connect(daemon.port, ATTACKER, second)
+        await second.head_received
+        full = await get(daemon.port, "/v2/stream/test", source="127.0.0.3")
+        error_body(self, full, 503)
+        self.assertEqual(full.reason, "Service Unavailable")
+        self.assertTrue(full.headers.get("retry-after", "").isdigit(), full.headers)
+        for client in (first, second):
+            client.transport.loseConnection()
+        daemon.check_log(self)

@@ -1,0 +1,182 @@
+"""The request-head budget (eventstreams.httpchannel) on a fake clock and
+in-memory transports: deadlines, bounds, and the refusals' wire form."""
+from __future__ import annotations
+
+import json
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from twisted.web.server import Site
+from twisted.web.resource import Resource
+
+from eventstreams.httpchannel import MAX_HEAD_BYTES, ApiRequest, HeadBudget, Throttled, guard, reason
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request) -> bytes:
+        return b"hello"
+
+
+class Budgeted(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.budget = HeadBudget(self.clock, deadline=10, max_pending=3, max_per_address=2)
+        self.site = guard(Site(Hello(), reactor=self.clock), self.budget, ApiRequest, max_body=1000)
+
+    def connect(self, host: str = "192.0.2.1"):
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def answer(self, transport: StringTransport) -> tuple[bytes, dict]:
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        return head.split(b"\r\n")[0], json.loads(body)
+
+    def test_a_dripped_head_is_cut_at_the_deadline_not_reset_per_byte(self):
+        channel, transport = self.connect()
+        for byte in REQUEST[:-1]:
+            channel.dataReceived(bytes([byte]))
+            self.clock.advance(1)  # well within any idle timeout
+            if transport.disconnecting:
+                break
+        self.assertTrue(transport.disconnecting)
+        status, body = self.answer(transport)
+        self.assertEqual(status, b"HTTP/1.1 408 Request Timeout")
+        self.assertEqual(body["type"], "request_timeout")
+        self.assertEqual(set(body), {"status", "type", "title", "detail", "method", "uri"})
+        self.assertEqual(self.budget.pending, {})
+        self.assertEqual(self.budget.timed_out, 1)
+
+    def test_a_whole_head_is_answered_and_the_next_one_has_a_deadline_again(self):
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST)
+        self.assertIn(b"hello", transport.value())
+        self.assertEqual(list(self.budget.pending), [channel])  # waiting for the next head
+        transport.clear()
+        channel.dataReceived(b"GET / HT")
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_an_idle_keep_alive_connection_is_closed_without_an_answer(self):
+        # A pooled client would read an unsolicited 408 as its next answer.
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST)
+        transport.clear()
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_a_pipelined_head_in_the_same_bytes_is_answered(self):
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST + REQUEST)
+        self.assertEqual(transport.value().count(b"hello"), 2)
+        self.assertFalse(transport.disconnecting)
+
+    def test_over_the_per_address_bound_a_new_connection_is_refused(self):
+        self.connect()
+        self.connect()
+        channel, transport = self.connect()
+        self.assertTrue(transport.disconnecting)
+        status, body = self.answer(transport)
+        self.assertEqual(status, b"HTTP/1.1 503 Service Unavailable")
+        self.assertIn(b"Retry-After: 10", transport.value())
+        self.assertEqual(len(self.budget.pending), 2)
+        _, other = self.connect("192.0.2.2")  # another address still gets in
+        self.assertFalse(other.disconnecting)
+
+    def test_over_the_total_the_oldest_waiting_connection_is_cut(self):
+        oldest, oldest_transport = self.connect("192.0.2.1")
+        self.connect("192.0.2.2")
+        self.connect("192.0.2.3")
+        newest, newest_transport = self.connect("192.0.2.4")
+        self.assertTrue(oldest_transport.disconnecting)
+        self.assertFalse(newest_transport.disconnecting)
+        self.assertEqual(len(self.budget.pending), 3)
+        self.assertNotIn(oldest, self.budget.pending)
+        self.assertEqual(self.budget.evicted, 1)
+
+    def test_a_head_over_the_limit_gets_a_431(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nLast-Event-ID: " + b"x" * MAX_HEAD_BYTES + b"\r\n")
+        status, body = self.answer(transport)
+        self.assertEqual(status, b"HTTP/1.1 431 Request Header Fields Too Large")
+        self.assertEqual(body["type"], "request_header_fields_too_large")
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_head_just_under_the_limit_is_served(self):
+        channel, transport = self.connect()
+        filler = b"x" * (MAX_HEAD_BYTES - 200)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nLast-Event-ID: " + filler + b"\r\n\r\n")
+        self.assertIn(b"hello", transport.value())
+
+    def test_a_malformed_request_line_is_a_json_400(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"NONSENSE\r\n\r\n")
+        status, body = self.answer(transport)
+        self.assertEqual(status, b"HTTP/1.1 400 Bad Request")
+        self.assertEqual(body["type"], "bad_request")
+        self.assertEqual(self.budget.pending, {})
+
+    def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 5000)
+        status, body = self.answer(transport)
+        self.assertEqual(status, b"HTTP/1.1 413 " + reason(413))  # RFC 9110 renamed it; either is standard
+        self.assertEqual((body["type"], body["method"], body["uri"]), ("payload_too_large", "post", "/"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_chunked_body_over_the_limit_is_refused(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(5):
+            channel.dataReceived(b"190\r\n" + b"x" * 400 + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_closing_gives_back_the_slot(self):
+        channel, transport = self.connect()
+        channel.connectionLost(None)
+        self.assertEqual(self.budget.pending, {})
+        self.assertEqual(self.budget.per_address, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_path_that_is_not_utf8_is_a_json_400(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /v2/stream/%ff HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body = self.answer(transport)
+        self.assertEqual(status, b"HTTP/1.1 400 Bad Request")
+        self.assertEqual(body["uri"], "/v2/stream/%ff")
+        self.assertEqual(body["type"], "invalid_path")
+
+
+class Phrases(unittest.TestCase):
+    def test_every_status_has_its_standard_reason(self):
+        self.assertEqual(reason(429), b"Too Many Requests")
+        self.assertEqual(reason(431), b"Request Header Fields Too Large")
+        self.assertEqual(reason(503), b"Service Unavailable")
+
+
+class ThrottledLog(unittest.TestCase):
+    def test_at_most_burst_lines_per_interval_then_a_count(self):
+        from twisted.logger import globalLogPublisher
+
+        seen: list[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        clock = Clock()
+        throttled = Throttled(clock, burst=3, interval=10)
+        for _ in range(50):
+            throttled.info("refused {n}", n=1)
+        self.assertEqual(len(seen), 3)
+        clock.advance(10)
+        throttled.info("refused {n}", n=1)
+        self.assertEqual(len(seen), 4)
+        self.assertEqual(seen[-1]["suppressed"], 47)
