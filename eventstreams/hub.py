@@ -25,10 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .assignment import head_marks
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
 from .pacing import Pacer
-from .assignment import head_marks
 from .positions import Mark, Partitions, advance, encode_id
 
 log = Logger()

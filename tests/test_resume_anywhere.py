@@ -16,7 +16,7 @@ from eventstreams.backends.embedded import EmbeddedBackend
 from eventstreams.hub import Hub
 from eventstreams.positions import Assignment, PositionError, advance, encode_id, parse_last_event_id
 
-from .support import async_test
+from .support import async_test, sleep
 
 T = "eqiad.mediawiki.recentchange"
 # A's partition: (timestamp of each record); three records share 1001, two 1002.
@@ -172,6 +172,5 @@ class MirroredLogs(unittest.TestCase):
         for _ in range(100):
             if hub.head[0][0] == 8:
                 break
-            from .support import sleep
             await sleep(0.05)
         self.assertEqual(hub.head, ((8, (1003, 4)),))
