@@ -174,3 +174,14 @@ class MirroredLogs(unittest.TestCase):
                 break
             await sleep(0.05)
         self.assertEqual(hub.head, ((8, (1003, 4)),))
+
+
+class ClusterName(unittest.TestCase):
+    @async_test
+    async def test_cluster_name_overrides_the_kafka_cluster_id_and_is_not_passed_on(self):
+        from eventstreams.backends.kafka import KafkaBackend
+
+        backend = KafkaBackend({"bootstrap.servers": "127.0.0.1:9", "cluster_name": "eqiad"}, reactor)
+        self.assertEqual(await backend.identity(), "eqiad")
+        self.assertNotIn("cluster_name", backend.consumer_settings())
+        self.assertIsNone(backend.check_settings())
