@@ -67,8 +67,7 @@ def produce(bootstrap: str, records: list[tuple[str, int, int, dict]]) -> None:
     """(topic, partition, timestamp, event) in order, acknowledged."""
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all",
-                         "enable.idempotence": True})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "acks": "all"})
     errors: list[Any] = []
     for topic, partition, timestamp, event in records:
         producer.produce(topic, json.dumps(event).encode(), partition=partition, timestamp=timestamp,
