@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
 
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .backends.base import Backend, TopicPartition
 from .errors import ApiError, bad_last_event_id, unavailable
@@ -28,6 +30,7 @@ log = Logger()
 MIRROR_WAIT = 5.0  # seconds a resume waits for a lagging mirror to hold the id's records
 MIRROR_POLL = 0.1  # seconds between its looks
 LOOK_BACK = 100  # records read back to count the last millisecond's records before an offset
+MARK_WAIT = 2.0  # seconds a new hub waits for those reads
 
 
 @dataclass
@@ -158,8 +161,9 @@ async def resolve(
             start.offsets[tp] = high
             start.stamps.pop(tp, None)
             unmarked.append(tp)
-    for tp in unmarked:
-        mark = await mark_before(backend, tp, start.offsets[tp])
+    unmarked = list(dict.fromkeys(unmarked))
+    for tp, (_, mark) in zip(unmarked, await marks_at(
+            backend, unmarked, [(None, start.offsets[tp]) for tp in unmarked], clock)):
         if mark is not None:
             start.stamps[tp] = mark
     return start
@@ -226,17 +230,20 @@ async def mark_before(backend: Backend, tp: TopicPartition, offset: int,
     return (timestamp + 1, n)
 
 
-async def head_marks(backend: Backend, tps: Sequence[TopicPartition],
-                     marks: Sequence[tuple[int, int]]) -> list[tuple[int, Optional[Mark]]]:
-    """A hub's starting slots: each partition's end with its mark, so the
-    first ids it makes count the millisecond from the records before it.
-    A partition whose mark cannot be read starts without one."""
-    slots: list[tuple[int, Optional[Mark]]] = []
-    for tp, (low, high) in zip(tps, marks):
-        try:
-            mark = await mark_before(backend, tp, high, low)
-        except Exception as e:
-            log.warn("cannot read the last records of {tp}: {error}", tp=tp, error=e)
-            mark = None
-        slots.append((high, mark))
-    return slots
+async def marks_at(backend: Backend, tps: Sequence[TopicPartition],
+                   positions: Sequence[tuple[Optional[int], int]],
+                   clock: Any = None) -> list[tuple[int, Optional[Mark]]]:
+    """(offset, mark) for each (first retained offset or None, offset): a
+    new hub's starting slots, or a start whose id has no mark. The
+    partitions are read at once, for at most MARK_WAIT seconds; one whose
+    mark is not read by then goes without (its first id counts from 1)."""
+    if clock is None:
+        from twisted.internet import reactor as clock
+
+    def without(failure: Failure, tp: TopicPartition) -> None:
+        log.warn("cannot read the last records of {tp}: {error}", tp=tp, error=failure.getErrorMessage())
+
+    reads = [ensureDeferred(mark_before(backend, tp, offset, low)).addTimeout(MARK_WAIT, clock)
+             .addErrback(without, tp) for tp, (low, offset) in zip(tps, positions)]
+    found = await gatherResults(reads)
+    return [(offset, mark) for (_, offset), mark in zip(positions, found)]

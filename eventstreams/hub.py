@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .assignment import head_marks
+from .assignment import marks_at
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
 from .pacing import Pacer
@@ -410,7 +410,7 @@ class Hub:
         return (
             gatherResults([self.backend.watermarks(tp) for tp in self.tps], consumeErrors=True)
             .addErrback(lambda f: f.value.subFailure)  # the first error itself, not FirstError
-            .addCallback(lambda marks: ensureDeferred(head_marks(self.backend, self.tps, marks)))
+            .addCallback(lambda marks: ensureDeferred(marks_at(self.backend, self.tps, marks, self.clock)))
             .addCallback(started)
         )
 
