@@ -209,7 +209,7 @@ class TwoDatacenters(unittest.TestCase):
             target = daemons[(hop + 1) % 2]
             client = await self.stream(target, "/v2/stream/recentchange", {"Last-Event-ID": last_id})
             hops.append((last_id, target is b))
-        await self.mirrored(prefix, produced)
+        await self.mirrored(prefix, warmup + produced)
         # The rest: everything produced after the last cut.
         await client.wait_for(lambda: len(kept) + len(client.events) >= len(produced), timeout=60)
         await sleep(0.5)  # anything repeated would arrive now
