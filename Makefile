@@ -37,6 +37,9 @@ run: $(VENV)/.installed
 
 # Starts a throw-away Apache Kafka broker (scripts/kafka) for tests/test_kafka.py
 # and stops it afterwards. Under CI=true a broker that does not start fails the run.
+# Two datacenters (tests/test_twodc.py): that broker is cluster A; a second
+# one-node cluster B and MirrorMaker 2 copying A's `dc.*` topics to B are
+# started beside it (EVENTSTREAMS_KAFKA_B) and stopped with it.
 test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json tests/browser/node_modules/.package-lock.json .cache/rcstream-clients.stamp
 	@export KAFKA_STATE=$${KAFKA_STATE:-/tmp/eventstreams-kafka-$$$$}; \
 	if bootstrap=$$(scripts/kafka start); then \
@@ -46,7 +49,20 @@ test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json tests/bro
 	else \
 	    echo "make test: no Kafka broker; the Kafka tests are skipped" >&2; \
 	fi; \
+	if [ -n "$${EVENTSTREAMS_KAFKA:-}" ] && \
+	   bootstrap_b=$$(KAFKA_STATE=$$KAFKA_STATE-b scripts/kafka start) && \
+	   KAFKA_MIRROR_TOPICS='dc\..*' scripts/kafka start-mirror "$$EVENTSTREAMS_KAFKA" "$$bootstrap_b" "$$KAFKA_STATE-mirror"; then \
+	    export EVENTSTREAMS_KAFKA_B=$${bootstrap_b#bootstrap.servers=}; \
+	elif [ "$${CI:-}" = true ]; then \
+	    echo "make test: the second Kafka cluster or MirrorMaker did not start" >&2; \
+	    scripts/kafka stop-mirror "$$KAFKA_STATE-mirror" || true; \
+	    KAFKA_STATE=$$KAFKA_STATE-b scripts/kafka stop || true; scripts/kafka stop || true; exit 1; \
+	else \
+	    echo "make test: no second cluster; the two-datacenter tests are skipped" >&2; \
+	fi; \
 	status=0; $(BIN)/trial $(TRIAL_ARGS) tests || status=$$?; \
+	scripts/kafka stop-mirror "$$KAFKA_STATE-mirror" || true; \
+	KAFKA_STATE=$$KAFKA_STATE-b scripts/kafka stop || true; \
 	scripts/kafka stop || true; \
 	exit $$status
 

@@ -19,21 +19,23 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .assignment import marks_at
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
 from .pacing import Pacer
-from .positions import encode_id
+from .positions import Mark, Partitions, advance, encode_id
 
 log = Logger()
 
-# (next offset, last delivered timestamp + 1 ms or None) per hub partition
-Slot = tuple[int, Optional[int]]
+# (next offset, mark or None) per hub partition; the mark is the last
+# delivered timestamp + 1 ms and how many records of that ms were delivered
+Slot = tuple[int, Optional[Mark]]
 Vector = tuple[Slot, ...]
 
 REPLAY_CHUNK = 500  # ring entries replayed per reactor turn
@@ -94,7 +96,8 @@ class Batch:
 
 
 def id_text(tps: Sequence[TopicPartition], vector: Vector) -> str:
-    return encode_id((tp[0], tp[1], slot[0], slot[1]) for tp, slot in zip(tps, vector))
+    return encode_id(((tp[0], tp[1], slot[0], slot[1]) for tp, slot in zip(tps, vector)),
+                     getattr(tps, "cluster", None))
 
 
 class Sink(Protocol):
@@ -162,7 +165,7 @@ class Subscription:
         sink: Sink,
         filter: Optional[Filter],
         offsets: list[int],
-        stamps: list[Optional[int]],
+        stamps: list[Optional[Mark]],
     ):
         self.hub = hub
         self.sink = sink
@@ -349,7 +352,7 @@ class Subscription:
                     f"continuing at {record.offset}"
                 )
             self.offsets[i] = record.offset + 1
-            self.stamps[i] = record.timestamp + 1
+            self.stamps[i] = advance(self.stamps[i], record.timestamp)
             self.last = None
             event, data = decode_record(record)
             batch.append(Entry(-1, record, event, data, hub.tps, tuple(zip(self.offsets, self.stamps))))
@@ -376,7 +379,7 @@ class Hub:
         max_gap: float = 0.0,
     ):
         self.backend = backend
-        self.tps = tuple(tps)
+        self.tps = Partitions(tps, getattr(backend, "cluster", None))  # ids name the cluster
         self.index = {tp: i for i, tp in enumerate(self.tps)}
         self.ring_size = ring_size
         self.clock = clock
@@ -398,15 +401,16 @@ class Hub:
     def start(self) -> Deferred[None]:
         """Find the end of every partition and start following it."""
 
-        def started(marks: list[tuple[int, int]]) -> None:
-            self.head = self.ring_base = tuple((high, None) for _, high in marks)
+        def started(slots: list[Slot]) -> None:
+            self.head = self.ring_base = tuple(slots)
             self._tail = self.backend.tail(
-                {tp: high for tp, (_, high) in zip(self.tps, marks)}, self._on_records
+                {tp: high for tp, (high, _) in zip(self.tps, slots)}, self._on_records
             )
 
         return (
             gatherResults([self.backend.watermarks(tp) for tp in self.tps], consumeErrors=True)
             .addErrback(lambda f: f.value.subFailure)  # the first error itself, not FirstError
+            .addCallback(lambda marks: ensureDeferred(marks_at(self.backend, self.tps, marks, self.clock)))
             .addCallback(started)
         )
 
@@ -425,7 +429,7 @@ class Hub:
         self,
         sink: Sink,
         start: Optional[dict[TopicPartition, int]] = None,
-        stamps: Optional[dict[TopicPartition, int]] = None,
+        stamps: Optional[dict[TopicPartition, Mark]] = None,
         filter: Optional[Filter] = None,
     ) -> Subscription:
         """Deliver to sink from start (next offset per partition; missing
@@ -529,7 +533,7 @@ class Hub:
             head = list(self.head)
             if record.offset < head[i][0]:
                 continue  # already seen (a reader restart)
-            head[i] = (record.offset + 1, record.timestamp + 1)
+            head[i] = (record.offset + 1, advance(head[i][1], record.timestamp))
             self.head = vector = tuple(head)
             event, data = decode_record(record)
             if event is None:

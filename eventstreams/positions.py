@@ -4,6 +4,14 @@ A client resumes a stream by sending back the last `id:` it saw as the
 Last-Event-ID header; the header is untrusted input, so it is parsed
 strictly and every rejection says exactly what is wrong (the message goes
 back to the client in a 400 `invalid_last_event_id`).
+
+An id entry is upstream's `{topic, partition, offset, timestamp}` (offset:
+the next to read; timestamp: the last delivered record's + 1 ms) plus two
+keys of our own, so that it resumes exactly in a mirrored cluster too:
+`n`, how many records of the millisecond `timestamp - 1` the client already
+has (absent: none, the position is at a millisecond boundary), and, on the
+first entry, `cluster`, the log whose offsets these are (see README "Two
+datacenters").
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ __all__ = [
     "Assignment",
     "PositionError",
     "TimestampError",
+    "Mark",
+    "advance",
     "encode_id",
     "parse_last_event_id",
     "parse_since",
@@ -34,6 +44,25 @@ MAX_INT64 = 2**63 - 1
 
 # JavaScript's largest Date (ms); upstream cannot express a later `since`.
 MAX_SINCE_MS = 8_640_000_000_000_000
+MAX_CLUSTER = 255  # characters of a cluster name in an id
+
+# Where a partition stands in time: (the timestamp to resume at, i.e. the
+# last delivered record's + 1, and how many records of the millisecond
+# before it were delivered; 0 = at the millisecond boundary).
+Mark = tuple[int, int]
+
+
+def advance(mark: "Mark | None", timestamp: int) -> Mark:
+    """The mark after delivering a record with this timestamp.
+
+    Counting the records of one millisecond in offset order is what lets a
+    mirrored cluster (same order, same timestamps) find the same place. An
+    unknown mark counts from 1: if earlier records shared the millisecond, a
+    resume elsewhere repeats them rather than skipping any.
+    """
+    if mark is not None and mark[0] == timestamp + 1:
+        return (mark[0], mark[1] + 1)
+    return (timestamp + 1, 1)
 
 
 class PositionError(ValueError):
@@ -52,6 +81,8 @@ class Assignment:
     partition: int | None  # None: every partition of the topic (topic-name form)
     offset: int | None  # next offset to read; None when absent or -1
     timestamp: int | None  # epoch ms; kept even with an offset (offset wins)
+    count: int = 0  # `n`: records of the millisecond timestamp - 1 already delivered
+    cluster: str | None = None  # the log the offset belongs to; None: upstream's format
 
 
 def _describe(value: object) -> str:
@@ -141,6 +172,7 @@ def parse_last_event_id(text: str) -> list[Assignment]:
             f"Last-Event-ID has {len(items)} entries, at most {MAX_ID_ENTRIES} are allowed")
 
     result: list[Assignment] = []
+    cluster: str | None = None  # named on an entry, it holds for the ones after it
     by_name: set[str] = set()  # topics given by name
     by_object: set[str] = set()  # topics given as objects
     pairs: set[tuple[str, int]] = set()
@@ -183,6 +215,20 @@ def parse_last_event_id(text: str) -> list[Assignment]:
             timestamp = _integer(item, "timestamp", where, 0, MAX_INT64,
                                  "a non-negative integer", digit_string=True)
 
+        count = 0
+        if item.get("n") is not None:
+            count = _integer(item, "n", where, 0, MAX_INT64, "a non-negative integer")
+            if count and timestamp is None:
+                raise PositionError(f"{where}: 'n' needs a 'timestamp'")
+            if count and timestamp == 0:
+                raise PositionError(f"{where}: 'n' needs a 'timestamp' above 0")
+        if item.get("cluster") is not None:
+            cluster = item["cluster"]
+            if not isinstance(cluster, str) or not cluster or len(cluster) > MAX_CLUSTER:
+                raise PositionError(
+                    f"{where}: 'cluster' must be a string of 1 to {MAX_CLUSTER} characters, "
+                    f"got {_describe(cluster)}")
+
         if topic in by_name:
             raise PositionError(
                 f"{where}: topic {topic!r} is given both by name and with partitions")
@@ -191,7 +237,7 @@ def parse_last_event_id(text: str) -> list[Assignment]:
                 f"{where}: topic {topic!r} partition {partition} is given twice")
         by_object.add(topic)
         pairs.add((topic, partition))
-        result.append(Assignment(topic, partition, offset, timestamp))
+        result.append(Assignment(topic, partition, offset, timestamp, count, cluster))
     return result
 
 
@@ -257,14 +303,35 @@ def parse_since(text: str) -> int:
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def encode_id(entries: Iterable[tuple[str, int, int, int | None]]) -> str:
-    """The `id:` of an SSE event: compact JSON of (topic, partition, offset, timestamp).
+def encode_id(entries: Iterable[tuple[str, int, int, "int | Mark | None"]],
+              cluster: str | None = None) -> str:
+    """The `id:` of an SSE event: compact JSON of (topic, partition, offset,
+    timestamp or mark); the first entry names the cluster, when known.
 
     Called for every event sent, so it is a single encoder call.
     """
-    return _dumps([
-        {"topic": topic, "partition": partition, "offset": offset}
-        if timestamp is None else
-        {"topic": topic, "partition": partition, "offset": offset, "timestamp": timestamp}
-        for topic, partition, offset, timestamp in entries
-    ])
+    items: list[dict] = []
+    for topic, partition, offset, mark in entries:
+        item: dict = {"topic": topic, "partition": partition, "offset": offset}
+        if isinstance(mark, tuple):
+            item["timestamp"] = mark[0]
+            if mark[1]:
+                item["n"] = mark[1]
+        elif mark is not None:
+            item["timestamp"] = mark
+        items.append(item)
+    if cluster is not None and items:
+        items[0]["cluster"] = cluster
+    return _dumps(items)
+
+
+class Partitions(tuple):
+    """A hub's partitions, with the name of the cluster their offsets
+    belong to (which every id the hub makes carries)."""
+
+    cluster: str | None
+
+    def __new__(cls, tps: Iterable[tuple[str, int]], cluster: str | None = None) -> "Partitions":
+        self = super().__new__(cls, tps)
+        self.cluster = cluster
+        return self

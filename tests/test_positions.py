@@ -69,7 +69,7 @@ class ParseLastEventIdValidTests(SynchronousTestCase):
         self.assertEqual(parse_last_event_id(one(entry)), [Assignment("t", 0, None, None)])
 
     def test_unknown_keys_are_ignored(self) -> None:
-        entry = {"topic": "t", "partition": 1, "offset": 5, "cluster": "eqiad", "x": [1]}
+        entry = {"topic": "t", "partition": 1, "offset": 5, "dc": "eqiad", "x": [1]}
         self.assertEqual(parse_last_event_id(one(entry)), [Assignment("t", 1, 5, None)])
 
     def test_order_is_kept_and_partitions_of_one_topic_may_repeat_topic(self) -> None:

@@ -88,8 +88,9 @@ class StreamBasics(StreamTestCase):
             [(d.rc[0], 0, 0), (d.rc[1], 0, 1), (d.topic("eqiad.test.event"), 0, 0)],
         )
         codfw = ids[1]
-        self.assertEqual(codfw["timestamp"], d.hubs.hubs[tuple(sorted(
+        self.assertEqual((codfw["timestamp"], codfw["n"]), d.hubs.hubs[tuple(sorted(
             [(d.rc[0], 0), (d.rc[1], 0), (d.topic("eqiad.test.event"), 0)]))].head[1][1])
+        self.assertEqual(ids[0]["cluster"], d.backend.cluster)
         # One data line of compact JSON, raw UTF-8.
         self.assertNotIn(b"\ndata: {\n", client.body)
 
@@ -226,7 +227,8 @@ class Resume(StreamTestCase):
         await client.wait_events(2)
         self.assertEqual([e["id"] for e in client.events], [2, 3])
         ids = json.loads(client.last_id)
-        self.assertEqual(ids, [{"topic": d.rc[0], "partition": 0, "offset": 3, "timestamp": T0 + 3_000_001}])
+        self.assertEqual(ids, [{"topic": d.rc[0], "partition": 0, "offset": 3, "timestamp": T0 + 3_000_001,
+                                "n": 1, "cluster": d.backend.cluster}])
 
     @async_test
     async def test_offset_wins_over_timestamp(self):

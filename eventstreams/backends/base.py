@@ -41,6 +41,13 @@ class Tail(Protocol):
 
 
 class Backend(Protocol):
+    cluster: Optional[str]  # the name identity() answers, once known
+
+    def identity(self) -> Deferred[str]:
+        """The name of this log (a Kafka cluster's id, or `[kafka]
+        cluster_name`; the embedded log's own): offsets in an id are only
+        valid in the log of that name."""
+
     def start(self) -> None:
         """Open connections and threads; called once before use."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -57,6 +58,10 @@ CREATE TABLE IF NOT EXISTS partitions (
     next_offset INTEGER NOT NULL,
     last_timestamp INTEGER,
     PRIMARY KEY (topic, partition)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
 
@@ -131,6 +136,7 @@ class EmbeddedBackend:
         self._pruner: Optional[LoopingCall] = None
         self._poller: Optional[LoopingCall] = None
         self._append_watchers: list[Callable[[list[Record]], None]] = []
+        self.cluster: Optional[str] = None  # the file's own name, set by start()
 
     # -- life cycle --------------------------------------------------------
 
@@ -138,6 +144,7 @@ class EmbeddedBackend:
         if self._running or self._drained is not None:
             raise RuntimeError(f"embedded log {self.path!r} is already started (or still stopping)")
         conn, heads = self._open()
+        self.cluster = conn.execute("SELECT value FROM meta WHERE key = 'log_id'").fetchone()[0]
         self._wconn = conn
         self._heads = heads
         self._local = threading.local()
@@ -193,6 +200,9 @@ class EmbeddedBackend:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                # The log's identity for ids (made once, kept with the file).
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('log_id', ?)",
+                             ("embedded-" + secrets.token_hex(6),))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -298,6 +308,11 @@ class EmbeddedBackend:
 
     def partitions(self, topic: str) -> Deferred[list[int]]:
         return defer.succeed(list(range(self.partitions_per_topic)))
+
+    def identity(self) -> Deferred[str]:
+        if self.cluster is None:
+            return defer.fail(BackendUnavailable("the embedded log is not started"))
+        return defer.succeed(self.cluster)
 
     def watermarks(self, tp: TopicPartition) -> Deferred[tuple[int, int]]:
         return self._read(self._watermarks_sync, tp)

@@ -188,6 +188,8 @@ class KafkaBackend:
         catchup_consumers: int = 8,
     ):
         self.settings = dict(settings)
+        # Ours, not librdkafka's: the name ids use for this cluster's offsets.
+        self.cluster: Optional[str] = self.settings.pop("cluster_name", None) or None
         self.reactor = reactor
         self.timeout = timeout
         self.catchup_consumers = catchup_consumers
@@ -277,6 +279,25 @@ class KafkaBackend:
         return self._run(call)
 
     # -- metadata -------------------------------------------------------------------
+
+    def identity(self) -> Deferred[str]:
+        """`[kafka] cluster_name`, else the cluster id from metadata (looked up once)."""
+        if self.cluster is not None:
+            return succeed(self.cluster)
+
+        def lookup() -> str:
+            cluster_id = self._meta.list_topics(timeout=self.timeout).cluster_id  # type: ignore[union-attr]
+            if not cluster_id:
+                raise BackendUnavailable("the Kafka metadata names no cluster id")
+            return cluster_id
+
+        def found(cluster_id: str) -> str:
+            if self.cluster is None:
+                self.cluster = cluster_id
+                log.info("kafka cluster id {cluster}", cluster=cluster_id)
+            return self.cluster
+
+        return self._blocking(lookup).addCallback(found)
 
     def partitions(self, topic: str) -> Deferred[list[int]]:
         """Partitions from metadata, cached briefly so connection storms do
