@@ -20,6 +20,7 @@ from .config import StreamConfig
 log = Logger()
 
 SAMPLE_EVENTS = os.path.join(os.path.dirname(__file__), "data", "recentchange-combined.jsonl")
+LEGACY_SCHEMA = "/mediawiki/recentchange/1.0.0"
 TICK = 0.1  # seconds between writes; events per write follow the rate
 
 
@@ -50,6 +51,10 @@ def restamp(event: dict, stream: str, now: float) -> dict:
     meta["dt"] = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     meta["stream"] = stream
     event["meta"] = meta
+    # The 2018 samples name their schema the old way (meta.schema_uri):
+    # they are valid /mediawiki/recentchange/1.0.0 events (the intake's
+    # schema validation checks each sample so in tests).
+    event.setdefault("$schema", LEGACY_SCHEMA)
     if isinstance(event.get("timestamp"), int):
         event["timestamp"] = int(now)
     return event
