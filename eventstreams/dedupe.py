@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from typing import Any, NamedTuple, Optional, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, gatherResults, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -40,6 +40,9 @@ class Store(Protocol):
 
     def start(self) -> None: ...
 
+    def when_ready(self) -> Deferred[None]:
+        """Fires once writes can be taken."""
+
     def write(self, topic: str, items: Sequence[tuple[Optional[str], bytes]],
               deadline: float) -> Deferred[list[Outcome]]:
         """Store (meta.id or None, value) items; one Outcome per item."""
@@ -55,6 +58,9 @@ class UniqueIndexStore:
 
     def start(self) -> None:
         pass
+
+    def when_ready(self) -> Deferred[None]:
+        return succeed(None)
 
     def write(self, topic: str, items: Sequence[tuple[Optional[str], bytes]],
               deadline: float) -> Deferred[list[Outcome]]:
@@ -137,9 +143,17 @@ class WindowStore:
         self._unsure: dict[tuple[str, str], int] = {}  # ids whose write may have been stored: since (ms)
         self._call: Any = None
         self._stopped = False
+        self._waiting: list[Deferred[None]] = []
 
     def start(self) -> None:
         self._load()
+
+    def when_ready(self) -> Deferred[None]:
+        if self.ready:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
 
     def stop(self) -> None:
         self._stopped = True
@@ -153,6 +167,9 @@ class WindowStore:
 
         def loaded(_: Any) -> None:
             self.ready = True
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
             log.info("intake: {n} event ids of the last {w:.0f} s loaded from {topics}",
                      n=len(self.window.ids), w=self.window.window, topics=",".join(self.topics))
 

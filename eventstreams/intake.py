@@ -212,6 +212,11 @@ class Intake(Service):
         started = time.monotonic()
         timeout = self.config.intake.timeout
         if not self.store.ready:
+            try:
+                await _within(self.store.when_ready(), timeout * WRITE_SHARE, self.reactor)
+            except TimedOut:
+                pass
+        if not self.store.ready:
             return self._reply(request, 503, "log_unavailable", "Service Unavailable",
                                "the intake is reading the recent event ids back from the log; "
                                "nothing was stored", retry_after=RETRY_AFTER["starting"],
