@@ -79,6 +79,7 @@ class DemoFeed(Service):
         self.written = 0
         self._due = 0.0
         self._busy = False
+        self._last_error = ""
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 
@@ -124,10 +125,13 @@ class DemoFeed(Service):
         pending = [self.backend.append(topic, values) for topic, values in by_topic.items()]
         def written(results: list) -> None:
             self._busy = False
+            self._last_error = ""
             self.written += sum(len(r) for r in results)
 
         def failed(failure) -> None:
             self._busy = False
-            log.failure("demo feed: write failed", failure)
+            if failure.getErrorMessage() != self._last_error:  # once per distinct problem
+                self._last_error = failure.getErrorMessage()
+                log.failure("demo feed: write failed", failure)
 
         gatherResults(pending, consumeErrors=True).addCallbacks(written, failed)

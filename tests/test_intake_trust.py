@@ -450,6 +450,8 @@ class KafkaSchemas(OverKafka, Schemas):
 class KafkaOutage(OverKafka, TrustCase):
     """Stops and restarts the shared test broker."""
 
+    timeout = 240
+
     def setUp(self):
         if not os.environ.get("KAFKA_STATE"):
             if os.environ.get("CI") == "true":

@@ -401,8 +401,7 @@ class EmbeddedBackend:
         if failure.check(LogGone) and not self._gone_reported:
             self._gone_reported = True
             log.critical("embedded log {path}: {error}; refusing every write until the daemon "
-                         "is restarted (events acknowledged since the file went are in it; "
-                         "none is acknowledged from now on)",
+                         "is restarted",
                          path=self.path, error=failure.getErrorMessage())
         return failure
 
