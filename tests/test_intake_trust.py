@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import time
@@ -15,6 +14,7 @@ import uuid
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.protocol import ClientFactory
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
@@ -23,7 +23,7 @@ from eventstreams import strictjson
 
 from .support import KAFKA, async_test, create_topics, free_port, open_stream, rc_event, sleep, write_config
 from .test_daemon import DaemonTestCase
-from .test_intake import IntakeTestCase, TEST_TOPIC, intake_event
+from .test_intake import IntakeTestCase, RawResponse, TEST_TOPIC, intake_event
 from .test_rcstream import RCStreamCase
 from .test_irc import IRC, IRCTestCase
 
@@ -425,6 +425,29 @@ class EmbeddedLog(TrustCase):
         code, body, _ = await self.post(d, [ev(1)])
         self.assertEqual((code, body["accepted"]), (201, 1), body)
         self.flushLoggedErrors()
+
+    @async_test
+    async def test_a_producer_that_hangs_up_during_a_write_leaves_no_error_behind(self):
+        log = Collector(self)
+        d = await self.daemon("intake.timeout=1")
+        blocker = sqlite3.connect(d.config.embedded.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            body = json.dumps([ev(1)]).encode()
+            raw = RawResponse(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            reactor.connectTCP("127.0.0.1", d.ports["intake"], ClientFactory.forProtocol(lambda: raw))
+            await sleep(0.3)
+            raw.transport.loseConnection()
+            await raw.closed
+            await sleep(1.5)  # past the timeout: the write gave up
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        self.assertEqual(log.critical(), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        code, body, _ = await self.post(d, [ev(1)])
+        self.assertEqual((code, body["accepted"]), (201, 1), body)
 
 
 class OverKafka:
