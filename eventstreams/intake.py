@@ -18,13 +18,14 @@ import json
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 
@@ -49,9 +50,6 @@ class Counts:
     def add(self, stream: str, result: str, n: int = 1) -> None:
         key = (stream, result)
         self.by_stream[key] = self.by_stream.get(key, 0) + n
-
-    def total(self, result: str) -> int:
-        return sum(n for (_, r), n in self.by_stream.items() if r == result)
 
 
 class LimitedRequest(Request):
@@ -120,8 +118,12 @@ def _within(d: Deferred, seconds: float, clock: Any) -> Deferred:
     def done(result: Any) -> None:
         if call.active():
             call.cancel()
-        if not out.called:
-            out.callback(result) if not hasattr(result, "trap") else out.errback(result)
+        if out.called:
+            return
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
 
     d.addBoth(done)
     return out
@@ -317,49 +319,58 @@ class Intake(Service):
         prepared = Prepared()
         prepared.count = len(events)
         for index, event in enumerate(events):
-            stream, topic, event_id, data, why, problems = self._check(event)
-            if stream:
-                prepared.streams[index] = stream
-            if topic is None or data is None:
-                item: dict[str, Any] = {"index": index, "status": "invalid", "context": why}
-                if problems:
-                    item["errors"] = problems
+            checked = self._check(event)
+            if checked.stream:
+                prepared.streams[index] = checked.stream
+            if checked.data is None:
+                item: dict[str, Any] = {"index": index, "status": "invalid", "context": checked.why}
+                if checked.problems:
+                    item["errors"] = checked.problems
                 if strictjson.problem(event) is None:
                     item["event"] = event
                 prepared.invalid.append(item)
                 continue
-            prepared.by_topic.setdefault(topic, []).append((index, event_id, data))
+            prepared.by_topic.setdefault(checked.topic, []).append((index, checked.event_id, checked.data))
         return prepared
 
-    def _check(self, event: Any) -> tuple[str, Optional[str], Optional[str], Optional[bytes], str, list[dict]]:
-        """(stream, topic, meta.id given, JSON, '', []) for a good event;
-        (stream or '', None, None, None, why, schema problems) for a bad one."""
+    def _check(self, event: Any) -> "Checked":
         if not isinstance(event, dict):
-            return "", None, None, None, "an event must be a JSON object", []
+            return Checked(why="an event must be a JSON object")
         meta = event.get("meta")
         if not isinstance(meta, dict):
-            return "", None, None, None, "the event has no 'meta' object", []
+            return Checked(why="the event has no 'meta' object")
         name = meta.get("stream")
         if not isinstance(name, str) or not name:
-            return "", None, None, None, "'meta.stream' must name a stream", []
+            return Checked(why="'meta.stream' must name a stream")
         stream = self.config.stream(name)
         if stream is None or stream.name not in self.allowed:
-            return "", None, None, None, f"stream {name!r} is not accepted here", []
+            return Checked(why=f"stream {name!r} is not accepted here")
         for key in ("dt", "id"):
             if key in meta and not isinstance(meta[key], str):
-                return stream.name, None, None, None, f"'meta.{key}' must be a string", []
-        event_id = meta.get("id")
+                return Checked(stream.name, why=f"'meta.{key}' must be a string")
+        event_id = meta.get("id")  # only a producer's own id can come again
         meta.setdefault("dt", now_iso())
         meta.setdefault("id", str(uuid.uuid4()))
         try:
             data = strictjson.dumps(event)
         except strictjson.NotStrictJSON as e:
-            return stream.name, None, None, None, e.detail, []
+            return Checked(stream.name, why=e.detail)
         if self.schemas is not None:
             problems = self.schemas.validate(event)
             if problems:
-                return stream.name, None, None, None, describe(problems), problems
-        return stream.name, stream.topics[0], event_id, data, "", []
+                return Checked(stream.name, why=describe(problems), problems=problems)
+        return Checked(stream.name, stream.topics[0], event_id, data)
+
+
+class Checked(NamedTuple):
+    """One event after the checks: `data` (its JSON) when it is good, else `why`."""
+
+    stream: str = ""
+    topic: str = ""
+    event_id: Optional[str] = None
+    data: Optional[bytes] = None
+    why: str = ""
+    problems: Optional[list] = None
 
 
 def _timed_out(timeout: float) -> BackendUnavailable:
