@@ -24,10 +24,10 @@ from .demo import DemoFeed
 from .feed import StreamFeed
 from .hub import Hubs
 from .intake import WRITE_SHARE, Intake, intake_site
-from .validation import SchemaError
 from .iplimit import SharedTable, capacity_for, make_limits
 from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
+from .validation import SchemaError
 from .web import Api
 from .workers import Workers, merge_samples
 

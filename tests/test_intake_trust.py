@@ -325,6 +325,22 @@ class Schemas(TrustCase):
         self.assertEqual(len(contexts), 3)
         self.assertEqual([e["n"] for e in await self.topic_events(d, TEST_TOPIC)], [4])
 
+    def test_a_schema_repository_that_cannot_be_used_stops_start_up_with_one_line(self):
+        from eventstreams.config import ConfigError
+
+        from .support import Daemon
+
+        broken = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(broken, "jsonschema", "test", "event"))
+        with open(os.path.join(broken, "jsonschema", "test", "event", "1.0.0.json"), "w") as f:
+            f.write('{"type": "no such type"}')
+        with self.assertRaises(ConfigError) as caught:
+            Daemon(self.mktemp(), (f"intake.schemas={broken}",))
+        self.assertIn("[intake] schemas: schema /test/event/1.0.0:", str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            Daemon(self.mktemp(), (f"intake.schemas={broken}/nowhere",))
+        self.assertIn("[intake] schemas:", str(caught.exception))
+
     @async_test
     async def test_the_demo_feeds_events_would_pass(self):
         from eventstreams.demo import SAMPLE_EVENTS, load_events, restamp
