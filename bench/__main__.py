@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 
 from . import load
 
@@ -222,7 +223,7 @@ class Publisher(threading.Thread):
                 events = []
                 for _ in range(self.batch):
                     event = dict(self.samples[self.sent % len(self.samples)])
-                    event["meta"] = dict(event["meta"], stream="mediawiki.recentchange")
+                    event["meta"] = dict(event["meta"], stream="mediawiki.recentchange", id=str(uuid.uuid4()))  # the intake stores an id once
                     event["bench_ts"] = time.time()
                     events.append(event)
                     self.sent += 1

@@ -38,6 +38,7 @@ import os
 import re
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -105,7 +106,7 @@ class MarkedPublisher(base.Publisher):
 
     def marked(self, seq: int, sample: int) -> dict:
         event = dict(self.samples[sample % len(self.samples)])
-        event["meta"] = dict(event["meta"], stream="mediawiki.recentchange")
+        event["meta"] = dict(event["meta"], stream="mediawiki.recentchange", id=str(uuid.uuid4()))  # the intake stores an id once
         ts = time.time()
         key = "log_action_comment" if event.get("type") == "log" else "comment"
         event[key] = f"bench:{seq}:{ts:.6f} {event.get(key) or ''}"

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import urllib.request
+import uuid
 
 from . import __main__ as base
 
@@ -114,7 +115,7 @@ def run(args) -> None:
             events = []
             for n in range(start, start + 500):
                 event = dict(samples[n % len(samples)])
-                event["meta"] = dict(event["meta"], stream="mediawiki.recentchange")
+                event["meta"] = dict(event["meta"], stream="mediawiki.recentchange", id=str(uuid.uuid4()))  # the intake stores an id once
                 events.append(event)
             request = urllib.request.Request(url, json.dumps(events).encode(), {"content-type": "application/json"})
             urllib.request.urlopen(request, timeout=30).read()

@@ -6,6 +6,7 @@ the daemon can refuse to start with a single readable line.
 from __future__ import annotations
 
 import configparser
+import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
@@ -82,6 +83,10 @@ class IntakeConfig:
     streams: Optional[tuple[str, ...]] = None  # None: every configured stream
     max_body: int = 4 * 1024 * 1024
     head_timeout: float = 10.0  # seconds for a whole request head, not reset per byte
+    timeout: float = 5.0  # seconds before a write the log cannot take is answered 503
+    dedupe_window: float = 86400.0  # seconds a meta.id is remembered; 0 = no deduplication
+    dedupe_max: int = 1_000_000  # ids remembered in memory (Kafka) within the window
+    schemas: Optional[str] = None  # schema repository (jsonschema/<title>/<version>); None = no validation
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,24 @@ def _number(text: str) -> float:
     if value != value or value < 0 or value == float("inf"):
         raise ValueError(f"expected a non-negative number, got {text!r}")
     return value
+
+
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise ValueError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _schemas(text: str) -> Optional[str]:
+    """A schema repository directory; `bundled`: the schemas shipped in the package."""
+    if text.lower() in ("", "none", "off"):
+        return None
+    if text.lower() == "bundled":
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
+    if not os.path.isdir(os.path.join(text, "jsonschema")):
+        raise ValueError(f"{text!r} is not a schema repository (no jsonschema/ directory in it)")
+    return text
 
 
 def _interval(text: str) -> float:
@@ -357,7 +380,9 @@ def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, .
     intake = section(
         "intake",
         IntakeConfig,
-        {"listen": _optional_endpoint, "streams": _names, "max_body": _size, "head_timeout": _head_timeout},
+        {"listen": _optional_endpoint, "streams": _names, "max_body": _size, "head_timeout": _head_timeout,
+         "timeout": _positive_number, "dedupe_window": _duration, "dedupe_max": _positive_count,
+         "schemas": _schemas},
     )
     demo = section(
         "demo",

@@ -20,6 +20,7 @@ from .config import StreamConfig
 log = Logger()
 
 SAMPLE_EVENTS = os.path.join(os.path.dirname(__file__), "data", "recentchange-combined.jsonl")
+LEGACY_SCHEMA = "/mediawiki/recentchange/1.0.0"
 TICK = 0.1  # seconds between writes; events per write follow the rate
 
 
@@ -50,6 +51,10 @@ def restamp(event: dict, stream: str, now: float) -> dict:
     meta["dt"] = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     meta["stream"] = stream
     event["meta"] = meta
+    # The 2018 samples name their schema the old way (meta.schema_uri):
+    # they are valid /mediawiki/recentchange/1.0.0 events (the intake's
+    # schema validation checks each sample so in tests).
+    event.setdefault("$schema", LEGACY_SCHEMA)
     if isinstance(event.get("timestamp"), int):
         event["timestamp"] = int(now)
     return event
@@ -74,6 +79,7 @@ class DemoFeed(Service):
         self.written = 0
         self._due = 0.0
         self._busy = False
+        self._last_error = ""
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
 
@@ -119,10 +125,13 @@ class DemoFeed(Service):
         pending = [self.backend.append(topic, values) for topic, values in by_topic.items()]
         def written(results: list) -> None:
             self._busy = False
+            self._last_error = ""
             self.written += sum(len(r) for r in results)
 
         def failed(failure) -> None:
             self._busy = False
-            log.failure("demo feed: write failed", failure)
+            if failure.getErrorMessage() != self._last_error:  # once per distinct problem
+                self._last_error = failure.getErrorMessage()
+                log.failure("demo feed: write failed", failure)
 
         gatherResults(pending, consumeErrors=True).addCallbacks(written, failed)

@@ -16,7 +16,6 @@ and one batch.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
@@ -26,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .assignment import marks_at
+from . import strictjson
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
 from .pacing import Pacer
@@ -127,14 +127,23 @@ def matching(entries: list[Entry], flt: Optional[Filter]) -> list[Entry]:
 def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
     """The event of a record with meta.topic/partition/offset (and key) set,
     and its compact JSON; (None, None) when the value is not a JSON object."""
+    event, data, _ = decode_checked(record)
+    return event, data
+
+
+def decode_checked(record: Record) -> tuple[Optional[dict], Optional[bytes], str]:
+    """decode_record, plus why a record is skipped ('' when it is not):
+    `tombstone`, `invalid_json`, `not_object`, or what strict JSON refuses
+    (`non_finite`, `lone_surrogate`), so nothing that is not strict JSON
+    reaches any sink."""
     if record.value is None:
-        return None, None
+        return None, None, "tombstone"
     try:
-        event = json.loads(record.value)
-    except (ValueError, RecursionError):
-        return None, None
+        event = strictjson.loads(record.value)
+    except strictjson.NotStrictJSON as e:
+        return None, None, e.reason
     if not isinstance(event, dict):
-        return None, None
+        return None, None, "not_object"
     meta = event.get("meta")
     if not isinstance(meta, dict):
         meta = event["meta"] = {}
@@ -144,10 +153,10 @@ def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
     if record.key is not None:
         meta["key"] = record.key.decode("utf-8", "replace")
     try:
-        data = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-        data = json.dumps(event, separators=(",", ":")).encode("ascii")
-    return event, data
+        data = strictjson.dumps(event)
+    except strictjson.NotStrictJSON as e:
+        return None, None, e.reason
+    return event, data, ""
 
 
 @implementer(IPushProducer)
@@ -392,6 +401,7 @@ class Hub:
         self.subscriptions: set[Subscription] = set()
         self.catching_up = 0
         self.skipped_records = 0
+        self.skipped_reasons: dict[str, int] = {}  # skipped_records by reason (decode_checked)
         self._tail: Any = None
         self._incoming: list[Record] = []  # from the reader, not yet in the ring
         # max_gap 0: each pass on the turn after records arrive
@@ -535,11 +545,13 @@ class Hub:
                 continue  # already seen (a reader restart)
             head[i] = (record.offset + 1, advance(head[i][1], record.timestamp))
             self.head = vector = tuple(head)
-            event, data = decode_record(record)
+            event, data, why = decode_checked(record)
             if event is None:
                 self.skipped_records += 1
+                self.skipped_reasons[why] = self.skipped_reasons.get(why, 0) + 1
                 log.warn(
-                    "skipping a record that is not a JSON object: {topic}/{partition}@{offset}",
+                    "skipping a record that is not a strict JSON object ({why}): {topic}/{partition}@{offset}",
+                    why=why,
                     topic=record.topic,
                     partition=record.partition,
                     offset=record.offset,

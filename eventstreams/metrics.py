@@ -55,12 +55,14 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
         samples.append(("eventstreams_catchup_cursors", "gauge", "Clients reading behind the live head.", label, hub.catching_up))
         samples.append(("eventstreams_live_clients", "gauge", "Clients fed from the live head.", label,
                         sum(len(s) for _, s in hub.groups.values())))
-        samples.append(("eventstreams_records_skipped_total", "counter", "Records that were not JSON objects.", label,
-                        hub.skipped_records))
+        for reason, count in sorted((hub.skipped_reasons or {"invalid_json": 0}).items()):
+            samples.append(("eventstreams_records_skipped_total", "counter",
+                            "Records that were not strict JSON objects, by reason.", {**label, "reason": reason}, count))
     if intake is not None:
-        for result, count in (("accepted", intake.accepted), ("invalid", intake.invalid), ("failed", intake.failed)):
-            samples.append(("eventstreams_intake_events_total", "counter", "Events posted to /v1/events.",
-                            {"result": result}, count))
+        for (stream, result), count in sorted(intake.by_stream.items()):
+            samples.append(("eventstreams_intake_events_total", "counter",
+                            "Events posted to /v1/events by stream and result (accepted, duplicate, invalid, failed).",
+                            {"result": result, "stream": stream}, count))
     return samples
 
 

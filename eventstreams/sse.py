@@ -6,12 +6,12 @@ for themselves.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from . import strictjson
 from .fastwrite import writer_for
 from .hub import Batch, Entry, Subscription
 
@@ -87,7 +87,7 @@ def comment_frame(text: str) -> bytes:
 
 
 def error_frame(id_text: Optional[str], body: dict) -> bytes:
-    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    data = strictjson.dumps(body)
     head = b"event: error\n"
     if id_text is not None:
         head += b"id: " + id_text.encode("utf-8") + b"\n"
@@ -224,7 +224,7 @@ class ResponseSink:
             return
         body = {"status": status, "type": type, "title": "Stream Error", "detail": reason}
         if self.ndjson:
-            self.write(json.dumps({"error": body}, separators=(",", ":")).encode() + b"\n")
+            self.write(strictjson.dumps({"error": body}) + b"\n")
         else:
             self.write(error_frame(self.current_id(), body))
         self.close()

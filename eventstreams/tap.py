@@ -24,10 +24,11 @@ from .demo import DemoFeed
 from .feed import StreamFeed
 from .httpchannel import ApiRequest, HeadBudget, guard
 from .hub import Hubs
-from .intake import Intake, intake_site
+from .intake import WRITE_SHARE, Intake, intake_site
 from .iplimit import SharedTable, capacity_for, make_limits
 from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
+from .validation import SchemaError
 from .web import Api
 from .workers import Workers, merge_samples
 
@@ -92,7 +93,8 @@ def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
             raise ConfigError(config.path, "eventstreams", "backend",
                               "kafka needs confluent-kafka: pip install 'eventstreams[kafka]'") from None
         backend = KafkaBackend(config.kafka, reactor, config.service.backend_timeout,
-                               config.service.catchup_consumers)
+                               config.service.catchup_consumers,
+                               write_timeout=config.intake.timeout * WRITE_SHARE)  # see intake.py
         error = backend.check_settings()
         if error:
             raise ConfigError(config.path, "kafka", None, error)
@@ -171,7 +173,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
 
     intake = None
     if config.intake.listen:
-        intake = Intake(config, backend)
+        try:
+            intake = Intake(config, backend, reactor)
+        except SchemaError as e:
+            raise ConfigError(config.path, "intake", "schemas", str(e)) from None
         site = intake_site(intake.resource(), config.intake.max_body)
         site = guard(site, head_budget(reactor, config.intake.head_timeout, service), max_body=site.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
@@ -226,6 +231,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     for child in listeners.values():
         child.setServiceParent(top)
     core.lifecycle.setServiceParent(top)
+    if intake is not None:  # after the log: it may read recent event ids back
+        intake.setServiceParent(top)
     if config.demo.stream:
         stream = config.streams[config.demo.stream]
         DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)

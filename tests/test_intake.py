@@ -107,7 +107,9 @@ class Accepting(IntakeTestCase):
         client = await self.stream(d, "/v2/stream/recentchange")
         code, body, response = await self.post(d, rc_event(7))
         self.assertEqual(code, 201)
-        self.assertEqual(body, {"accepted": 1, "invalid": [], "error": []})
+        self.assertEqual((body["status"], body["type"], body["accepted"], body["invalid"], body["error"]),
+                         (201, "accepted", 1, [], []))
+        self.assertEqual(body["stored"], [{"index": 0, "topic": RC_TOPICS[0], "partition": 0, "offset": 0}])
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json; charset=utf-8"])
         await client.wait_events(1)
         event = client.events[0]
@@ -162,7 +164,7 @@ class Accepting(IntakeTestCase):
         client = await self.stream(d, "/v2/stream/test")
         code, body, _ = await self.post(d, [intake_event(1), intake_event(2)], query="?hasty=true")
         self.assertEqual(code, 202)
-        self.assertEqual(body, {"accepted": 2})
+        self.assertEqual((body["status"], body["type"], body["accepted"], body["invalid"]), (202, "queued", 2, []))
         await client.wait_events(2)
         self.assertEqual([e["n"] for e in client.events], [1, 2])
 
@@ -277,7 +279,8 @@ class Rejecting(IntakeTestCase):
         d = await self.daemon()
         code, body, _ = await self.post(d, [])
         self.assertEqual(code, 201)
-        self.assertEqual(body, {"accepted": 0, "invalid": [], "error": []})
+        self.assertEqual((body["status"], body["accepted"], body["stored"], body["invalid"], body["error"]),
+                         (201, 0, [], [], []))
 
     @async_test
     async def test_empty_body_is_400_invalid_json(self):

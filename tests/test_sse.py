@@ -4,7 +4,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventstreams.backends.base import Record
-from eventstreams.hub import Entry, decode_record
+from eventstreams.hub import Entry, decode_checked, decode_record
 from eventstreams.sse import comment_frame, error_frame, event_frame, id_frame, ndjson_line
 
 TPS = (("eqiad.rc", 0), ("codfw.rc", 0))
@@ -76,6 +76,12 @@ class Decoding(SynchronousTestCase):
             record = Record("t", 0, 1, 1, None, value)
             self.assertEqual(decode_record(record), (None, None), value)
 
-    def test_lone_surrogates_fall_back_to_ascii_escapes(self):
-        event, data = decode_record(Record("t", 0, 1, 1, None, b'{"x": "\\ud800"}'))
-        self.assertEqual(data, b'{"x":"\\ud800","meta":{"topic":"t","partition":0,"offset":1}}')
+    def test_records_that_are_not_strict_json_are_skipped_with_a_reason(self):
+        # Issue 14: a lone surrogate, NaN or an infinity is not JSON other
+        # programs can read; such records are skipped like any non-JSON one.
+        for value, reason in ((b'{"x": "\\ud800"}', "lone_surrogate"), (b'{"x": NaN}', "non_finite"),
+                              (b'{"x": -Infinity}', "non_finite"), (b'{"x": 1e999}', "non_finite"),
+                              (b"not json", "invalid_json"), (b"[1]", "not_object"), (None, "tombstone")):
+            self.assertEqual(decode_checked(Record("t", 0, 1, 1, None, value)), (None, None, reason), value)
+        self.assertEqual(decode_record(Record("t", 0, 1, 1, None, b'{"x": "\\ud83d\\ude00"}'))[1],
+                         '{"x":"\U0001F600","meta":{"topic":"t","partition":0,"offset":1}}'.encode())

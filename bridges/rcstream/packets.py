@@ -68,8 +68,9 @@ def _take_utf16(text: str, start: int, units: int) -> int:
 
 
 def ascii_json(value: Any) -> str:
-    """Compact JSON with every non-ASCII character escaped (\\uXXXX)."""
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    """Compact JSON with every non-ASCII character escaped (\\uXXXX);
+    ValueError for NaN and infinities, which are not JSON."""
+    return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
 
 
 # -- Socket.IO 0.9 -----------------------------------------------------------

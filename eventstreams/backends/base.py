@@ -30,7 +30,20 @@ class Record:
 
 
 class BackendUnavailable(Exception):
-    """The log cannot be reached right now (clients get a 503)."""
+    """The log cannot be reached right now (clients get a 503).
+
+    Raised by a write, it means nothing of that write was stored, unless
+    `maybe_stored` says the log may have kept some of it (a Kafka delivery
+    that timed out while in flight)."""
+
+    kind = "log_unavailable"  # the intake's 503 `type`
+    maybe_stored = False
+
+
+class LogFull(BackendUnavailable):
+    """The log has no room for the write (disk full); nothing was stored."""
+
+    kind = "log_full"
 
 
 class Tail(Protocol):

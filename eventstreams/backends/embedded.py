@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 import zlib
+from dataclasses import replace
 from itertools import islice
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .base import BackendUnavailable, Record, TopicPartition
+from .base import BackendUnavailable, LogFull, Record, TopicPartition
 
 __all__ = ["EmbeddedBackend", "EmbeddedLogError"]
 
@@ -52,6 +53,15 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (topic, partition, offset)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_by_time ON records (topic, partition, timestamp);
+CREATE TABLE IF NOT EXISTS event_ids (
+    topic TEXT NOT NULL,
+    id TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    timestamp INTEGER NOT NULL,
+    PRIMARY KEY (topic, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS event_ids_by_time ON event_ids (timestamp);
 CREATE TABLE IF NOT EXISTS partitions (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -72,10 +82,30 @@ TAIL_BATCH = 1000
 PRUNE_CHUNK = 20000
 # A tail whose read failed tries again after this many seconds.
 TAIL_RETRY = 1.0
+# Seconds between deletions of event ids older than the deduplication window.
+IDS_PRUNE_INTERVAL = 60.0
+BUSY_TIMEOUT_MS = 30000  # the connections' default wait for another writer
 
 
 class EmbeddedLogError(Exception):
     """The log file cannot be opened or used (raised by start())."""
+
+
+class LogGone(BackendUnavailable):
+    """The database file was removed or replaced while the daemon runs:
+    writes would go to a file nobody will ever open again."""
+
+
+class NotWritten(BackendUnavailable):
+    """A write that could not start before its deadline (nothing stored)."""
+
+
+def _identity(path: str) -> Optional[tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _order(record: Record) -> tuple[int, str, int, int]:
@@ -137,6 +167,9 @@ class EmbeddedBackend:
         self._poller: Optional[LoopingCall] = None
         self._append_watchers: list[Callable[[list[Record]], None]] = []
         self.cluster: Optional[str] = None  # the file's own name, set by start()
+        self._identity: Optional[tuple[int, int]] = None  # (device, inode) of the file opened
+        self._gone_reported = False
+        self._ids_pruned = 0.0  # writer thread only: monotonic time of the last prune
 
     # -- life cycle --------------------------------------------------------
 
@@ -145,6 +178,8 @@ class EmbeddedBackend:
             raise RuntimeError(f"embedded log {self.path!r} is already started (or still stopping)")
         conn, heads = self._open()
         self.cluster = conn.execute("SELECT value FROM meta WHERE key = 'log_id'").fetchone()[0]
+        self._identity = _identity(self.path)
+        self._gone_reported = False
         self._wconn = conn
         self._heads = heads
         self._local = threading.local()
@@ -348,8 +383,42 @@ class EmbeddedBackend:
         d = self._write(
             self._append_sync, topic, pairs, None if timestamp is None else int(timestamp)
         )
-        d.addCallback(self._appended)
+        d.addCallbacks(self._appended, self._write_failed)
         return d
+
+    def append_unique(
+        self,
+        topic: str,
+        items: Sequence[tuple[Optional[str], bytes]],
+        window: float,
+        deadline: Optional[float] = None,
+    ) -> Deferred[list[tuple[Record, bool]]]:
+        """Write (event id, value) pairs, except those whose id was written to
+        the topic within `window` seconds (or earlier in the same call):
+        answers (record, duplicate) per pair, a duplicate's record being the
+        stored one (value None). The ids are kept in a unique index in the
+        same transaction as the records, so a crash never separates them.
+        `deadline` (time.monotonic()): a write that cannot start by then
+        fails with nothing stored."""
+        pairs = [(i, _as_bytes(v, "value")) for i, v in items]
+        if not pairs:
+            return defer.succeed([])
+        d = self._write(self._append_unique_sync, topic, pairs, float(window), deadline)
+
+        def appended(result: list[tuple[Record, bool]]) -> list[tuple[Record, bool]]:
+            self._appended([r for r, duplicate in result if not duplicate])
+            return result
+
+        d.addCallbacks(appended, self._write_failed)
+        return d
+
+    def _write_failed(self, failure: Failure) -> Failure:
+        if failure.check(LogGone) and not self._gone_reported:
+            self._gone_reported = True
+            log.critical("embedded log {path}: {error}; refusing every write until the daemon "
+                         "is restarted",
+                         path=self.path, error=failure.getErrorMessage())
+        return failure
 
     def tail(
         self,
@@ -447,45 +516,121 @@ class EmbeddedBackend:
     ) -> list[Record]:
         conn = self._wconn
         assert conn is not None
+        self._check_file()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = self._insert(conn, topic, pairs, timestamp)
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            _raise_full(e)
+            raise
+        return out
+
+    def _check_file(self) -> None:
+        """Writer thread: refuse to write to a file that is no longer the log's."""
+        if self._identity is not None and _identity(self.path) != self._identity:
+            raise LogGone(f"the database file {self.path} was removed or replaced")
+
+    def _append_unique_sync(
+        self, topic: str, pairs: list[tuple[Optional[str], Optional[bytes]]], window: float,
+        deadline: Optional[float],
+    ) -> list[tuple[Record, bool]]:
+        conn = self._wconn
+        assert conn is not None
+        self._check_file()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotWritten(f"embedded log {self.path}: the writer was busy past the intake's timeout")
+            conn.execute(f"PRAGMA busy_timeout={max(1, int(left * 1000))}")
+        now = _now_ms()
+        cutoff = now - int(window * 1000)
+        result: list[Optional[tuple[Record, bool]]] = [None] * len(pairs)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                seen: dict[str, int] = {}  # id -> index of the pair that stores it
+                fresh: list[int] = []
+                for i, (event_id, _) in enumerate(pairs):
+                    if window > 0 and event_id is not None:
+                        if event_id in seen:
+                            continue
+                        row = conn.execute(
+                            "SELECT partition, offset, timestamp FROM event_ids"
+                            " WHERE topic = ? AND id = ? AND timestamp >= ?",
+                            (topic, event_id, cutoff),
+                        ).fetchone()
+                        if row is not None:
+                            result[i] = (Record(topic, row[0], row[1], row[2], None, None), True)
+                            continue
+                        seen[event_id] = i
+                    fresh.append(i)
+                records = self._insert(conn, topic, [(None, pairs[i][1]) for i in fresh], now)
+                for i, record in zip(fresh, records):
+                    result[i] = (record, False)
+                ids = [(topic, pairs[i][0], r.partition, r.offset, r.timestamp)
+                       for i, r in zip(fresh, records) if window > 0 and pairs[i][0] is not None]
+                conn.executemany(
+                    "INSERT OR REPLACE INTO event_ids (topic, id, partition, offset, timestamp)"
+                    " VALUES (?, ?, ?, ?, ?)", ids)
+                if window > 0 and time.monotonic() - self._ids_pruned > IDS_PRUNE_INTERVAL:
+                    self._ids_pruned = time.monotonic()
+                    conn.execute("DELETE FROM event_ids WHERE timestamp < ?", (cutoff,))
+                conn.execute("COMMIT")
+            except BaseException as e:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                _raise_full(e)
+                raise
+        finally:
+            if deadline is not None:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        for i, (event_id, _) in enumerate(pairs):
+            if result[i] is None:  # the same id earlier in this call
+                stored = result[seen[event_id]]  # type: ignore[index]
+                assert stored is not None
+                result[i] = (replace(stored[0], value=None), True)
+        return result  # type: ignore[return-value]
+
+    def _insert(
+        self, conn: sqlite3.Connection, topic: str, pairs: list[tuple[Optional[bytes], Optional[bytes]]],
+        timestamp: Optional[int],
+    ) -> list[Record]:
+        """Inside a write transaction: the records at the next offsets."""
         n = self.partitions_per_topic
         now = _now_ms() if timestamp is None else timestamp
         state: dict[int, tuple[int, Optional[int]]] = {}
         out: list[Record] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for key, value in pairs:
-                if key is None:
-                    partition = self._round_robin.get(topic, 0) % n
-                    self._round_robin[topic] = (partition + 1) % n
-                else:
-                    partition = zlib.crc32(key) % n
-                if partition not in state:
-                    row = conn.execute(
-                        "SELECT next_offset, last_timestamp FROM partitions"
-                        " WHERE topic = ? AND partition = ?",
-                        (topic, partition),
-                    ).fetchone()
-                    state[partition] = (row[0], row[1]) if row else (0, None)
-                offset, last = state[partition]
-                ts = now if last is None or now >= last else last
-                out.append(Record(topic, partition, offset, ts, key, value))
-                state[partition] = (offset + 1, ts)
-            conn.executemany(
-                "INSERT INTO records (topic, partition, offset, timestamp, key, value)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value) for r in out],
-            )
-            conn.executemany(
-                "INSERT INTO partitions (topic, partition, next_offset, last_timestamp)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET"
-                " next_offset = excluded.next_offset, last_timestamp = excluded.last_timestamp",
-                [(topic, p, nxt, ts) for p, (nxt, ts) in state.items()],
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        for key, value in pairs:
+            if key is None:
+                partition = self._round_robin.get(topic, 0) % n
+                self._round_robin[topic] = (partition + 1) % n
+            else:
+                partition = zlib.crc32(key) % n
+            if partition not in state:
+                row = conn.execute(
+                    "SELECT next_offset, last_timestamp FROM partitions"
+                    " WHERE topic = ? AND partition = ?",
+                    (topic, partition),
+                ).fetchone()
+                state[partition] = (row[0], row[1]) if row else (0, None)
+            offset, last = state[partition]
+            ts = now if last is None or now >= last else last
+            out.append(Record(topic, partition, offset, ts, key, value))
+            state[partition] = (offset + 1, ts)
+        conn.executemany(
+            "INSERT INTO records (topic, partition, offset, timestamp, key, value)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value) for r in out],
+        )
+        conn.executemany(
+            "INSERT INTO partitions (topic, partition, next_offset, last_timestamp)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE SET"
+            " next_offset = excluded.next_offset, last_timestamp = excluded.last_timestamp",
+            [(topic, p, nxt, ts) for p, (nxt, ts) in state.items()],
+        )
         return out
 
     def _prune_sync(self, cutoff: int, limit: int) -> int:
@@ -606,6 +751,12 @@ class EmbeddedBackend:
                 "SELECT topic, partition, next_offset FROM partitions"
             )
         }
+
+
+def _raise_full(e: BaseException) -> None:
+    """SQLITE_FULL (disk or max_page_count) as LogFull: nothing was stored."""
+    if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        raise LogFull(f"the log is full: {e}") from e
 
 
 class _Tail:

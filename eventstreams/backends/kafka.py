@@ -111,6 +111,11 @@ TRANSIENT = {
 }
 
 
+# Delivery errors of records that never left the producer.
+NOT_SENT = {KafkaError._PURGE_QUEUE, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
+            KafkaError._UNKNOWN_PARTITION, KafkaError._QUEUE_FULL, KafkaError.MSG_SIZE_TOO_LARGE}
+
+
 def _transient(error: Any) -> bool:
     return isinstance(error, KafkaError) and (error.retriable() or error.code() in TRANSIENT)
 
@@ -186,10 +191,12 @@ class KafkaBackend:
         reactor: Any,
         timeout: float = 10.0,
         catchup_consumers: int = 8,
+        write_timeout: Optional[float] = None,
     ):
         self.settings = dict(settings)
         # Ours, not librdkafka's: the name ids use for this cluster's offsets.
         self.cluster: Optional[str] = self.settings.pop("cluster_name", None) or None
+        self.write_timeout = write_timeout  # seconds a produced record may wait for its delivery
         self.reactor = reactor
         self.timeout = timeout
         self.catchup_consumers = catchup_consumers
@@ -216,6 +223,12 @@ class KafkaBackend:
 
     def producer_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = {k: v for k, v in self.settings.items() if k not in CONSUMER_ONLY}
+        # librdkafka's own retries never duplicate (the intake's meta.id
+        # window covers a producer's retries); a record not delivered within
+        # the intake's timeout is dropped and reported, never sent later.
+        settings.setdefault("enable.idempotence", "true")
+        if self.write_timeout is not None:
+            settings.setdefault("message.timeout.ms", str(max(1, int(self.write_timeout * 1000))))
         settings["logger"] = self._librdkafka_log
         return settings
 
@@ -424,7 +437,9 @@ class KafkaBackend:
 
             def delivered(error: Any, message: Any, d: Deferred = d) -> None:
                 if error is not None:
-                    self.reactor.callFromThread(d.errback, BackendUnavailable(error.str()))
+                    failed = BackendUnavailable(error.str())
+                    failed.maybe_stored = error.code() not in NOT_SENT
+                    self.reactor.callFromThread(d.errback, failed)
                 else:
                     self.reactor.callFromThread(d.callback, to_record(message))
 
