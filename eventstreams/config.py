@@ -22,6 +22,7 @@ KNOWN_SECTIONS = (
     "demo",
     "metrics",
     "irc",
+    "log",
     "rcstream",
 )
 

@@ -24,9 +24,11 @@ from .demo import DemoFeed
 from .feed import StreamFeed
 from .hub import Hubs
 from .intake import Intake, intake_site
+from .logs import ApiSite, root_for
 from .iplimit import SharedTable, capacity_for, make_limits
 from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
+from .systemd import Notifier, Notify
 from .web import Api
 from .workers import Workers, merge_samples
 
@@ -113,7 +115,7 @@ def api_site(resource: Any) -> Site:
     """The public site. Without HTTP/2 support installed, Twisted's generic
     channel only forwards every call to an HTTPChannel: use that channel
     directly, one object less per (mostly idle) stream connection."""
-    site = Site(resource)
+    site = ApiSite(resource)  # access lines: stream requests have their own
     if not http.H2_ENABLED:
         site.protocol = http.HTTPChannel  # type: ignore[assignment]
     return site
@@ -136,8 +138,9 @@ class Core:
         self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
-    """Everything the daemon runs, as one MultiService."""
+def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = None) -> MultiService:
+    """Everything the daemon runs, as one MultiService; `notifier` tells
+    systemd when it is ready (see eventstreams.systemd)."""
     top = MultiService()
     service = config.service
     table = None
@@ -209,6 +212,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if workers is not None:  # last: spawned once all is up, stopped before the rest
         workers.setServiceParent(top)
         top.workers = workers  # type: ignore[attr-defined]
+    if notifier is not None:  # the very last: READY=1 once all is up, STOPPING=1 first
+        top.notify = Notify(notifier, listeners.values(), reactor)  # type: ignore[attr-defined]
+        top.notify.setServiceParent(top)  # type: ignore[attr-defined]
 
     top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
     top.connections = connections  # type: ignore[attr-defined]
@@ -231,10 +237,11 @@ def makeService(options: Options) -> MultiService:
 
     try:
         config = load(options["config"], options["set"])
-        service = build_service(config, reactor)
+        root = root_for(config, options)  # [log]: twistd's log observer
+        build_service(config, reactor, Notifier.from_environ()).setServiceParent(root)
         reactor.callWhenRunning(ignore_sighup, reactor)  # after twistd set its handlers
         reactor.callWhenRunning(tune_gc)
-        return service
+        return root
     except ConfigError as e:
         sys.stderr.write(f"eventstreams: {e}\n")
         raise SystemExit(1)
