@@ -1,6 +1,7 @@
 """Prometheus text exposition of the daemon's counters and gauges."""
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable
 
 from twisted.web.resource import Resource
@@ -26,10 +27,11 @@ def render(samples: Iterable[Sample]) -> bytes:
     lines: list[str] = []
     seen: set[str] = set()
     for name, kind, help_text, labels, value in samples:
-        if name not in seen:
-            seen.add(name)
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if kind == "histogram" else name
+        if family not in seen:
+            seen.add(family)
+            lines.append(f"# HELP {family} {help_text}")
+            lines.append(f"# TYPE {family} {kind}")
         lines.append(f"{name}{_labels(labels)} {value}")
     return ("\n".join(lines) + "\n").encode("utf-8")
 
@@ -57,6 +59,7 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
                         sum(len(s) for _, s in hub.groups.values())))
         samples.append(("eventstreams_records_skipped_total", "counter", "Records that were not JSON objects.", label,
                         hub.skipped_records))
+    samples += connections.delays.samples(list(stream_names))
     if intake is not None:
         for result, count in (("accepted", intake.accepted), ("invalid", intake.invalid), ("failed", intake.failed)):
             samples.append(("eventstreams_intake_events_total", "counter", "Events posted to /v1/events.",

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from .delay import DeliveryDelays
 from .fastwrite import writer_for
 from .hub import Batch, Entry, Subscription
 
@@ -187,6 +188,8 @@ class ResponseSink:
             counters = self.counters
             counters.events_delivered += len(matched)
             counters.bytes_sent += len(data)
+            if self.subscription is not None and self.subscription.live:  # not a replay
+                self.connections.delays.observe(matched, self.streams)
             if matched[-1] is batch.last:
                 self.pending = None
                 return
@@ -259,6 +262,7 @@ class Connections:
     def __init__(self, clock: IReactorTime, heartbeat: float, id_interval: float = 1.0):
         self.clock = clock
         self.counters = Counters()
+        self.delays = DeliveryDelays(clock)
         self.sinks: set[ResponseSink] = set()
         self.per_ip: dict[str, int] = {}
         self.per_stream: dict[str, int] = {}

@@ -130,6 +130,8 @@ class Core:
         service = config.service
         self.backend = make_backend(config, reactor, writer)
         self.connections = Connections(reactor, service.heartbeat)
+        self.connections.delays.stream_of_topic = {
+            topic: s.name for s in reversed(list(config.streams.values())) for topic in s.topics}
         self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor, service.fan_out_interval)
         limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
                              table, index)
