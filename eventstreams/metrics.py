@@ -48,9 +48,12 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
         ("eventstreams_bytes_sent_total", "counter", "Bytes written to stream clients.", {}, c.bytes_sent),
         ("eventstreams_hubs", "gauge", "Running hubs (one log reader each).", {}, len(hubs.hubs)),
     ]
-    for status, count in sorted(c.rejected.items()):
+    for (status, reason), count in sorted(c.rejected.items()):
         samples.append(("eventstreams_requests_rejected_total", "counter", "Stream requests answered with an error.",
-                        {"status": str(status)}, count))
+                        {"status": str(status), "reason": reason}, count))
+    samples.append(("eventstreams_backend_unavailable_total", "counter",
+                    "Stream requests answered 503 because the event log could not be reached.", {},
+                    c.backend_unavailable))
     for hub in hubs.hubs.values():
         label = {"partitions": ",".join(f"{t}/{p}" for t, p in hub.tps)}
         samples.append(("eventstreams_ring_entries", "gauge", "Records held in a hub's ring.", label, len(hub)))

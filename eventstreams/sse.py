@@ -102,7 +102,8 @@ class Counters:
         self.connections_total = 0
         self.events_delivered = 0
         self.bytes_sent = 0
-        self.rejected: dict[int, int] = {}
+        self.rejected: dict[tuple[int, str], int] = {}  # (status, error type) -> count
+        self.backend_unavailable = 0  # stream requests answered 503 as the log was unreachable
 
 
 class ResponseSink:

@@ -151,9 +151,8 @@ class Api:
         request.setHeader("x-content-type-options", "nosniff")
 
     def _error(self, request: IRequest, error: ApiError) -> bytes:
-        self.connections.counters.rejected[error.status] = (
-            self.connections.counters.rejected.get(error.status, 0) + 1
-        )
+        key = (error.status, error.type)
+        self.connections.counters.rejected[key] = self.connections.counters.rejected.get(key, 0) + 1
         retry_after = getattr(error, "retry_after", None)
         if retry_after:
             request.setHeader("retry-after", str(retry_after))
@@ -347,6 +346,7 @@ class Api:
             return self._error(request, e)
         except BackendUnavailable as e:
             sink.lost()
+            self.connections.counters.backend_unavailable += 1
             return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
         except CancelledError:
             sink.lost()
