@@ -190,7 +190,7 @@ class ResponseSink:
             counters.events_delivered += len(matched)
             counters.bytes_sent += len(data)
             if self.subscription is not None and self.subscription.live:  # not a replay
-                self.connections.delays.observe(matched, self.streams)
+                self.connections.delays.observe(batch, self.streams)
             if matched[-1] is batch.last:
                 self.pending = None
                 return

@@ -19,6 +19,11 @@ class _Entry:
         self.record = Record(topic, 0, 0, timestamp, None, b"{}")
 
 
+class _Batch:
+    def __init__(self, *entries: _Entry) -> None:
+        self.matched = list(entries)
+
+
 def series(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     """Samples of one metric from Prometheus text: labels -> value."""
     out = {}
@@ -37,9 +42,9 @@ class Histogram(unittest.TestCase):
         delays = DeliveryDelays(clock)
         delays.stream_of_topic = {"a1": "a", "b1": "b"}
         now_ms = 1_000_000_000
-        delays.observe([_Entry("a1", now_ms - 3), _Entry("a1", now_ms - 700), _Entry("b1", now_ms - 70_000)],
+        delays.observe(_Batch(_Entry("a1", now_ms - 3), _Entry("a1", now_ms - 700), _Entry("b1", now_ms - 70_000)),
                        ("a", "b"))
-        delays.observe([_Entry("zz", now_ms + 50)], ("a",))  # one stream: its topic needs no lookup; no negatives
+        delays.observe(_Batch(_Entry("zz", now_ms + 50)), ("a",))  # one stream: its topic needs no lookup; no negatives
         samples = {(name, tuple(sorted(labels.items()))): value
                    for name, _, _, labels, value in delays.samples(["a", "b", "c"])}
         bucket = "eventstreams_delivery_delay_seconds_bucket"
@@ -53,6 +58,27 @@ class Histogram(unittest.TestCase):
         self.assertEqual(samples[bucket, (("le", "300.0"), ("stream", "b"))], 1)
         self.assertEqual(samples["eventstreams_delivery_delay_seconds_count", (("stream", "c"),)], 0)
         self.assertEqual(len([k for k in samples if k[0] == bucket and ("stream", "c") in k[1]]), len(BUCKETS) + 1)
+
+    def test_one_batch_written_to_many_clients_is_counted_per_client(self):
+        clock = Clock()
+        clock.advance(1_000)
+        delays = DeliveryDelays(clock)
+        streams = ("a",)
+        batch = _Batch(_Entry("a1", 1_000_000 - 20), _Entry("a1", 1_000_000 - 2_000))
+        for _ in range(1000):
+            delays.observe(batch, tuple(list(streams)))  # each client has its own tuple
+        clock.advance(0.5)  # the same batch, later (a client catching the pass late): its own delay
+        delays.observe(batch, streams)
+        later = _Batch(_Entry("a1", 1_000_500))
+        delays.observe(later, streams)
+        samples = {(name, labels.get("le")): value for name, _, _, labels, value in delays.samples(["a"])}
+        self.assertEqual(samples["eventstreams_delivery_delay_seconds_count", None], 2003)
+        self.assertEqual(samples["eventstreams_delivery_delay_seconds_bucket", "0.025"], 1001)  # 1000 + `later`
+        self.assertEqual(samples["eventstreams_delivery_delay_seconds_bucket", "0.5"], 1001)
+        self.assertEqual(samples["eventstreams_delivery_delay_seconds_bucket", "1.0"], 1002)  # the late write
+        self.assertEqual(samples["eventstreams_delivery_delay_seconds_bucket", "2.5"], 2003)
+        self.assertAlmostEqual(samples["eventstreams_delivery_delay_seconds_sum", None],
+                               1000 * 2.02 + 0.52 + 2.5, places=6)
 
 
 class DelayMetric(StreamTestCase):
