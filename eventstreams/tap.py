@@ -24,8 +24,8 @@ from .demo import DemoFeed
 from .feed import StreamFeed
 from .hub import Hubs
 from .intake import Intake, intake_site
-from .logs import ApiSite, root_for
 from .iplimit import SharedTable, capacity_for, make_limits
+from .logs import ApiSite, root_for
 from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
 from .systemd import Notifier, Notify
