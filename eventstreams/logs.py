@@ -117,7 +117,8 @@ class JSONLines:
 
 @implementer(ILogObserver)
 class RateLimited:
-    """Passes every event below `warn`; of warnings and errors, at most `limit`
+    """Passes every event below `warn` (and what was written to stdout or
+    stderr); of warnings and errors, at most `limit`
     of one kind (namespace and format string) per `window` seconds. The first
     line of a kind after some were dropped carries `suppressed`, the count."""
 
@@ -128,8 +129,8 @@ class RateLimited:
 
     def __call__(self, event: dict) -> None:
         level = event.get("log_level")
-        if self.limit <= 0 or level is None or level < LogLevel.warn:
-            return self.observer(event)
+        if self.limit <= 0 or level is None or level < LogLevel.warn or "log_io" in event:
+            return self.observer(event)  # (stderr's lines, a traceback's among them, pass whole)
         key = (str(event.get("log_namespace")), str(event.get("log_format")))
         now = self.clock()
         state = self.kinds.get(key)

@@ -112,6 +112,13 @@ class RateLimit(unittest.TestCase):
         self.assertEqual(levels.count(LogLevel.error), 3)
         self.assertEqual(levels.count(LogLevel.info), 10)
 
+    def test_lines_written_to_stderr_are_not_limited(self):
+        # twistd logs what is written to stderr, a traceback line by line: keep it whole.
+        for n in range(30):
+            self.limited({"log_level": LogLevel.error, "log_namespace": "stderr", "log_format": "{log_io}",
+                          "log_io": f"line {n}", "log_time": 0})
+        self.assertEqual(len(self.seen.events), 30)
+
     def test_zero_means_no_limit(self):
         limited = RateLimited(self.seen, limit=0)
         log = Logger(observer=LogPublisher(limited))
