@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from typing import IO, Any, Callable, Optional
 
 from twisted.application.service import MultiService
-from twisted.web.server import Site
 from twisted.logger import (
     ILogObserver,
     LogLevel,
@@ -28,6 +27,7 @@ from twisted.logger import (
     formatEvent,
     textFileLogObserver,
 )
+from twisted.web.server import Site
 from zope.interface import implementer
 
 from .config import Config, _count, parse_values
@@ -159,8 +159,8 @@ def observer_for(settings: LogConfig, out: IO[str]) -> ILogObserver:
 def _log_file(options: Any) -> Optional[IO[str]]:
     """Where twistd would log (--logfile; standard output with --nodaemon;
     else twistd.log), or None for --syslog (twistd's own observer)."""
-    parent = getattr(options, "parent", None)  # twistd's options; None under `twist` and in tests
-    if parent is None:
+    parent = getattr(options, "parent", None)  # twistd's options (`twist` has its own)
+    if parent is None or "nodaemon" not in parent:
         return sys.stdout
     if parent.get("syslog"):
         return None

@@ -4,7 +4,9 @@ errors; the real `twistd -n eventstreams` for the end-to-end checks."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from datetime import datetime
 
@@ -14,7 +16,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from eventstreams.config import ConfigError, load
-from eventstreams.logs import JSONLines, LogConfig, RateLimited, event_as_json, parse
+from eventstreams.logs import JSONLines, LogConfig, RateLimited, _log_file, event_as_json, parse
 
 from .support import async_test, free_port, open_stream, sleep, write_config
 from .test_daemon import DaemonTestCase
@@ -141,6 +143,32 @@ class Settings(unittest.TestCase):
             with self.assertRaises(ConfigError) as e:
                 parse(self.config(override))
             self.assertEqual((e.exception.section, e.exception.key), ("log", key))
+
+
+class Destination(unittest.TestCase):
+    """Where the observer writes: where twistd itself would."""
+
+    def options(self, runner: type, *argv: str):
+        options = runner()
+        options.parseOptions([*argv, "eventstreams", "-c", "etc/streams.ini"])
+        return options.subOptions
+
+    def test_twistd_nodaemon_is_stdout_and_logfile_is_the_file(self):
+        from twisted.scripts.twistd import ServerOptions
+
+        self.assertIs(_log_file(self.options(ServerOptions, "-n")), sys.stdout)
+        path = os.path.abspath(self.mktemp())
+        out = _log_file(self.options(ServerOptions, "-n", "--logfile", path))
+        self.addCleanup(out.close)
+        self.assertEqual(out.path, path)
+        self.assertIsNone(_log_file(self.options(ServerOptions, "-n", "--syslog")))
+
+    def test_twist_opens_no_file(self):
+        from twisted.application.twist._options import TwistOptions
+
+        cwd = os.getcwd()
+        self.assertIs(_log_file(self.options(TwistOptions)), sys.stdout)
+        self.assertFalse(os.path.exists(os.path.join(cwd, "twistd.log")))
 
 
 class DaemonJSONLog(DaemonTestCase):
