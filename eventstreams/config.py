@@ -23,6 +23,7 @@ KNOWN_SECTIONS = (
     "demo",
     "metrics",
     "irc",
+    "log",
     "rcstream",
 )
 

@@ -1,6 +1,7 @@
 """Prometheus text exposition of the daemon's counters and gauges."""
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable
 
 from twisted.web.resource import Resource
@@ -26,10 +27,11 @@ def render(samples: Iterable[Sample]) -> bytes:
     lines: list[str] = []
     seen: set[str] = set()
     for name, kind, help_text, labels, value in samples:
-        if name not in seen:
-            seen.add(name)
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if kind == "histogram" else name
+        if family not in seen:
+            seen.add(family)
+            lines.append(f"# HELP {family} {help_text}")
+            lines.append(f"# TYPE {family} {kind}")
         lines.append(f"{name}{_labels(labels)} {value}")
     return ("\n".join(lines) + "\n").encode("utf-8")
 
@@ -46,9 +48,12 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
         ("eventstreams_bytes_sent_total", "counter", "Bytes written to stream clients.", {}, c.bytes_sent),
         ("eventstreams_hubs", "gauge", "Running hubs (one log reader each).", {}, len(hubs.hubs)),
     ]
-    for status, count in sorted(c.rejected.items()):
+    for (status, reason), count in sorted(c.rejected.items()):
         samples.append(("eventstreams_requests_rejected_total", "counter", "Stream requests answered with an error.",
-                        {"status": str(status)}, count))
+                        {"status": str(status), "reason": reason}, count))
+    samples.append(("eventstreams_backend_unavailable_total", "counter",
+                    "Stream requests answered 503 because the event log could not be reached.", {},
+                    c.backend_unavailable))
     for hub in hubs.hubs.values():
         label = {"partitions": ",".join(f"{t}/{p}" for t, p in hub.tps)}
         samples.append(("eventstreams_ring_entries", "gauge", "Records held in a hub's ring.", label, len(hub)))
@@ -58,6 +63,7 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
         for reason, count in sorted((hub.skipped_reasons or {"invalid_json": 0}).items()):
             samples.append(("eventstreams_records_skipped_total", "counter",
                             "Records that were not strict JSON objects, by reason.", {**label, "reason": reason}, count))
+    samples += connections.delays.samples(list(stream_names))
     if intake is not None:
         for (stream, result), count in sorted(intake.by_stream.items()):
             samples.append(("eventstreams_intake_events_total", "counter",

@@ -12,6 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from . import strictjson
+from .delay import DeliveryDelays
 from .fastwrite import writer_for
 from .hub import Batch, Entry, Subscription
 
@@ -101,7 +102,8 @@ class Counters:
         self.connections_total = 0
         self.events_delivered = 0
         self.bytes_sent = 0
-        self.rejected: dict[int, int] = {}
+        self.rejected: dict[tuple[int, str], int] = {}  # (status, error type) -> count
+        self.backend_unavailable = 0  # stream requests answered 503 as the log was unreachable
 
 
 class ResponseSink:
@@ -187,6 +189,8 @@ class ResponseSink:
             counters = self.counters
             counters.events_delivered += len(matched)
             counters.bytes_sent += len(data)
+            if self.subscription is not None and self.subscription.live:  # not a replay
+                self.connections.delays.observe(batch, self.streams)
             if matched[-1] is batch.last:
                 self.pending = None
                 return
@@ -259,6 +263,7 @@ class Connections:
     def __init__(self, clock: IReactorTime, heartbeat: float, id_interval: float = 1.0):
         self.clock = clock
         self.counters = Counters()
+        self.delays = DeliveryDelays(clock)
         self.sinks: set[ResponseSink] = set()
         self.per_ip: dict[str, int] = {}
         self.per_stream: dict[str, int] = {}

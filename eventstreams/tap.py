@@ -26,9 +26,11 @@ from .httpchannel import ApiRequest, HeadBudget, guard
 from .hub import Hubs
 from .intake import WRITE_SHARE, Intake, intake_site
 from .iplimit import SharedTable, capacity_for, make_limits
+from .logs import ApiSite, root_for
 from .metrics import MetricsResource, Sample, collect
 from .sse import Connections
 from .validation import SchemaError
+from .systemd import Notifier, Notify
 from .web import Api
 from .workers import Workers, merge_samples
 
@@ -137,7 +139,8 @@ def api_site(resource: Any, service: ServiceConfig, reactor: Any) -> Site:
     """The public site: HTTP/1.1 connections with a request-head budget
     (eventstreams.httpchannel), one channel object per connection (no
     HTTP/2 negotiation wrapper; streams are HTTP/1.1)."""
-    return guard(Site(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
+    # ApiSite: stream requests log their own access lines
+    return guard(ApiSite(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
                  max_body=service.max_body)
 
 
@@ -150,6 +153,8 @@ class Core:
         service = config.service
         self.backend = make_backend(config, reactor, writer)
         self.connections = Connections(reactor, service.heartbeat)
+        self.connections.delays.stream_of_topic = {
+            topic: s.name for s in reversed(list(config.streams.values())) for topic in s.topics}
         self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor, service.fan_out_interval)
         limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
                              table, index)
@@ -158,8 +163,9 @@ class Core:
         self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
-    """Everything the daemon runs, as one MultiService."""
+def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = None) -> MultiService:
+    """Everything the daemon runs, as one MultiService; `notifier` tells
+    systemd when it is ready (see eventstreams.systemd)."""
     top = MultiService()
     service = config.service
     table = None
@@ -241,6 +247,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     if workers is not None:  # last: spawned once all is up, stopped before the rest
         workers.setServiceParent(top)
         top.workers = workers  # type: ignore[attr-defined]
+    if notifier is not None:  # the very last: READY=1 once all is up, STOPPING=1 first
+        top.notify = Notify(notifier, listeners.values(), reactor)  # type: ignore[attr-defined]
+        top.notify.setServiceParent(top)  # type: ignore[attr-defined]
 
     top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
     top.connections = connections  # type: ignore[attr-defined]
@@ -263,10 +272,11 @@ def makeService(options: Options) -> MultiService:
 
     try:
         config = load(options["config"], options["set"])
-        service = build_service(config, reactor)
+        root = root_for(config, options)  # [log]: twistd's log observer
+        build_service(config, reactor, Notifier.from_environ()).setServiceParent(root)
         reactor.callWhenRunning(ignore_sighup, reactor)  # after twistd set its handlers
         reactor.callWhenRunning(tune_gc)
-        return service
+        return root
     except ConfigError as e:
         sys.stderr.write(f"eventstreams: {e}\n")
         raise SystemExit(1)

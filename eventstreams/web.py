@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from . import __version__
+from . import __version__, doc
 from .assignment import resolve
 from .backends.base import Backend, BackendUnavailable
 from .config import Config
@@ -19,6 +19,7 @@ from .errors import ApiError, bad_last_event_id, not_found, unavailable
 from .filters import FilterError, parse_filters
 from .hub import Hubs
 from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits
+from .logs import stream_finished
 from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
 from .spec import openapi_spec
 from .sse import Connections, ResponseSink
@@ -116,6 +117,7 @@ class Api:
         self.limits = limits
         self.spec = json.dumps(openapi_spec(config), separators=(",", ":")).encode()
         self.ui_files = load_ui_files()  # read once: no file I/O on the reactor thread
+        self.doc_files = doc.load()  # /?doc, the same
         self.stream_list = json.dumps(
             [
                 {
@@ -157,9 +159,8 @@ class Api:
         request.setHeader("x-xss-protection", "1; mode=block")
 
     def _error(self, request: IRequest, error: ApiError) -> bytes:
-        self.connections.counters.rejected[error.status] = (
-            self.connections.counters.rejected.get(error.status, 0) + 1
-        )
+        key = (error.status, error.type)
+        self.connections.counters.rejected[key] = self.connections.counters.rejected.get(key, 0) + 1
         retry_after = getattr(error, "retry_after", None)
         if retry_after:
             request.setHeader("retry-after", str(retry_after))
@@ -174,6 +175,8 @@ class Api:
         query = request.uri.partition(b"?")[2]
         if any(part.split(b"=")[0] == b"spec" for part in query.split(b"&")):
             return self._json(request, self.spec)
+        if doc.query_value(query, b"doc") is not None:
+            return self.doc_file(request, (doc.query_value(query, b"path") or b"").decode("latin-1"))
         request.setResponseCode(303)
         request.setHeader("location", "/v2/ui")
         return b""
@@ -186,6 +189,17 @@ class Api:
     @app.route("/v2/ui/<string:name>", methods=["GET", "HEAD"])
     def ui_file(self, request: IRequest, name: str) -> bytes:
         found = self.ui_files.get(name)
+        if found is None:
+            return self._error(request, ApiError(404, "not_found", "Not Found", "no such resource"))
+        kind, body = found
+        request.setHeader("content-type", kind)
+        request.setHeader("cache-control", "no-cache")
+        self._common_headers(request)
+        return body
+
+    def doc_file(self, request: IRequest, name: str) -> bytes:
+        """/?doc, Swagger UI, and its files (/?doc&path=NAME)."""
+        found = self.doc_files.get(name)
         if found is None:
             return self._error(request, ApiError(404, "not_found", "Not Found", "no such resource"))
         kind, body = found
@@ -230,7 +244,17 @@ class Api:
     def stream(self, request: IRequest, names: str) -> Deferred:
         # The coroutine only sets the stream up and returns: an open stream
         # holds no coroutine frame (nor its context copy), only `done`.
-        return ensureDeferred(self._stream(request, names)).addCallback(_open_body)
+        started = self.clock.seconds()
+
+        def rejected(result: Any) -> Any:  # the access line of a stream that did not start
+            if not isinstance(result, _Open):
+                status = 499 if request.code == 200 else request.code  # 499: the client left first
+                stream_finished(client_ip(request, self.service.client_ip_header), names, status,
+                                len(result) if isinstance(result, bytes) else 0, self.clock.seconds() - started,
+                                request.uri.decode("utf-8", "replace"))
+            return result
+
+        return ensureDeferred(self._stream(request, names)).addCallback(rejected).addCallback(_open_body)
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Any) -> bytes:
@@ -336,7 +360,14 @@ class Api:
             request.write, finish, ndjson, service.id_updates, self.connections, stream_names, ip
         )
         self.connections.add(sink)
-        sink.on_lost = lambda: self.limits.release(ip)  # once, however the stream ends
+        started, uri = self.clock.seconds(), request.uri.decode("utf-8", "replace")
+
+        def ended() -> None:  # once, however the stream ends
+            self.limits.release(ip)
+            if sink.started:  # else the answer was an error, logged by stream()
+                stream_finished(ip, ",".join(stream_names), 200, sink.bytes_written, self.clock.seconds() - started, uri)
+
+        sink.on_lost = ended
         request.notifyFinish().addBoth(lambda _: sink.lost())
         try:
             start = await resolve(self.backend, topics, assignments, since)
@@ -346,6 +377,7 @@ class Api:
             return self._error(request, e)
         except BackendUnavailable as e:
             sink.lost()
+            self.connections.counters.backend_unavailable += 1
             return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
         except CancelledError:
             sink.lost()

@@ -344,3 +344,86 @@ class StreamBrowserFiles(StreamTestCase):
             urls = [u for u in re.findall(r"https?://[^\s'\"`)]+", text) if "w3.org/2000/svg" not in u]
             self.assertEqual(urls, [], name)
 
+
+
+class SwaggerDocPage(BrowserTestCase):
+    """/?doc: Swagger UI over /?spec in chromium, under the strict CSP."""
+
+    @async_test
+    async def test_doc_lists_every_stream_and_try_it_out_streams_events(self):
+        d = await self.daemon()
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        shot = os.path.join(directory, "doc.png")
+        run = self.script(d, "doc.mjs", "--base", d.url(""), "--streams", "mediawiki.recentchange,test",
+                          "--screenshot", shot, timeout=90)
+        n = 0
+        while run.running:  # events all along: Try it out shows some
+            await d.append((d.rc[0], d.topic("eqiad.test.event"))[n % 2], [rc_event(n)])
+            n += 1
+            await sleep(0.05)
+        r = await self.outcome(run)
+
+        self.assertEqual(r["console_errors"], [])  # a CSP violation is a console error
+        self.assertEqual(r["failed_requests"], [])
+        self.assertEqual([u for u in r["requests"] if not u.startswith(d.url("/"))], [])  # nothing remote
+        self.assertEqual(r["status"], 200)
+        self.assertEqual(r["csp"], d.config.service.content_security_policy)
+        self.assertIn("EventStreams", r["title"])
+        names = ["mediawiki.recentchange", "recentchange", "test"]  # every stream and alias
+        self.assertLessEqual({"/v2/stream/{streams}", *(f"/v2/stream/{name}" for name in names)}, set(r["paths"]))
+        self.assertEqual(sorted(r["offered"]), names)
+        self.assertEqual(r["request_url"], d.url("/v2/stream/mediawiki.recentchange,test"))
+        self.assertEqual(r["response_status"], "200")
+        body = r["response_body"]
+        self.assertTrue(body.startswith(":ok"), body[:200])
+        events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+        self.assertGreater(len(events), 0, body[:500])
+        self.assertLessEqual({e["meta"]["topic"] for e in events}, {d.rc[0], d.topic("eqiad.test.event")})
+        self.assertIn("text/event-stream", r["response_headers"])
+        with open(shot, "rb") as f:
+            self.assertTrue(f.read().startswith(PNG_MAGIC))
+        log.msg(f"/?doc screenshot: {shot}; Try it out got {len(events)} events")
+
+
+class SwaggerDocFiles(StreamTestCase):
+    """/?doc's files over HTTP, without a browser; / and /v2/ui around it."""
+
+    @async_test
+    async def test_doc_page_and_files_are_served_with_the_strict_csp(self):
+        d = await self.daemon()
+        for path, kind in [
+            ("/?doc", "text/html; charset=utf-8"),
+            ("/?doc&path=doc.js", "text/javascript; charset=utf-8"),
+            ("/?doc&path=doc.css", "text/css; charset=utf-8"),
+            ("/?doc&path=swagger-ui-bundle.js", "text/javascript; charset=utf-8"),
+            ("/?doc&path=swagger-ui.css", "text/css; charset=utf-8"),
+            ("/?doc&path=favicon-32x32.png", "image/png"),
+        ]:
+            response = await self.get(d.url(path))
+            body = await response.content()
+            self.assertEqual(response.code, 200, path)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), [kind], path)
+            self.assertEqual(response.headers.getRawHeaders("content-security-policy"),
+                             [d.config.service.content_security_policy], path)
+            self.assertTrue(body, path)
+        for path in ("/?doc&path=index.j2", "/?doc&path=../web.py", "/?doc&path=oauth2-redirect.html"):
+            response = await self.get(d.url(path))
+            await response.content()
+            self.assertEqual(response.code, 404, path)
+        response = await self.get(d.url("/"), allow_redirects=False)
+        await response.content()
+        self.assertEqual((response.code, response.headers.getRawHeaders("location")), (303, ["/v2/ui"]))
+        ui = await (await self.get(d.url("/v2/ui"))).text()
+        self.assertIn('href="/?doc"', ui)
+
+    def test_doc_page_has_no_inline_script_or_style_and_no_remote_assets(self):
+        directory = os.path.join(os.path.dirname(UI_DIR), "doc")
+        with open(os.path.join(directory, "index.html"), encoding="utf-8") as f:
+            html = f.read()
+        self.assertNotRegex(html, r"<script(?![^>]*\bsrc=)[^>]*>")
+        self.assertNotRegex(html, r"<style\b")
+        self.assertNotRegex(html, r"\sstyle=")
+        for name in os.listdir(directory):
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                self.assertEqual(re.findall(r"https?://[^\s'\"`)]+", f.read()), [], name)
