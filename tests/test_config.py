@@ -93,11 +93,13 @@ class ShippedConfig(ConfigTestCase):
         self.assertEqual(config.service.client_ip_connection_limit, 20)
         self.assertEqual(config.service.max_connections, 20000)
         self.assertEqual(config.service.ring_size, 10000)
-        self.assertEqual(config.embedded, EmbeddedConfig(path="var/eventstreams.sqlite", retention=7 * 86400.0, partitions=1))
+        # One day of the demo feed (about 300 MB), not seven.
+        self.assertEqual(config.embedded, EmbeddedConfig(path="var/eventstreams.sqlite", retention=86400.0, partitions=1))
         self.assertEqual(config.intake.listen, "tcp:8192:interface=127.0.0.1")
         self.assertIsNone(config.intake.streams)
         self.assertEqual(config.intake.max_body, 4 * 1024 * 1024)
-        self.assertEqual(config.metrics.listen, "tcp:9092:interface=127.0.0.1")
+        # The Debian configuration's port: 9092 is Kafka's.
+        self.assertEqual(config.metrics.listen, "tcp:9102:interface=127.0.0.1")
         self.assertEqual(config.streams["test"].aliases, ("test.event",))
 
     def test_minimal_file_takes_defaults(self):
