@@ -45,11 +45,16 @@ def load_events(path: str) -> list[dict]:
 
 def by_wiki(events: list[dict]) -> list[list[dict]]:
     """The events grouped by wiki (`wiki`, else `meta.domain`), each group in
-    file order, the groups in the order each first appears."""
+    file order, the groups in the order each first appears. Canary events
+    (upstream's monitoring probes) stay with the event before them, as rare
+    as in the file, not a wiki of their own."""
     groups: dict[object, list[dict]] = {}
+    group: list[dict] = []
     for event in events:
         key = event.get("wiki") or (event.get("meta") or {}).get("domain")
-        groups.setdefault(key if isinstance(key, str) else None, []).append(event)
+        if key != "canary" or not group:
+            group = groups.setdefault(key if isinstance(key, str) else None, [])
+        group.append(event)
     return list(groups.values())
 
 

@@ -243,14 +243,23 @@ class Interleaving(DemoTestCase):
         self.assertEqual([e["n"] for e in await self.stored(EQIAD)], [0, 7, 5, 1, 7, 6, 2, 7, 5, 3, 7, 6])
 
     @async_test
+    async def test_a_canary_event_stays_with_the_event_before_it(self):
+        canary = sample(9)
+        canary["meta"]["domain"] = "canary"
+        lines = [sample(0, wiki="a"), sample(1, wiki="b"), canary, sample(2, wiki="b"), sample(3, wiki="a")]
+        feed = await self.start(10, self.write_file(lines))
+        await self.tick(feed, 5)
+        self.assertEqual([e["n"] for e in await self.stored(EQIAD)], [0, 1, 3, 9, 0, 2])
+
+    @async_test
     async def test_every_wiki_of_the_bundled_sample_within_two_seconds(self):
         events = load_events(SAMPLE_EVENTS)
-        wikis = {e.get("wiki") or e["meta"].get("domain") for e in events}
+        wikis = {e["wiki"] for e in events if "wiki" in e}
         feed = await self.start(25, None)
         await self.tick(feed, 19)  # two seconds at the default rate
         stored = await self.all_stored()
         self.assertEqual(len(stored), 50)
-        self.assertEqual({e.get("wiki") or e["meta"].get("domain") for e in stored}, wikis)
+        self.assertEqual({e["wiki"] for e in stored if "wiki" in e}, wikis)
         for wiki in ("enwiki", "dewiki"):
             titles = [e["title"] for e in stored if e.get("wiki") == wiki]
             self.assertEqual(titles, [e["title"] for e in events if e.get("wiki") == wiki][:len(titles)])
