@@ -146,8 +146,10 @@ class Daemon:
         else:
             argv = argv + [x for o in self.overrides for x in ("--set", o)]
         self.argv = argv
+        # A fresh `make`, not a sub-make of the `make test` running this suite.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+            self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         case.addCleanup(self.stop)
 
