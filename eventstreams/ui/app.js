@@ -270,7 +270,7 @@
       const { value, done } = await reader.read();
       if (done || source !== es) return retry;
       buffer += decoder.decode(value, { stream: true });
-      const lines = buffer.split(/\r\n|\r|\n/);
+      const lines = buffer.split(/\r\n|\r(?!$)|\n/);  // a final \r may be half of \r\n
       buffer = lines.pop();
       for (const line of lines) {
         if (line === '') {
