@@ -386,6 +386,12 @@
 
   function flushRows() {
     frame = 0;
+    if (paused) {              // queued before the pause: not shown either
+      hidden += pending.length;
+      pending = [];
+      updateCounts();
+      return;
+    }
     const list = $('events');
     const fragment = document.createDocumentFragment();
     for (const data of pending.reverse()) fragment.append(makeRow(data));
@@ -421,20 +427,26 @@
         try { text = JSON.stringify(JSON.parse(text), null, 2); } catch (err) { /* raw */ }
         details.append(el('pre', { class: 'json', text }));
       }
-      rowToggled(details.open);
+      if (!details.open) rowClosed();
     });
+    // Pause in the click itself, before the row opens: no row may be
+    // prepended between the opening and the pause.
+    summary.addEventListener('click', () => { if (!details.open) rowOpening(); });
     return el('li', { 'data-topic': meta.topic || '', 'data-offset': String(pick(meta.offset, '')) }, details);
   }
 
   // A row open for reading stays where it is: new rows wait (paused) until
   // every open row is closed again, unless the user paused by hand.
-  function rowToggled(opened) {
-    if (opened && !paused) {
+  function rowOpening() {
+    if (!paused) {
       setPaused(true);
       autoPaused = true;
-    } else if (!opened && autoPaused && !document.querySelector('#events details[open]')) {
-      setPaused(false);
+      updateCounts();
     }
+  }
+
+  function rowClosed() {
+    if (autoPaused && !document.querySelector('#events details[open]')) setPaused(false);
   }
 
   function setPaused(value) {

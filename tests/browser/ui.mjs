@@ -85,6 +85,8 @@ try {
     counts: await page.textContent('#counts'),
   };
   await page.click('#events li details[open] summary');
+  await page.waitForFunction(() => document.getElementById('pause').getAttribute('aria-pressed') === 'false',
+    null, { timeout: 5000 }).catch(() => {});
   result.open_row.after_close = await page.getAttribute('#pause', 'aria-pressed');
 
   // Copy the curl command (shown in the snippet box too).
