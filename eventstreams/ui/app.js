@@ -208,6 +208,10 @@
     const url = streamUrl(sel);
     current = { url, sel };
     history.replaceState(null, '', toHash(sel));
+    $('snippet').hidden = true;   // a copied command of the last selection
+    $('copied').textContent = '';
+    rates.length = 0;             // the rate of this selection only
+    thisSecond = 0;
     clearRows();
     received = 0;
     skipped = 0;
