@@ -10,14 +10,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 
-# Editable (compat mode puts the checkout on sys.path, so twistd finds
-# twisted/plugins/eventstreams_plugin.py from any directory).
+# Editable: setup.cfg's `package_dir = =.` makes it put the checkout on
+# sys.path, so twistd finds twisted/plugins/eventstreams_plugin.py from any
+# directory (tests/test_install.py checks this and plain `pip install .`).
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
-	$(PIP) -e . --config-settings editable_mode=compat
+	$(PIP) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test,kafka]' --config-settings editable_mode=compat
+	$(PIP) -e '.[test,kafka]'
 	touch $@
 
 tests/js/node_modules/.package-lock.json: tests/js/package.json tests/js/package-lock.json
@@ -32,8 +33,10 @@ tests/browser/node_modules/.package-lock.json: tests/browser/package.json tests/
 	$(BIN)/python -m tests.rcstream_clients
 	mkdir -p .cache && touch $@
 
+# make run ARGS='--set eventstreams.listen=tcp:8093 --set demo.rate=5'
+ARGS ?=
 run: $(VENV)/.installed
-	$(BIN)/twistd --nodaemon --pidfile= eventstreams -c etc/streams.ini
+	$(BIN)/twistd --nodaemon --pidfile= eventstreams -c etc/streams.ini $(ARGS)
 
 # Starts a throw-away Apache Kafka broker (scripts/kafka) for tests/test_kafka.py
 # and stops it afterwards. Under CI=true a broker that does not start fails the run.

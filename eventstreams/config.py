@@ -29,10 +29,28 @@ KNOWN_SECTIONS = (
 
 
 class ConfigError(Exception):
-    def __init__(self, path: str, section: str, key: Optional[str], reason: str):
+    """`origin` is where the value came from: the file, or the `--set ITEM`
+    of the command line that set it (see `blame`)."""
+
+    def __init__(self, path: str, section: Optional[str], key: Optional[str], reason: str):
         self.path, self.section, self.key, self.reason = path, section, key, reason
-        where = f"[{section}]" + (f" {key}" if key else "")
-        super().__init__(f"{path}: {where}: {reason}")
+        self.origin = path
+        super().__init__(path, section, key, reason)
+
+    def __str__(self) -> str:
+        if self.section is None:
+            return f"{self.origin}: {self.reason}"
+        where = f"[{self.section}]" + (f" {self.key}" if self.key else "")
+        return f"{self.origin}: {where}: {self.reason}"
+
+    def blame(self, set_by: dict[tuple[str, Optional[str]], str]) -> "ConfigError":
+        """Name the `--set` item behind the section and key, if one set them."""
+        item = set_by.get((self.section or "", self.key))
+        if item is None and self.key is None:
+            item = next((i for (s, _), i in set_by.items() if s == self.section), None)
+        if item is not None:
+            self.origin = f"--set {item}"
+        return self
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,11 @@ class Config:
     metrics: MetricsConfig
     sections: dict[str, dict[str, str]] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()  # the --set items, for worker processes to load the same
+    set_by: dict[tuple[str, Optional[str]], str] = field(default_factory=dict)  # (section, key) -> --set item
+
+    def error(self, section: str, key: Optional[str], reason: str) -> ConfigError:
+        """A ConfigError about a value of this configuration, naming its origin."""
+        return ConfigError(self.path, section, key, reason).blame(self.set_by)
 
     def stream(self, name: str) -> Optional[StreamConfig]:
         """A stream by name or alias."""
@@ -233,9 +256,11 @@ def _endpoint(text: str) -> str:
     if not text:
         raise ValueError("expected a Twisted endpoint string such as tcp:8092")
     try:
-        _parseServer(text, None)
+        kind, args, _ = _parseServer(text, None)
     except Exception as e:  # the endpoint parser raises many kinds
         raise ValueError(f"not a valid endpoint string {text!r}: {e}") from None
+    if kind in ("TCP", "SSL") and args and isinstance(args[0], int) and not 0 <= args[0] <= 65535:
+        raise ValueError(f"port {args[0]} is out of range (0-65535)")
     return text
 
 
@@ -284,18 +309,21 @@ def parse_values(path: str, section: str, values: dict[str, str], fields: dict[s
 
 def apply_overrides(
     parser: configparser.ConfigParser, overrides: Iterable[str], path: str
-) -> None:
+) -> dict[tuple[str, Optional[str]], str]:
     """Apply `SECTION.KEY=VALUE` overrides; the section is the longest prefix
     naming a section in the file or a known one, else the text up to the
-    first dot."""
+    first dot. Returns which item set each (section, key)."""
+    set_by: dict[tuple[str, Optional[str]], str] = {}
     for item in overrides:
         name, sep, value = item.partition("=")
         if not sep or "." not in name:
-            raise ConfigError(path, "--set", None, f"expected SECTION.KEY=VALUE, got {item!r}")
+            error = ConfigError(path, None, None, f"expected SECTION.KEY=VALUE, got {item!r}")
+            error.origin = f"--set {item}"
+            raise error
         sections = set(parser.sections()) | set(KNOWN_SECTIONS)
         section, key = name.split(".", 1)
         if section == parser.default_section:
-            raise ConfigError(path, section, None, "unknown section")
+            raise ConfigError(path, section, None, "unknown section").blame({(section, None): item})
         for candidate in sorted(sections, key=len, reverse=True):
             if name.startswith(candidate + ".") and len(name) > len(candidate) + 1:
                 section, key = candidate, name[len(candidate) + 1 :]
@@ -303,6 +331,8 @@ def apply_overrides(
         if not parser.has_section(section):
             parser.add_section(section)
         parser.set(section, key, value)
+        set_by[(section, key)] = item
+    return set_by
 
 
 def load(path: str, overrides: Iterable[str] = ()) -> Config:
@@ -319,11 +349,17 @@ def load(path: str, overrides: Iterable[str] = ()) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(path, "-", None, "the file is not UTF-8") from None
     overrides = tuple(overrides)
-    apply_overrides(parser, overrides, path)
-    return _build(parser, path, overrides)
+    set_by = apply_overrides(parser, overrides, path)
+    try:
+        return _build(parser, path, overrides, set_by)
+    except ConfigError as e:
+        raise e.blame(set_by) from None
 
 
-def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, ...] = ()) -> Config:
+def _build(
+    parser: configparser.ConfigParser, path: str, overrides: tuple[str, ...] = (),
+    set_by: Optional[dict[tuple[str, Optional[str]], str]] = None,
+) -> Config:
     if parser.defaults():
         raise ConfigError(path, parser.default_section, None, "unknown section")
     for section in parser.sections():
@@ -456,4 +492,5 @@ def _build(parser: configparser.ConfigParser, path: str, overrides: tuple[str, .
         metrics=metrics,
         sections={s: dict(parser[s]) for s in parser.sections()},
         overrides=overrides,
+        set_by=set_by or {},
     )

@@ -1,4 +1,7 @@
-"""The demo feed: replays bundled sample events into a stream so it looks live."""
+"""The demo feed: replays bundled sample events into a stream so it looks live.
+
+The bundled sample is 97.6% wikidatawiki: replayed in file order, a filter on
+any other wiki would wait minutes. The wikis take turns instead."""
 from __future__ import annotations
 
 import json
@@ -41,6 +44,21 @@ def load_events(path: str) -> list[dict]:
     return events
 
 
+def by_wiki(events: list[dict]) -> list[list[dict]]:
+    """The events grouped by wiki (`wiki`, else `meta.domain`), each group in
+    file order, the groups in the order each first appears. Canary events
+    (upstream's monitoring probes) stay with the event before them, as rare
+    as in the file, not a wiki of their own."""
+    groups: dict[object, list[dict]] = {}
+    group: list[dict] = []
+    for event in events:
+        key = event.get("wiki") or (event.get("meta") or {}).get("domain")
+        if key != "canary" or not group:
+            group = groups.setdefault(key if isinstance(key, str) else None, [])
+        group.append(event)
+    return list(groups.values())
+
+
 def restamp(event: dict, stream: str, now: float) -> dict:
     """A copy of a sample event that looks as if it just happened."""
     event = dict(event)
@@ -75,7 +93,8 @@ class DemoFeed(Service):
         self.path = path or SAMPLE_EVENTS
         self.clock = clock
         self.events: list[dict] = []
-        self.next = 0
+        self.groups: list[list[dict]] = []  # the events by wiki, replayed in turn
+        self.next = 0  # writes so far: the wiki is next % len(groups), its event next // len(groups)
         self.written = 0
         self._due = 0.0
         self._busy = False
@@ -92,6 +111,7 @@ class DemoFeed(Service):
                 log.error("demo feed: no events in {path}", path=self.path)
                 return
             self.events = events
+            self.groups = by_wiki(events)
             log.info("demo feed: replaying {n} events from {path} into {stream} at {rate}/s",
                      n=len(events), path=self.path, stream=self.stream.name, rate=self.rate)
             if self.running:
@@ -104,6 +124,15 @@ class DemoFeed(Service):
             self._loop.stop()
         return super().stopService()
 
+    def sample(self) -> dict:
+        """The next sample: the wikis take turns (a filter on any of them
+        sees events within seconds), each cycling through its own events."""
+        groups = self.groups
+        group = groups[self.next % len(groups)]
+        event = group[(self.next // len(groups)) % len(group)]
+        self.next += 1
+        return event
+
     def _tick(self) -> None:
         self._due += self.rate * TICK
         count = int(self._due)
@@ -114,8 +143,7 @@ class DemoFeed(Service):
         by_topic: dict[str, list[tuple[None, bytes]]] = {}
         topics = self.stream.topics
         for _ in range(count):
-            sample = self.events[self.next]
-            self.next = (self.next + 1) % len(self.events)
+            sample = self.sample()
             sample_topic = (sample.get("meta") or {}).get("topic")
             topic = sample_topic if sample_topic in topics else topics[0]
             event = restamp(sample, self.stream.name, now)

@@ -20,7 +20,7 @@ from bridges.rcstream import config as rcstream_config, sessions as rcstream_ses
 
 from .backends.base import Backend
 from .config import Config, ConfigError, ServiceConfig, load
-from .demo import DemoFeed
+from .demo import SAMPLE_EVENTS, DemoFeed
 from .feed import StreamFeed
 from .httpchannel import ApiRequest, HeadBudget, guard
 from .hub import Hubs
@@ -108,10 +108,96 @@ def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
     return EmbeddedBackend(e.path, e.retention if writer else 0, e.partitions, reactor=reactor)
 
 
+class Listener(StreamServerEndpointService):
+    """A listener that binds once: makeService binds it (see listen_now), and
+    the runner's own privilegedStartService is then a no-op."""
+
+    _raiseSynchronously = True  # a port in use stops start-up
+
+    def __init__(self, reactor: Any, endpoint: str, factory: Any) -> None:
+        super().__init__(serverFromString(reactor, endpoint), factory)
+        self.description = endpoint
+        self.port: Any = None  # the IListeningPort once bound
+
+    def privilegedStartService(self) -> None:
+        if self._waitingForPort is None:
+            super().privilegedStartService()
+            self._waitingForPort.addCallback(self._bound)
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+
 def listener(reactor: Any, endpoint: str, factory: Any) -> IService:
-    service = StreamServerEndpointService(serverFromString(reactor, endpoint), factory)
-    service._raiseSynchronously = True  # a port in use stops start-up
-    return service
+    return Listener(reactor, endpoint, factory)
+
+
+# The key that configures each listener of build_service, for error messages.
+LISTEN_KEYS = {
+    "api": ("eventstreams", "listen"),
+    "intake": ("intake", "listen"),
+    "metrics": ("metrics", "listen"),
+    "irc": ("irc", "listen"),
+    "rcstream": ("rcstream", "listen"),
+}
+
+
+def listen_now(top: MultiService, config: Config) -> None:
+    """Bind every listener before the runner starts its log, so that a port in
+    use or an address that cannot be bound is one line naming its key."""
+    for role, child in top.listeners.items():  # type: ignore[attr-defined]
+        try:
+            child.privilegedStartService()
+        except Exception as e:
+            error = getattr(e, "socketError", None) or e  # CannotListenError wraps the OSError
+            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+            section, key = LISTEN_KEYS.get(role, (role, "listen"))
+            raise config.error(section, key, f"cannot listen on {child.description}: {reason}") from None
+
+
+def open_backend(backend: Backend, config: Config) -> None:
+    """Open the embedded log's file once now: a path that cannot be used is
+    one line naming [embedded] path, not a traceback at start."""
+    check = getattr(backend, "check", None)
+    if check is None:
+        return
+    from .backends.embedded import EmbeddedLogError
+
+    try:
+        check()
+    except EmbeddedLogError as e:
+        reason = str(e).removeprefix(f"embedded log {config.embedded.path!r}: ")
+        raise config.error("embedded", "path", reason) from None
+
+
+def listener_line(top: MultiService) -> str:
+    """`EventStreams http://127.0.0.1:8092/v2/ui · intake … · IRC … · metrics …`:
+    every listener by role, with a URL to click or connect to."""
+    roles = {"api": ("EventStreams", "/v2/ui"), "intake": ("intake", "/v1/events"),
+             "metrics": ("metrics", "/metrics"), "irc": ("IRC", ""), "rcstream": ("RCStream", "/rcstream_status")}
+    listeners = top.listeners  # type: ignore[attr-defined]
+    parts = []
+    for role, child in listeners.items():
+        name, path = roles.get(role, (role, ""))
+        parts.append(f"{name} {url(child, path, 'irc' if role == 'irc' else 'http')}")
+        if role == "api" and hasattr(top, "rcstream") and "rcstream" not in listeners:
+            parts.append(f"RCStream {url(child, '/rcstream_status', 'http')}")  # on the main listener
+    return " · ".join(parts)
+
+
+def url(child: Listener, path: str, scheme: str) -> str:
+    address = child.port.getHost() if child.port is not None else None
+    if not hasattr(address, "port"):  # unix: and the like: the endpoint says it best
+        return child.description
+    host = address.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    if child.description.split(":", 1)[0].lower() == "ssl":
+        scheme += "s"
+    return f"{scheme}://{host}:{address.port}{path}"
 
 
 def head_budget(reactor: Any, deadline: float, service: ServiceConfig) -> HeadBudget:
@@ -241,6 +327,10 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
         intake.setServiceParent(top)
     if config.demo.stream:
         stream = config.streams[config.demo.stream]
+        try:
+            open(config.demo.file or SAMPLE_EVENTS, "rb").close()
+        except OSError as e:
+            raise config.error("demo", "file", f"cannot read {e.filename!r}: {e.strerror}") from None
         DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
     for child in bridges:
         child.setServiceParent(top)
@@ -270,13 +360,21 @@ def tune_gc() -> None:
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
+    config = None
     try:
         config = load(options["config"], options["set"])
         root = root_for(config, options)  # [log]: twistd's log observer
-        build_service(config, reactor, Notifier.from_environ()).setServiceParent(root)
+        service = build_service(config, reactor, Notifier.from_environ())
+        # Before the runner starts its log: a failure here is one line on stderr.
+        listen_now(service, config)
+        open_backend(service.backend, config)  # type: ignore[attr-defined]
+        service.setServiceParent(root)
         reactor.callWhenRunning(ignore_sighup, reactor)  # after twistd set its handlers
         reactor.callWhenRunning(tune_gc)
+        reactor.callWhenRunning(log.info, "{listeners}", listeners=listener_line(service))
         return root
     except ConfigError as e:
+        if config is not None:
+            e.blame(config.set_by)
         sys.stderr.write(f"eventstreams: {e}\n")
         raise SystemExit(1)

@@ -251,8 +251,9 @@ class StreamBrowserPage(BrowserTestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         shot = os.path.join(directory, "ui.png")
+        shot_empty = os.path.join(directory, "ui-nothing-matches.png")
         run = self.script(d, "ui.mjs", "--base", d.url(""), "--stream", "mediawiki.recentchange",
-                          "--screenshot", shot, timeout=90)
+                          "--screenshot", shot, "--screenshot-empty", shot_empty, timeout=90)
         wikis = ("enwiki", "dewiki", "wikidatawiki")
         n = 0
         while run.running:
@@ -279,6 +280,23 @@ class StreamBrowserPage(BrowserTestCase):
         self.assertEqual(set(r["filtered_wikis"]), {"dewiki"})
         self.assertEqual(r["filtered_hash"], "#stream=mediawiki.recentchange&filter.wiki=dewiki&filter.bot!=true")
         self.assertEqual(r["expanded"], {"wiki": "dewiki", "bot": False})
+        # The bare page opened the first stream by itself.
+        self.assertEqual(r["auto"]["hash"], "#stream=mediawiki.recentchange")
+        self.assertEqual(r["auto"]["checked"], ["mediawiki.recentchange"])
+        self.assertTrue(r["auto"]["status"].startswith("Open"), r["auto"])
+        # A row open for reading stayed in place while events arrived; closing it resumed.
+        self.assertTrue(r["open_row"]["stays"], r["open_row"])
+        self.assertEqual(r["open_row"]["pressed"], "true")
+        self.assertRegex(r["open_row"]["counts"], r"paused while a row is open: [1-9]\d* not shown")
+        self.assertEqual(r["open_row"]["after_close"], "false")
+        # A filter nothing matches: the view says the filter skipped the events.
+        nothing = r["nothing"]
+        self.assertEqual(nothing["hash"], "#stream=mediawiki.recentchange&filter.wiki=nosuchwiki")
+        self.assertEqual(nothing["rows"], 0)
+        self.assertRegex(nothing["skipped"], r"^[1-9][\d,]* skipped by the filter$")
+        self.assertTrue(nothing["empty_visible"])
+        self.assertRegex(nothing["empty"], r"^No event has matched the filter yet; [1-9][\d,]* others went by\.$")
+        self.assertTrue(nothing["status"].startswith("Open"), nothing)
         self.assertEqual(
             r["curl"],
             f"curl -s -H 'Accept: text/event-stream' "
@@ -299,6 +317,9 @@ class StreamBrowserPage(BrowserTestCase):
         width, height = struct.unpack(">II", png[16:24])  # IHDR
         self.assertEqual(width, 1280)
         log.msg(f"stream browser screenshot: {shot} ({len(png)} bytes, {width}x{height})")
+        with open(shot_empty, "rb") as f:
+            self.assertTrue(f.read(8) == PNG_MAGIC)
+        log.msg(f"stream browser screenshot, nothing matching: {shot_empty}")
 
 
 class StreamBrowserFiles(StreamTestCase):

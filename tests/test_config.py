@@ -51,15 +51,18 @@ class ConfigTestCase(unittest.SynchronousTestCase):
         reason: str,
         overrides: tuple[str, ...] = (),
         path: str | None = None,
+        origin: str | None = None,
     ) -> ConfigError:
-        """Loading fails with one line naming the file, [section], key and reason."""
+        """Loading fails with one line naming the origin (the file, or the
+        `--set ITEM` that set the value), [section], key and reason."""
         path = path or self.write(text)
         with self.assertRaises(ConfigError) as caught:
             load(path, overrides)
         error = caught.exception
         message = str(error)
         self.assertNotIn("\n", message)
-        self.assertTrue(message.startswith(path + ": "), message)
+        self.assertTrue(message.startswith((origin or path) + ": "), message)
+        self.assertEqual(error.origin, origin or path)
         self.assertIn(f"[{section}]", message)
         if key is not None:
             self.assertIn(f"[{section}] {key}: ", message)
@@ -90,11 +93,13 @@ class ShippedConfig(ConfigTestCase):
         self.assertEqual(config.service.client_ip_connection_limit, 20)
         self.assertEqual(config.service.max_connections, 20000)
         self.assertEqual(config.service.ring_size, 10000)
-        self.assertEqual(config.embedded, EmbeddedConfig(path="var/eventstreams.sqlite", retention=7 * 86400.0, partitions=1))
+        # One day of the demo feed (about 300 MB), not seven.
+        self.assertEqual(config.embedded, EmbeddedConfig(path="var/eventstreams.sqlite", retention=86400.0, partitions=1))
         self.assertEqual(config.intake.listen, "tcp:8192:interface=127.0.0.1")
         self.assertIsNone(config.intake.streams)
         self.assertEqual(config.intake.max_body, 4 * 1024 * 1024)
-        self.assertEqual(config.metrics.listen, "tcp:9092:interface=127.0.0.1")
+        # The Debian configuration's port: 9092 is Kafka's.
+        self.assertEqual(config.metrics.listen, "tcp:9102:interface=127.0.0.1")
         self.assertEqual(config.streams["test"].aliases, ("test.event",))
 
     def test_minimal_file_takes_defaults(self):
@@ -438,36 +443,60 @@ class Overrides(ConfigTestCase):
         path = self.write(MINIMAL)
         self.assertConfigError(
             "", "eventstreams", "heartbeat", "expected a number, got 'abc'",
-            overrides=("eventstreams.heartbeat=abc",), path=path,
+            overrides=("eventstreams.heartbeat=abc",), path=path, origin="--set eventstreams.heartbeat=abc",
         )
 
     def test_override_into_an_unknown_section(self):
         path = self.write(MINIMAL)
-        self.assertConfigError("", "nosuch", None, "unknown section", overrides=("nosuch.key=1",), path=path)
+        self.assertConfigError(
+            "", "nosuch", None, "unknown section", overrides=("nosuch.key=1",), path=path, origin="--set nosuch.key=1"
+        )
 
     def test_override_with_an_unknown_key(self):
         path = self.write(MINIMAL)
         self.assertConfigError(
-            "", "eventstreams", "listen_port", "unknown key", overrides=("eventstreams.listen_port=1",), path=path
+            "", "eventstreams", "listen_port", "unknown key", overrides=("eventstreams.listen_port=1",), path=path,
+            origin="--set eventstreams.listen_port=1",
         )
 
     def test_malformed_override_without_equals(self):
         path = self.write(MINIMAL)
-        error = self.assertConfigError(
-            "", "--set", None, "expected SECTION.KEY=VALUE, got 'eventstreams.listen'",
-            overrides=("eventstreams.listen",), path=path,
+        with self.assertRaises(ConfigError) as caught:
+            load(path, ("eventstreams.listen",))
+        self.assertEqual(
+            str(caught.exception), "--set eventstreams.listen: expected SECTION.KEY=VALUE, got 'eventstreams.listen'"
         )
-        self.assertEqual(str(error), f"{path}: [--set]: expected SECTION.KEY=VALUE, got 'eventstreams.listen'")
 
     def test_override_into_the_default_section_is_a_config_error(self):
         path = self.write(MINIMAL)
-        self.assertConfigError("", "DEFAULT", None, "unknown section", overrides=("DEFAULT.x=1",), path=path)
+        self.assertConfigError(
+            "", "DEFAULT", None, "unknown section", overrides=("DEFAULT.x=1",), path=path, origin="--set DEFAULT.x=1"
+        )
 
     def test_malformed_override_without_a_section(self):
         path = self.write(MINIMAL)
+        with self.assertRaises(ConfigError) as caught:
+            load(path, ("listen=tcp:1",))
+        self.assertEqual(str(caught.exception), "--set listen=tcp:1: expected SECTION.KEY=VALUE, got 'listen=tcp:1'")
+
+    def test_a_value_from_the_file_still_names_the_file_when_other_keys_are_set(self):
+        path = self.write("[demo]\nrate = fast\n" + MINIMAL)
         self.assertConfigError(
-            "", "--set", None, "expected SECTION.KEY=VALUE, got 'listen=tcp:1'",
-            overrides=("listen=tcp:1",), path=path,
+            "", "demo", "rate", "expected a number, got 'fast'", overrides=("eventstreams.heartbeat=1",), path=path
+        )
+
+    def test_the_last_set_of_a_key_is_named(self):
+        path = self.write(MINIMAL)
+        self.assertConfigError(
+            "", "eventstreams", "workers", "expected an integer from 1 to 64, got '0'",
+            overrides=("eventstreams.workers=2", "eventstreams.workers=0"), path=path,
+            origin="--set eventstreams.workers=0",
+        )
+
+    def test_port_out_of_range(self):
+        self.assertConfigError(
+            "[intake]\nlisten = tcp:65536:interface=127.0.0.1\n" + MINIMAL, "intake", "listen",
+            "port 65536 is out of range (0-65535)",
         )
 
     def test_overrides_do_not_change_the_file(self):

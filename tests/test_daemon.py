@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -15,6 +16,8 @@ from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+import treq
 
 from .support import RC_TOPICS, async_test, free_port, open_stream, sleep, write_config
 
@@ -135,10 +138,20 @@ class BadStart(DaemonTestCase):
 
     @async_test
     async def test_bad_value_exits_non_zero_with_one_line(self):
+        path = write_config(os.path.abspath(self.mktemp()), extra="[demo]\nrate = fast\n")
+        child = await self.finish(self.spawn("-c", path))
+        self.assertEqual(child.exit_code, 1)
+        self.assertOneLine(child, f"eventstreams: {path}: [demo] rate: expected a number, got 'fast'")
+        self.assertEqual(child.out, b"")
+
+    @async_test
+    async def test_bad_value_from_the_command_line_names_the_set_option(self):
         path = write_config(os.path.abspath(self.mktemp()))
         child = await self.finish(self.spawn("-c", path, "--set", "eventstreams.heartbeat=abc"))
         self.assertEqual(child.exit_code, 1)
-        self.assertOneLine(child, f"eventstreams: {path}: [eventstreams] heartbeat: expected a number, got 'abc'")
+        self.assertOneLine(
+            child, "eventstreams: --set eventstreams.heartbeat=abc: [eventstreams] heartbeat: expected a number, got 'abc'"
+        )
         self.assertEqual(child.out, b"")
 
     @async_test
@@ -151,7 +164,7 @@ class BadStart(DaemonTestCase):
     async def test_malformed_set_exits_non_zero_with_one_line(self):
         path = write_config(os.path.abspath(self.mktemp()))
         child = await self.finish(self.spawn("-c", path, "--set", "eventstreams.listen"))
-        self.assertOneLine(child, f"eventstreams: {path}: [--set]: expected SECTION.KEY=VALUE, got 'eventstreams.listen'")
+        self.assertOneLine(child, "eventstreams: --set eventstreams.listen: expected SECTION.KEY=VALUE, got 'eventstreams.listen'")
 
     @async_test
     async def test_stream_without_topics_exits_with_one_line(self):
@@ -178,31 +191,92 @@ class BadStart(DaemonTestCase):
         return busy.getsockname()[1]
 
     @async_test
-    async def test_port_in_use_exits_non_zero(self):
+    async def test_port_in_use_exits_non_zero_with_one_line(self):
         port = self.busy_port()
         path, overrides = self.good_config(eventstreams=port, intake=free_port(), metrics=free_port())
         child = await self.finish(self.spawn("-c", path, *overrides))
-        self.assertNotEqual(child.exit_code, 0, child.output)
+        self.assertEqual(child.exit_code, 1, child.output)
         self.assertIsNone(child.signal)
-        self.assertIn(f"Couldn't listen on 127.0.0.1:{port}", child.output)
-        self.assertIn("Address already in use", child.output)
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        self.assertOneLine(
+            child, f"eventstreams: --set eventstreams.listen={endpoint}: [eventstreams] listen: "
+            f"cannot listen on {endpoint}: Address already in use"
+        )
+        self.assertEqual(child.out, b"")
+
+    @async_test
+    async def test_port_in_use_from_the_file_names_the_file(self):
+        port = self.busy_port()
+        path = write_config(os.path.abspath(self.mktemp()), extra=f"[irc]\nlisten = tcp:{port}:interface=127.0.0.1\n")
+        child = await self.finish(self.spawn("-c", path))
+        self.assertOneLine(
+            child, f"eventstreams: {path}: [irc] listen: cannot listen on tcp:{port}:interface=127.0.0.1: "
+            "Address already in use"
+        )
+
+    @async_test
+    async def test_port_out_of_range_exits_with_one_line(self):
+        path = write_config(os.path.abspath(self.mktemp()))
+        child = await self.finish(self.spawn("-c", path, "--set", "intake.listen=tcp:99999"))
+        self.assertOneLine(
+            child, "eventstreams: --set intake.listen=tcp:99999: [intake] listen: port 99999 is out of range (0-65535)"
+        )
+        # An endpoint the configuration cannot check fails when it is bound: one line too.
+        child = await self.finish(self.spawn("-c", path, "--set", "metrics.listen=tcp6:99999"))
+        self.assertOneLine(
+            child, "eventstreams: --set metrics.listen=tcp6:99999: [metrics] listen: "
+            "cannot listen on tcp6:99999: bind(): port must be 0-65535."
+        )
+
+    @async_test
+    async def test_unreadable_demo_file_exits_with_one_line(self):
+        directory = os.path.abspath(self.mktemp())
+        missing = os.path.join(directory, "nosuch.jsonl")
+        path = write_config(directory, extra=f"[demo]\nstream = recentchange\nfile = {missing}\n")
+        child = await self.finish(self.spawn("-c", path))
+        self.assertOneLine(child, f"eventstreams: {path}: [demo] file: cannot read {missing!r}: No such file or directory")
+        child = await self.finish(self.spawn("-c", path, "--set", f"demo.file={directory}"))
+        self.assertOneLine(
+            child, f"eventstreams: --set demo.file={directory}: [demo] file: cannot read {directory!r}: Is a directory"
+        )
+
+    @async_test
+    async def test_embedded_log_that_cannot_open_exits_with_one_line(self):
+        directory = os.path.abspath(self.mktemp())
+        path = write_config(directory)
+        not_a_log = os.path.join(directory, "streams.ini")  # a text file, not SQLite
+        child = await self.finish(self.spawn("-c", path, "--set", f"embedded.path={not_a_log}"))
+        self.assertOneLine(
+            child, f"eventstreams: --set embedded.path={not_a_log}: [embedded] path: cannot use: file is not a database"
+        )
+        under_a_file = os.path.join(not_a_log, "log.sqlite")
+        child = await self.finish(self.spawn("-c", path, "--set", f"embedded.path={under_a_file}"))
+        self.assertEqual(child.exit_code, 1, child.output)
+        self.assertOneLine(child, child.output.strip())
+        self.assertTrue(
+            child.output.startswith(f"eventstreams: --set embedded.path={under_a_file}: [embedded] path: "
+                                    f"cannot create directory {not_a_log!r}: "), child.output)
 
     @async_test
     async def test_twist_runner_exits_when_a_port_is_in_use(self):
-        # `python -m twisted eventstreams` starts services in startService:
-        # the embedded log's threads are already running when the listener
-        # fails, and must not keep the failed process alive.
+        # `python -m twisted eventstreams`: the same one line, before any
+        # service (or thread of the embedded log) starts.
         port = self.busy_port()
-        path, overrides = self.good_config(eventstreams=port, intake=free_port(), metrics=free_port())
+        path, overrides = self.good_config(eventstreams=free_port(), intake=port, metrics=free_port())
         child = await self.finish(self.spawn("-c", path, *overrides, runner=TWIST))
-        self.assertNotEqual(child.exit_code, 0, child.output)
-        self.assertIn("Address already in use", child.output)
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        self.assertOneLine(
+            child, f"eventstreams: --set intake.listen={endpoint}: [intake] listen: "
+            f"cannot listen on {endpoint}: Address already in use"
+        )
 
     @async_test
     async def test_twist_runner_bad_config_exits_with_one_line(self):
         path = write_config(os.path.abspath(self.mktemp()))
         child = await self.finish(self.spawn("-c", path, "--set", "eventstreams.heartbeat=abc", runner=TWIST))
-        self.assertOneLine(child, f"eventstreams: {path}: [eventstreams] heartbeat: expected a number, got 'abc'")
+        self.assertOneLine(
+            child, "eventstreams: --set eventstreams.heartbeat=abc: [eventstreams] heartbeat: expected a number, got 'abc'"
+        )
 
 
 class GoodStart(DaemonTestCase):
@@ -253,3 +327,30 @@ class GoodStart(DaemonTestCase):
         with sqlite3.connect(db) as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM records").fetchone()
         self.assertGreaterEqual(count, 3)
+
+
+class ListenerLine(DaemonTestCase):
+    @async_test
+    async def test_one_line_lists_every_listener_by_role_with_a_url_that_answers(self):
+        api, intake, metrics, irc = free_port(), free_port(), free_port(), free_port()
+        path, overrides = self.good_config(eventstreams=api, intake=intake, metrics=metrics)
+        child = self.spawn("-c", path, *overrides, "--set", f"irc.listen=tcp:{irc}:interface=127.0.0.1",
+                           "--set", "rcstream.stream=recentchange")
+        await self.wait_listening(child, api)
+        expected = (
+            f"EventStreams http://127.0.0.1:{api}/v2/ui · RCStream http://127.0.0.1:{api}/rcstream_status"
+            f" · intake http://127.0.0.1:{intake}/v1/events · IRC irc://127.0.0.1:{irc}"
+            f" · metrics http://127.0.0.1:{metrics}/metrics"
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while expected not in child.output:
+            if time.monotonic() > deadline:
+                self.fail(f"no listener line {expected!r} in:\n{child.output[-3000:]}")
+            await sleep(0.1)
+        [line] = [line for line in child.output.splitlines() if "EventStreams http" in line]
+        self.assertTrue(line.endswith(expected), line)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        for url in re.findall(r"http://\S+", expected):
+            response = await treq.get(url, pool=pool)
+            await response.content()
+            self.assertEqual(response.code, 405 if url.endswith("/v1/events") else 200, url)

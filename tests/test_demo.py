@@ -208,16 +208,14 @@ class Rate(DemoTestCase):
         self.assertEqual(len(await self.all_stored()), 17)
 
     @async_test
-    async def test_events_follow_the_file_in_order(self):
+    async def test_events_of_one_wiki_follow_the_file_in_order(self):
         feed = await self.start(25, None)
         await self.tick(feed, 3)
         self.assertEqual(feed.written, 10)
-        samples = load_events(SAMPLE_EVENTS)[:10]
-        for topic in RC.topics:
-            self.assertEqual(
-                [(e["id"], e["title"]) for e in await self.stored(topic)],
-                [(e["id"], e["title"]) for e in samples if e["meta"]["topic"] == topic],
-            )
+        samples = load_events(SAMPLE_EVENTS)[:10]  # all wikidatawiki
+        self.assertEqual({e["wiki"] for e in samples}, {"wikidatawiki"})
+        stored = [e for e in await self.all_stored() if e.get("wiki") == "wikidatawiki"]
+        self.assertEqual([(e["id"], e["title"]) for e in stored], [(e["id"], e["title"]) for e in samples[:len(stored)]])
 
     @async_test
     async def test_stopped_feed_writes_nothing_more(self):
@@ -229,6 +227,42 @@ class Rate(DemoTestCase):
         await sleep(0.1)
         self.assertEqual(feed.written, written)
         self.assertEqual(len(await self.all_stored()), written)
+
+
+class Interleaving(DemoTestCase):
+    """The replay takes the wikis in turn, each wiki's events in file order,
+    so a filter on any wiki of the sample sees events within seconds."""
+
+    @async_test
+    async def test_wikis_take_turns_and_each_keeps_its_order(self):
+        lines = [sample(n, wiki="big") for n in range(5)] + [sample(5, wiki="small"), sample(6, wiki="small")]
+        lines.insert(2, sample(7))  # no `wiki`: grouped by meta.domain
+        feed = await self.start(10, self.write_file(lines))
+        await self.tick(feed, 11)
+        # in the order each first appears: big, en.wikipedia.org, small
+        self.assertEqual([e["n"] for e in await self.stored(EQIAD)], [0, 7, 5, 1, 7, 6, 2, 7, 5, 3, 7, 6])
+
+    @async_test
+    async def test_a_canary_event_stays_with_the_event_before_it(self):
+        canary = sample(9)
+        canary["meta"]["domain"] = "canary"
+        lines = [sample(0, wiki="a"), sample(1, wiki="b"), canary, sample(2, wiki="b"), sample(3, wiki="a")]
+        feed = await self.start(10, self.write_file(lines))
+        await self.tick(feed, 5)
+        self.assertEqual([e["n"] for e in await self.stored(EQIAD)], [0, 1, 3, 9, 0, 2])
+
+    @async_test
+    async def test_every_wiki_of_the_bundled_sample_within_two_seconds(self):
+        events = load_events(SAMPLE_EVENTS)
+        wikis = {e["wiki"] for e in events if "wiki" in e}
+        feed = await self.start(25, None)
+        await self.tick(feed, 19)  # two seconds at the default rate
+        stored = await self.all_stored()
+        self.assertEqual(len(stored), 50)
+        self.assertEqual({e["wiki"] for e in stored if "wiki" in e}, wikis)
+        for wiki in ("enwiki", "dewiki"):
+            titles = [e["title"] for e in stored if e.get("wiki") == wiki]
+            self.assertEqual(titles, [e["title"] for e in events if e.get("wiki") == wiki][:len(titles)])
 
 
 class SampleFile(DemoTestCase):

@@ -96,11 +96,13 @@ class WorkersConfig(unittest.SynchronousTestCase):
     def path(self, extra: str = "") -> str:
         return write_config(os.path.abspath(self.mktemp()), extra)
 
-    def assertOneLine(self, error: ConfigError, path: str, section: str, key: str, reason: str) -> None:
+    def assertOneLine(self, error: ConfigError, path: str, section: str, key: str, reason: str,
+                      origin: str | None = None) -> None:
+        """One line naming the origin of the value (the file, or the --set item)."""
         message = str(error)
         self.assertNotIn("\n", message)
         self.assertEqual((error.path, error.section, error.key), (path, section, key))
-        self.assertTrue(message.startswith(f"{path}: [{section}] {key}: "), message)
+        self.assertTrue(message.startswith(f"{origin or path}: [{section}] {key}: "), message)
         self.assertIn(reason, message)
 
     def test_default_is_one_process(self):
@@ -112,7 +114,8 @@ class WorkersConfig(unittest.SynchronousTestCase):
         for bad in ("0", "65", "two", "-1", "1.5", ""):
             with self.assertRaises(ConfigError) as caught:
                 load(path, [f"eventstreams.workers={bad}"])
-            self.assertOneLine(caught.exception, path, "eventstreams", "workers", "")
+            self.assertOneLine(caught.exception, path, "eventstreams", "workers", "",
+                               origin=f"--set eventstreams.workers={bad}")
         with self.assertRaises(ConfigError) as caught:
             load(path, ["eventstreams.workers=65"])
         self.assertIn("expected an integer from 1 to 64, got '65'", str(caught.exception))
@@ -124,7 +127,7 @@ class WorkersConfig(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 load(path, ["eventstreams.workers=2", f"eventstreams.listen={listen}"])
             self.assertOneLine(caught.exception, path, "eventstreams", "listen",
-                               "workers > 1 needs a tcp: or tcp6: endpoint")
+                               "workers > 1 needs a tcp: or tcp6: endpoint", origin=f"--set eventstreams.listen={listen}")
         # one process may listen anywhere, as before
         self.assertEqual(load(path, ["eventstreams.listen=unix:/tmp/es.sock"]).service.workers, 1)
 
@@ -517,5 +520,5 @@ class WorkerDaemon(DaemonTestCase):
         child = await self.finish(self.spawn("-c", path, "--set", "eventstreams.workers=100"), START_TIMEOUT)
         self.assertEqual(child.exit_code, 1)
         lines = [line for line in child.output.splitlines() if line.strip()]
-        self.assertEqual(lines, [f"eventstreams: {path}: [eventstreams] workers: expected an integer from 1 to 64, "
-                                 "got '100'"])
+        self.assertEqual(lines, ["eventstreams: --set eventstreams.workers=100: [eventstreams] workers: "
+                                 "expected an integer from 1 to 64, got '100'"])

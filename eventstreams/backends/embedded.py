@@ -201,6 +201,12 @@ class EmbeddedBackend:
             self._poller.clock = self._reactor
             self._poller.start(self.poll_interval, now=False)
 
+    def check(self) -> None:
+        """Open the file once and close it: raises EmbeddedLogError when it
+        cannot be used, before any thread starts."""
+        conn, _ = self._open()
+        conn.close()
+
     def _open(self) -> tuple[sqlite3.Connection, dict[TopicPartition, int]]:
         path = self.path
         parent = os.path.dirname(os.path.abspath(path))

@@ -1,6 +1,10 @@
 // The stream browser at /v2/ui: pick streams, a start and filters, and watch
-// the events arrive through the browser's own EventSource. Plain JS, no build
-// step; every node is built with textContent (no HTML from event data).
+// the events arrive. The stream is read with fetch() and parsed here, not by
+// EventSource, because EventSource hides the bare `id:` blocks a filtered
+// stream sends: they say how many events the filter skipped, which is what an
+// empty filtered view must show. Reconnects resume with Last-Event-ID, as
+// EventSource would. Plain JS, no build step; every node is built with
+// textContent (no HTML from event data).
 'use strict';
 
 (() => {
@@ -27,11 +31,15 @@
     return node;
   };
 
+  const RETRY_MS = 2000;         // reconnect delay unless the server sends `retry:`
   let streams = [];              // from /v2/streams
-  let source = null;             // the EventSource
+  let source = null;             // the open stream: {abort()}, null when stopped
   let current = null;            // {url, selection} of the open view
   let paused = false;
+  let autoPaused = false;        // paused because a row is open for reading
   let received = 0;
+  let skipped = 0;               // events the filter skipped (from the ids)
+  let positions = new Map();     // "topic/partition" → offset, of the last id
   let hidden = 0;                // received while paused
   let opens = 0;
   let lastId = '';
@@ -200,75 +208,155 @@
     const url = streamUrl(sel);
     current = { url, sel };
     history.replaceState(null, '', toHash(sel));
+    $('snippet').hidden = true;   // a copied command of the last selection
+    $('copied').textContent = '';
+    rates.length = 0;             // the rate of this selection only
+    thisSecond = 0;
     clearRows();
     received = 0;
-    hidden = 0;
+    skipped = 0;
+    positions = new Map();
     opens = 0;
     lastId = '';
     setStatus('connecting', 'Connecting…');
-    const es = new EventSource(url);
+    const ctrl = new AbortController();
+    const es = { abort: () => ctrl.abort() };
     source = es;
-    es.addEventListener('open', () => {
-      if (source !== es) return;
-      opens += 1;
-      setStatus('open', `Open: ${sel.streams.join(', ')}` + (opens > 1 ? ` (reconnected ${opens - 1}×)` : ''));
-    });
-    es.addEventListener('message', (e) => {
-      if (source !== es) return;
-      lastId = e.lastEventId;
-      received += 1;
-      thisSecond += 1;
-      if (paused) hidden += 1;
-      else queueRow(e.data);
-      updateCounts();
-    });
-    es.addEventListener('error', (e) => {
-      if (source !== es) return;
-      if (e instanceof MessageEvent && e.data) {   // the server's `event: error`
-        let text = e.data;
-        try {
-          const body = JSON.parse(e.data);
-          text = [body.title || body.type, body.detail].filter(Boolean).join(': ') || e.data;
-        } catch (err) { /* keep the raw text */ }
-        showError('Server error: ' + text);
-        return;
+    read(es, url, sel, ctrl.signal);
+    setButtons();
+    updateCounts();
+  }
+
+  // One stream until it is stopped: read, and after an end or a network
+  // error wait and resume from the last id. A refusal (4xx/5xx) is shown.
+  async function read(es, url, sel, signal) {
+    let retry = RETRY_MS;
+    while (source === es) {
+      let response;
+      try {
+        const headers = { Accept: 'text/event-stream' };
+        if (lastId) headers['Last-Event-ID'] = lastId;
+        response = await fetch(url, { headers, signal, cache: 'no-store' });
+      } catch (err) {
+        if (source !== es) return;
+        response = null;
       }
-      if (es.readyState === EventSource.CONNECTING) {
-        setStatus('reconnecting', lastId ? `Reconnecting, resuming after ${shortId(lastId)}` : 'Reconnecting…');
-      } else {
+      if (response && !response.ok) {
+        const body = await response.json().catch(() => ({}));
+        if (source !== es) return;
+        showError(`${response.status} ${body.title || response.statusText}` + (body.detail ? `: ${body.detail}` : ''));
         setStatus('closed', 'Closed');
         source = null;
         setButtons();
-        explain(url);
+        return;
       }
-    });
-    setButtons();
-  }
-
-  // EventSource does not say why a connection was refused: ask once more as
-  // JSON and show the error body (400 invalid_filter, 429, 503, …).
-  async function explain(url) {
-    const ctrl = new AbortController();
-    try {
-      const r = await fetch(url, { headers: { Accept: 'application/json' }, signal: ctrl.signal });
-      if (!r.ok) {
-        const body = await r.json().catch(() => ({}));
-        showError(`${r.status} ${body.title || r.statusText}` + (body.detail ? `: ${body.detail}` : ''));
-      } else {
-        showError('The connection was closed.');
+      if (response) {
+        opens += 1;
+        setStatus('open', `Open: ${sel.streams.join(', ')}` + (opens > 1 ? ` (reconnected ${opens - 1}×)` : ''));
+        try {
+          retry = await parse(es, response.body.getReader(), retry);
+        } catch (err) { /* cut off: reconnect below */ }
+        if (source !== es) return;
       }
-    } catch (err) {
-      showError('The server cannot be reached.');
-    } finally {
-      ctrl.abort();
+      setStatus('reconnecting', lastId ? `Reconnecting, resuming after ${shortId(lastId)}` : 'Reconnecting…');
+      await new Promise((resolve) => setTimeout(resolve, retry));
     }
   }
 
+  // The SSE fields of one response (the specification's parsing rules).
+  async function parse(es, reader, retry) {
+    const decoder = new TextDecoder();
+    let buffer = '';
+    let data = [];
+    let type = '';
+    let id = null;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || source !== es) return retry;
+      buffer += decoder.decode(value, { stream: true });
+      const lines = buffer.split(/\r\n|\r(?!$)|\n/);  // a final \r may be half of \r\n
+      buffer = lines.pop();
+      for (const line of lines) {
+        if (line === '') {
+          dispatch(es, type, data, id);
+          data = [];
+          type = '';
+          id = null;
+          continue;
+        }
+        if (line.startsWith(':')) continue;
+        const colon = line.indexOf(':');
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let text = colon < 0 ? '' : line.slice(colon + 1);
+        if (text.startsWith(' ')) text = text.slice(1);
+        if (field === 'data') data.push(text);
+        else if (field === 'event') type = text;
+        else if (field === 'id' && !text.includes('\0')) id = text;
+        else if (field === 'retry' && /^\d+$/.test(text)) retry = Number(text);
+      }
+    }
+  }
+
+  function dispatch(es, type, data, id) {
+    if (source !== es) return;
+    const message = data.length > 0;
+    if (id !== null) {
+      lastId = id;
+      countSkipped(id, message && (type === '' || type === 'message'));
+    }
+    if (!message) {          // a bare `id:` block: events were skipped
+      updateCounts();
+      return;
+    }
+    const text = data.join('\n');
+    if (type === 'error') {   // the server's `event: error`
+      let shown = text;
+      try {
+        const body = JSON.parse(text);
+        shown = [body.title || body.type, body.detail].filter(Boolean).join(': ') || text;
+      } catch (err) { /* keep the raw text */ }
+      showError('Server error: ' + shown);
+      return;
+    }
+    if (type !== '' && type !== 'message') return;
+    received += 1;
+    thisSecond += 1;
+    if (paused) hidden += 1;
+    else queueRow(text);
+    updateCounts();
+  }
+
+  // An id lists every partition's position: how far they moved since the
+  // last id, less the event this id came with, is what the filter skipped.
+  function countSkipped(id, withEvent) {
+    let entries;
+    try {
+      entries = JSON.parse(id);
+    } catch (err) {
+      return;
+    }
+    if (!Array.isArray(entries)) return;
+    let moved = 0;
+    let known = false;
+    for (const p of entries) {
+      if (!p || typeof p.offset !== 'number') continue;
+      const key = `${p.topic}/${p.partition}`;
+      if (positions.has(key)) {
+        moved += Math.max(0, p.offset - positions.get(key));
+        known = true;
+      }
+      positions.set(key, p.offset);
+    }
+    if (known) skipped += Math.max(0, moved - (withEvent ? 1 : 0));
+  }
+
   function disconnect(announce = true) {
-    if (source) source.close();
+    const es = source;
     source = null;
+    if (es) es.abort();
     if (announce) setStatus('idle', 'Stopped');
     setButtons();
+    updateCounts();
   }
 
   function setButtons() {
@@ -302,6 +390,12 @@
 
   function flushRows() {
     frame = 0;
+    if (paused) {              // queued before the pause: not shown either
+      hidden += pending.length;
+      pending = [];
+      updateCounts();
+      return;
+    }
     const list = $('events');
     const fragment = document.createDocumentFragment();
     for (const data of pending.reverse()) fragment.append(makeRow(data));
@@ -337,8 +431,35 @@
         try { text = JSON.stringify(JSON.parse(text), null, 2); } catch (err) { /* raw */ }
         details.append(el('pre', { class: 'json', text }));
       }
+      if (!details.open) rowClosed();
     });
+    // Pause in the click itself, before the row opens: no row may be
+    // prepended between the opening and the pause.
+    summary.addEventListener('click', () => { if (!details.open) rowOpening(); });
     return el('li', { 'data-topic': meta.topic || '', 'data-offset': String(pick(meta.offset, '')) }, details);
+  }
+
+  // A row open for reading stays where it is: new rows wait (paused) until
+  // every open row is closed again, unless the user paused by hand.
+  function rowOpening() {
+    if (!paused) {
+      setPaused(true);
+      autoPaused = true;
+      updateCounts();
+    }
+  }
+
+  function rowClosed() {
+    if (autoPaused && !document.querySelector('#events details[open]')) setPaused(false);
+  }
+
+  function setPaused(value) {
+    paused = value;
+    autoPaused = false;
+    $('pause').textContent = paused ? 'Resume' : 'Pause';
+    $('pause').setAttribute('aria-pressed', String(paused));
+    if (!paused) hidden = 0;
+    updateCounts();
   }
 
   function clearRows() {
@@ -351,8 +472,21 @@
   function updateCounts() {
     let text = received ? `${received} received` : '';
     if (received) text += `, at most ${MAX_ROWS} kept`;
-    if (paused && hidden) text += ` · paused: ${hidden} not shown`;
+    if (paused && hidden) text += ` · paused${autoPaused ? ' while a row is open' : ''}: ${hidden} not shown`;
     $('counts').textContent = text;
+    const filtered = current && current.sel.filters.length > 0;
+    $('skipped').textContent = filtered ? `${skipped.toLocaleString('en')} skipped by the filter` : '';
+    $('skipped').classList.toggle('after', Boolean(text));
+    const empty = $('empty');
+    if (source && !received) {
+      empty.hidden = false;
+      empty.textContent = filtered
+        ? (skipped ? `No event has matched the filter yet; ${skipped.toLocaleString('en')} others went by.`
+                   : 'Waiting for an event that matches the filter…')
+        : 'Waiting for the first event…';
+    } else {
+      empty.hidden = true;
+    }
   }
 
   // -- rate --------------------------------------------------------------------
@@ -448,13 +582,7 @@
       connect(readForm());
     });
     $('disconnect').addEventListener('click', () => disconnect());
-    $('pause').addEventListener('click', () => {
-      paused = !paused;
-      $('pause').textContent = paused ? 'Resume' : 'Pause';
-      $('pause').setAttribute('aria-pressed', String(paused));
-      if (!paused) hidden = 0;
-      updateCounts();
-    });
+    $('pause').addEventListener('click', () => setPaused(!paused));
     $('clear').addEventListener('click', clearRows);
     $('copy-curl').addEventListener('click', () => current && copy(curlCommand()));
     $('copy-js').addEventListener('click', () => current && copy(eventSourceCode()));
@@ -474,6 +602,7 @@
       .then((list) => {
         listStreams(list);
         const sel = fromHash();
+        if (!sel.streams.length && list.length) sel.streams = [list[0].name];  // something to see at once
         writeForm(sel);
         if (sel.streams.length) connect(readForm());
       })

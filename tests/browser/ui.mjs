@@ -1,7 +1,9 @@
-// Drives the stream browser at /v2/ui: the stream list, choosing a stream,
-// live rows, a filter, a row's JSON; then a screenshot.
+// Drives the stream browser at /v2/ui: the stream list, the first stream
+// opened by itself, choosing a stream, live rows, a filter, a row's JSON that
+// stays in view, a filter that matches nothing (the skipped count); then
+// screenshots.
 //
-//   node ui.mjs --base http://127.0.0.1:PORT --stream NAME --screenshot out.png [--width 1280]
+//   node ui.mjs --base http://127.0.0.1:PORT --stream NAME --screenshot out.png [--screenshot-empty empty.png] [--width 1280]
 //
 // Prints one line {"result": {...}} and exits 0; the caller asserts on it.
 import { args, deadline, emit, launch } from './chromium.mjs';
@@ -34,8 +36,18 @@ try {
     controls.filter((c) => !(c.labels && c.labels.length) && !c.getAttribute('aria-label') && !c.textContent.trim())
       .map((c) => c.id || c.className));
 
-  // Choose the stream with the keyboard: focus its checkbox, Space, then Enter in "since".
+  // Nothing chosen: the page opens the first stream by itself.
+  await page.waitForFunction(() => document.querySelectorAll('#events li').length >= 5, null, { timeout: 20000 });
+  result.auto = {
+    hash: await page.evaluate(() => location.hash),
+    checked: await page.$$eval('#streams input:checked', (boxes) => boxes.map((b) => b.value)),
+    status: await page.textContent('#status'),
+  };
+
+  // Choose the stream with the keyboard: focus its checkbox, Space (off) and
+  // Space (on again), then Enter in "since".
   await page.focus(`#streams input[value="${opt.stream}"]`);
+  await page.keyboard.press('Space');
   await page.keyboard.press('Space');
   await page.focus('#since');
   await page.keyboard.press('Enter');
@@ -54,10 +66,28 @@ try {
   result.filtered_wikis = await page.$$eval('#events .c-wiki', (cells) => cells.map((c) => c.textContent));
   result.filtered_hash = await page.evaluate(() => location.hash);
 
-  // Expand the newest row: its JSON appears.
+  // Expand the newest row: its JSON appears, and the row stays where it is
+  // (new rows wait) while events keep arriving, until it is closed again.
   await page.click('#events li summary');
   const json = JSON.parse(await page.textContent('#events li pre.json'));
   result.expanded = { wiki: json.wiki, bot: json.bot };
+  const where = () => page.$eval('#events li details[open]', (d) => ({
+    key: d.parentElement.dataset.topic + '/' + d.parentElement.dataset.offset,
+    top: Math.round(d.getBoundingClientRect().top),
+  }));
+  const opened = await where();
+  await page.waitForFunction(() => /paused while a row is open: [1-9]/.test(document.getElementById('counts').textContent),
+    null, { timeout: 10000 });
+  const later = await where();
+  result.open_row = {
+    stays: opened.key === later.key && opened.top === later.top,
+    pressed: await page.getAttribute('#pause', 'aria-pressed'),
+    counts: await page.textContent('#counts'),
+  };
+  await page.click('#events li details[open] summary');
+  await page.waitForFunction(() => document.getElementById('pause').getAttribute('aria-pressed') === 'false',
+    null, { timeout: 5000 }).catch(() => {});
+  result.open_row.after_close = await page.getAttribute('#pause', 'aria-pressed');
 
   // Copy the curl command (shown in the snippet box too).
   await page.click('#copy-curl');
@@ -77,6 +107,24 @@ try {
     await page.screenshot({ path: opt.screenshot, fullPage: opt.full === 'true' });
     result.screenshot = opt.screenshot;
   }
+
+  // A filter nothing matches: the view says how many events it skipped.
+  await page.fill('#filter-wiki', 'nosuchwiki');
+  await page.selectOption('#filter-bot', '');
+  await page.uncheck('#filter-bot-not');
+  await page.click('#connect');
+  await page.waitForFunction(() => /^[1-9][\d,]* skipped by the filter$/.test(document.getElementById('skipped').textContent),
+    null, { timeout: 10000 });
+  await page.waitForTimeout(1500);  // one more id update
+  result.nothing = {
+    hash: await page.evaluate(() => location.hash),
+    rows: await page.$$eval('#events li', (rows) => rows.length),
+    skipped: await page.textContent('#skipped'),
+    empty: await page.textContent('#empty'),
+    empty_visible: await page.isVisible('#empty'),
+    status: await page.textContent('#status'),
+  };
+  if (opt['screenshot-empty']) await page.screenshot({ path: opt['screenshot-empty'] });
   await page.click('#disconnect');
   result.status_stopped = await page.textContent('#status');
 
