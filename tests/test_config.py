@@ -529,4 +529,4 @@ class RequestHeadLimits(ConfigTestCase):
     def test_a_head_without_a_deadline_is_refused(self):
         for section in ("eventstreams", "intake"):
             self.assertConfigError(MINIMAL, section, "head_timeout", "expected a duration above 0",
-                                   (f"{section}.head_timeout=0",))
+                                   (f"{section}.head_timeout=0",), origin=f"--set {section}.head_timeout=0")
