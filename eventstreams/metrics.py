@@ -37,6 +37,7 @@ def render(samples: Iterable[Sample]) -> bytes:
 
 
 def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_names: Iterable[str]) -> list[Sample]:
+    stream_names = list(stream_names)
     c = connections.counters
     samples: list[Sample] = []
     for name in stream_names:
@@ -65,7 +66,10 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
                             "Records that were not strict JSON objects, by reason.", {**label, "reason": reason}, count))
     samples += connections.delays.samples(list(stream_names))
     if intake is not None:
-        for (stream, result), count in sorted(intake.by_stream.items()):
+        # Every stream's counters exist from the start (0 until an event comes).
+        counts = {(stream, "accepted"): 0 for stream in stream_names}
+        counts.update(intake.by_stream)
+        for (stream, result), count in sorted(counts.items()):
             samples.append(("eventstreams_intake_events_total", "counter",
                             "Events posted to /v1/events by stream and result (accepted, duplicate, invalid, failed).",
                             {"result": result, "stream": stream}, count))

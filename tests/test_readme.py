@@ -37,6 +37,7 @@ NOT_RUN = {
     "make test": "this suite is what it runs",
     "apt-get": "root and a Debian build: debian/tests/install-check",
     "dpkg-buildpackage": "a Debian build: debian/tests/install-check",
+    "debian/build-for-suite": "a Debian build: debian/tests/install-check and chroot-check",
     "apt": "root: debian/tests/install-check",
 }
 
