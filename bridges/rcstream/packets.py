@@ -189,7 +189,7 @@ def decode_payload(text: str) -> list[str]:
 
 
 def jsonp_body(index: str, packets: list[str]) -> str:
-    """`io.j[N]("…");` of a jsonp-polling response, framed as Socket.IO 0.9
+    r"""`io.j[N]("…");` of a jsonp-polling response, framed as Socket.IO 0.9
     framed it (lengths of the packets before escaping; the framing character
     stays literal). Escapes are the ones every client reads back as one
     character each: JS, JSON, and Python's unicode_escape, which
