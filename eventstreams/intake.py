@@ -32,6 +32,7 @@ from twisted.web.server import Request, Site
 from . import strictjson
 from .backends.base import Backend, BackendUnavailable
 from .config import Config
+from .errors import ApiError
 from .dedupe import Outcome, Store, UniqueIndexStore, WindowStore
 from .validation import SchemaRepository, describe
 
@@ -172,13 +173,9 @@ class Intake(Service):
         retry_after = more.pop("retry_after", None)
         if retry_after:
             request.setHeader("retry-after", str(retry_after))
-        body = {
-            "status": status, "type": type, "title": title, "detail": detail,
-            "method": request.method.decode("ascii", "replace").lower(),
-            "uri": request.uri.decode("utf-8", "replace"),
-            **more,
-        }
-        return strictjson.dumps(body)
+        error = ApiError(status, type, title, detail)
+        body = error.body(request.method.decode("ascii", "replace"), request.uri.decode("utf-8", "replace"))
+        return strictjson.dumps({**body, **more})
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Any) -> bytes:
