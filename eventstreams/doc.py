@@ -13,12 +13,6 @@ from typing import Optional
 DOC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "doc")
 # What the page loads from the package (the rest of it is not served).
 SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
-TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".png": "image/png",
-}
 
 
 def swagger_dir() -> str:
@@ -27,13 +21,14 @@ def swagger_dir() -> str:
     return str(swagger_ui_bundle.swagger_ui_path)
 
 
-def load() -> dict[str, tuple[str, bytes]]:
-    """The page's files by name: (content type, bytes); "" is the page."""
+def load(types: dict[str, str]) -> dict[str, tuple[str, bytes]]:
+    """The page's files by name: (content type from `types`, by extension,
+    as the UI's), bytes; "" is the page."""
     paths = {name: os.path.join(DOC_DIR, name) for name in os.listdir(DOC_DIR) if not name.startswith(".")}
     paths.update({name: os.path.join(swagger_dir(), name) for name in SWAGGER_FILES})
     files = {}
     for name, path in paths.items():
-        kind = TYPES.get(os.path.splitext(name)[1])
+        kind = types.get(os.path.splitext(name)[1])
         if kind is not None:
             with open(path, "rb") as f:
                 files[name] = (kind, f.read())

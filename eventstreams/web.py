@@ -117,7 +117,7 @@ class Api:
         self.limits = limits
         self.spec = json.dumps(openapi_spec(config), separators=(",", ":")).encode()
         self.ui_files = load_ui_files()  # read once: no file I/O on the reactor thread
-        self.doc_files = doc.load()  # /?doc, the same
+        self.doc_files = doc.load(UI_TYPES)  # /?doc, the same
         self.stream_list = json.dumps(
             [
                 {
@@ -173,7 +173,7 @@ class Api:
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> Any:
         query = request.uri.partition(b"?")[2]
-        if any(part.split(b"=")[0] == b"spec" for part in query.split(b"&")):
+        if doc.query_value(query, b"spec") is not None:
             return self._json(request, self.spec)
         if doc.query_value(query, b"doc") is not None:
             return self.doc_file(request, (doc.query_value(query, b"path") or b"").decode("latin-1"))
@@ -188,18 +188,15 @@ class Api:
 
     @app.route("/v2/ui/<string:name>", methods=["GET", "HEAD"])
     def ui_file(self, request: IRequest, name: str) -> bytes:
-        found = self.ui_files.get(name)
-        if found is None:
-            return self._error(request, ApiError(404, "not_found", "Not Found", "no such resource"))
-        kind, body = found
-        request.setHeader("content-type", kind)
-        request.setHeader("cache-control", "no-cache")
-        self._common_headers(request)
-        return body
+        return self._file(request, self.ui_files, name)
 
     def doc_file(self, request: IRequest, name: str) -> bytes:
         """/?doc, Swagger UI, and its files (/?doc&path=NAME)."""
-        found = self.doc_files.get(name)
+        return self._file(request, self.doc_files, name)
+
+    def _file(self, request: IRequest, files: dict[str, tuple[str, bytes]], name: str) -> bytes:
+        """One of the files read at start-up (the UI's or the doc page's)."""
+        found = files.get(name)
         if found is None:
             return self._error(request, ApiError(404, "not_found", "Not Found", "no such resource"))
         kind, body = found
