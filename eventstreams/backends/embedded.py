@@ -22,9 +22,10 @@ import sqlite3
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import replace
 from itertools import islice
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -523,16 +524,8 @@ class EmbeddedBackend:
         conn = self._wconn
         assert conn is not None
         self._check_file()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            out = self._insert(conn, topic, pairs, timestamp)
-            conn.execute("COMMIT")
-        except BaseException as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            _raise_full(e)
-            raise
-        return out
+        with _write(conn):
+            return self._insert(conn, topic, pairs, timestamp)
 
     def _check_file(self) -> None:
         """Writer thread: refuse to write to a file that is no longer the log's."""
@@ -555,8 +548,7 @@ class EmbeddedBackend:
         cutoff = now - int(window * 1000)
         result: list[Optional[tuple[Record, bool]]] = [None] * len(pairs)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write(conn):
                 seen: dict[str, int] = {}  # id -> index of the pair that stores it
                 fresh: list[int] = []
                 for i, (event_id, _) in enumerate(pairs):
@@ -584,12 +576,6 @@ class EmbeddedBackend:
                 if window > 0 and time.monotonic() - self._ids_pruned > IDS_PRUNE_INTERVAL:
                     self._ids_pruned = time.monotonic()
                     conn.execute("DELETE FROM event_ids WHERE timestamp < ?", (cutoff,))
-                conn.execute("COMMIT")
-            except BaseException as e:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                _raise_full(e)
-                raise
         finally:
             if deadline is not None:
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -757,6 +743,21 @@ class EmbeddedBackend:
                 "SELECT topic, partition, next_offset FROM partitions"
             )
         }
+
+
+@contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (BEGIN IMMEDIATE: the write lock at once); rolled
+    back on any error, SQLITE_FULL raised as LogFull."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException as e:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        _raise_full(e)
+        raise
 
 
 def _raise_full(e: BaseException) -> None:
