@@ -161,6 +161,11 @@ class ResponseSink:
         self._transport = transport
         self._raw_write = writer_for(transport)
 
+    @property
+    def transport(self) -> Optional[Any]:
+        """The connection use_transport gave, None while writes go through the request."""
+        return self._transport
+
     def write(self, data: bytes) -> None:
         self._emit(chunk(data) if self._transport is not None else data)
 

@@ -58,7 +58,7 @@ def take_over(request: Any, sink: ResponseSink, producer: IPushProducer) -> bool
     transport = getattr(channel, "transport", None)
     if (
         not getattr(request, "chunked", False)
-        or sink._transport is not transport  # its frames must already go to the socket
+        or sink.transport is not transport  # its frames must already go to the socket
         or not isinstance(transport, tcp.Connection)
         or transport.protocol is not channel
         or transport.producer is not channel

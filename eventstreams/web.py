@@ -12,18 +12,16 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from . import __version__, doc
-from .assignment import resolve
-from .backends.base import Backend, BackendUnavailable
+from .backends.base import Backend
 from .config import Config
-from .errors import ApiError, bad_last_event_id, not_found, unavailable
-from .filters import FilterError, parse_filters
+from .errors import ApiError
 from .hub import Hubs
-from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits
+from .iplimit import Limits
 from .logs import stream_finished
-from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
 from .spec import openapi_spec
-from .sse import Connections, ResponseSink
-from .takeover import take_over
+from .sse import Connections
+from .streamrequest import parse_stream_request
+from .streamresponse import Opened, StreamResponse, opened_body
 
 log = Logger()
 
@@ -43,12 +41,6 @@ SERVICE_INFO = {
     "description": "Streams of JSON events over HTTP Server-Sent Events",
     "home": "https://wikitech.wikimedia.org/wiki/Event_Platform/EventStreams_HTTP_Service",
 }
-
-
-def header_text(request: IRequest, name: str) -> Optional[str]:
-    """A request header as text; bytes that are not UTF-8 raise UnicodeDecodeError."""
-    value = request.getHeader(name.encode("ascii"))
-    return None if value is None else value.decode("utf-8")
 
 
 def load_ui_files() -> dict[str, tuple[str, bytes]]:
@@ -71,27 +63,6 @@ def client_ip(request: IRequest, header: Optional[str]) -> str:
             return value.split(b",")[0].strip().decode("latin-1")
     address = request.getClientAddress()
     return getattr(address, "host", None) or "local"
-
-
-def wants_ndjson(request: IRequest) -> bool:
-    accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
-    first = accept.split(",")[0].split(";")[0].strip()
-    return first == "application/json"
-
-
-class _Open:
-    """What the stream set-up returns once the response is streaming: the
-    Deferred that fires when it ends (wrapped, as a coroutine cannot return
-    a Deferred)."""
-
-    __slots__ = ("done",)
-
-    def __init__(self, done: Deferred) -> None:
-        self.done = done
-
-
-def _open_body(result: Any) -> Any:
-    return result.done if isinstance(result, _Open) else result
 
 
 class Api:
@@ -244,14 +215,14 @@ class Api:
         started = self.clock.seconds()
 
         def rejected(result: Any) -> Any:  # the access line of a stream that did not start
-            if not isinstance(result, _Open):
+            if not isinstance(result, Opened):
                 status = 499 if request.code == 200 else request.code  # 499: the client left first
                 stream_finished(client_ip(request, self.service.client_ip_header), names, status,
                                 len(result) if isinstance(result, bytes) else 0, self.clock.seconds() - started,
                                 request.uri.decode("utf-8", "replace"))
             return result
 
-        return ensureDeferred(self._stream(request, names)).addCallback(rejected).addCallback(_open_body)
+        return ensureDeferred(self._stream(request, names)).addCallback(rejected).addCallback(opened_body)
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Any) -> bytes:
@@ -273,139 +244,19 @@ class Api:
 
     # -- the stream -----------------------------------------------------------
 
-    def _stream_headers(self, request: IRequest, ndjson: bool) -> None:
-        """The head of a stream response. `Connection: close`: a stream ends
-        with its connection, so pooled clients must not reuse it."""
-        request.setResponseCode(200)
-        request.setHeader("content-type", "application/json; charset=utf-8" if ndjson else "text/event-stream; charset=utf-8")
-        request.setHeader("cache-control", "no-cache")
-        request.setHeader("connection", "close")
-        request.setHeader("x-accel-buffering", "no")
-        self._common_headers(request)
-
     async def _stream(self, request: IRequest, names_text: str) -> Any:
-        config, service = self.config, self.service
-        names = [n for n in names_text.split(",")]
-        streams = [config.stream(n) for n in names]
-        unknown = [n for n, s in zip(names, streams) if s is None]
-        if unknown or not names:
-            return self._error(request, not_found(unknown or [names_text]))
-        stream_names = tuple(dict.fromkeys(s.name for s in streams if s is not None))
-        topics = list(dict.fromkeys(t for s in streams if s is not None for t in s.topics))
+        """Parse, then hand the request to its StreamResponse (which owns
+        the rest of its life); an ApiError is answered here."""
         try:
-            args = [
-                (k.decode("utf-8"), v.decode("utf-8")) for k, vs in request.args.items() for v in vs
-            ]
-        except UnicodeDecodeError:
-            return self._error(request, ApiError(400, "invalid_query", "Invalid Query", "the query string is not UTF-8"))
-        try:
-            flt = parse_filters(args)
-        except FilterError as e:
-            return self._error(request, ApiError(400, "invalid_filter", "Invalid Filter", str(e)))
-        since = None
-        since_args = request.args.get(b"since")
-        if since_args:
-            try:
-                since = parse_since(since_args[0].decode("utf-8"))
-            except (TimestampError, UnicodeDecodeError) as e:
-                return self._error(request, ApiError(400, "invalid_timestamp", "Invalid Timestamp", str(e)))
-        assignments = None
-        try:
-            header = header_text(request, "last-event-id")
-            if header is not None:
-                assignments = parse_last_event_id(header)
-        except PositionError as e:
-            return self._error(request, bad_last_event_id(str(e)))
-        except UnicodeDecodeError:
-            return self._error(request, bad_last_event_id("the header is not UTF-8"))
-
-        ip = client_ip(request, service.client_ip_header)
-        admission = self.limits.acquire(ip)  # counted from here until the request ends
-        if admission == AT_CAPACITY:
-            return self._error(request, unavailable("the server is at its connection limit", 30))
-        if admission == OVER_IP_LIMIT:
-            error = ApiError(429, "too_many_requests", "Too Many Requests",
-                             f"at most {service.client_ip_connection_limit} concurrent connections per client address")
-            error.retry_after = 10  # type: ignore[attr-defined]
-            return self._error(request, error)
-        ndjson = wants_ndjson(request)
-        if request.method == b"HEAD":
-            # What a GET would get, without the stream: the connection stays
-            # usable for the next request.
-            self.limits.release(ip)
-            try:
-                await resolve(self.backend, topics, assignments, since)
-            except ApiError as e:
-                return self._error(request, e)
-            except BackendUnavailable as e:
-                return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
-            self._stream_headers(request, ndjson)
-            if getattr(request.channel, "persistent", False):
-                request.responseHeaders.removeHeader(b"connection")  # it serves the next request
-            return b""
-
-        done: Deferred[bytes] = Deferred()
-
-        def finish() -> None:
-            if not done.called:
-                # Close the connection too: some old clients read below the
-                # chunked framing and would never see the response end.
-                request.persistent = False
-                done.callback(b"")
-
-        sink = ResponseSink(
-            request.write, finish, ndjson, service.id_updates, self.connections, stream_names, ip
-        )
-        self.connections.add(sink)
-        started, uri = self.clock.seconds(), request.uri.decode("utf-8", "replace")
-
-        def ended() -> None:  # once, however the stream ends
-            self.limits.release(ip)
-            if sink.started:  # else the answer was an error, logged by stream()
-                stream_finished(ip, ",".join(stream_names), 200, sink.bytes_written, self.clock.seconds() - started, uri)
-
-        sink.on_lost = ended
-        request.notifyFinish().addBoth(lambda _: sink.lost())
-        try:
-            start = await resolve(self.backend, topics, assignments, since)
-            hub = await self.hubs.get(start.tps)
+            wanted = parse_stream_request(
+                self.config, names_text, request.args, request.getHeader(b"last-event-id"),
+                request.getHeader(b"accept"), request.method,
+            )
+            response = StreamResponse(
+                request, wanted, client_ip(request, self.service.client_ip_header),
+                service=self.service, backend=self.backend, hubs=self.hubs, connections=self.connections,
+                clock=self.clock, limits=self.limits, common_headers=self._common_headers,
+            )
+            return await response.run()
         except ApiError as e:
-            sink.lost()
             return self._error(request, e)
-        except BackendUnavailable as e:
-            sink.lost()
-            self.connections.counters.backend_unavailable += 1
-            return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
-        except CancelledError:
-            sink.lost()
-            raise
-        if sink.closed:  # the client left while we looked things up
-            return b""
-
-        self._stream_headers(request, ndjson)
-        sink.begin()
-        if getattr(request, "chunked", False) and request.channel is not None:
-            sink.use_transport(request.channel.transport)
-        for note in start.notes:
-            sink.comment(note)
-        sub = hub.subscribe(sink, start.offsets, start.stamps, flt)
-        sink.subscription = sub
-        if sink.closed:
-            return _Open(done)
-        if service.max_lifetime > 0:
-            sink.timer = self.clock.callLater(service.max_lifetime, sink.close)
-        if take_over(request, sink, sub):
-            # twisted.web no longer knows this connection: `done` never fires
-            # and goes, with the request, once this returns.
-            return _Open(done)
-        request.registerProducer(sub, True)
-
-        def ended(result: Any) -> Any:
-            if not sink.closed:
-                sink.lost()
-            if request.channel is not None and request.producer is sub:
-                request.unregisterProducer()
-            return result
-
-        done.addBoth(ended)
-        return _Open(done)
