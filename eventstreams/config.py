@@ -7,25 +7,33 @@ from __future__ import annotations
 
 import configparser
 import os
-import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
 
-from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+from . import values
 
 T = TypeVar("T")
 
-KNOWN_SECTIONS = (
-    "eventstreams",
-    "embedded",
-    "kafka",
-    "intake",
-    "demo",
-    "metrics",
-    "irc",
-    "log",
-    "rcstream",
-)
+# The core's sections; `[stream:NAME]` sections name the streams.
+CORE_SECTIONS = ("eventstreams", "embedded", "kafka", "intake", "demo", "metrics", "log")
+
+# Sections declared by the bridges (see declare_section), by name: the
+# bridge's keys and their parsers. load() lets them through; the bridge
+# parses its own (with parse_values) when the service tree is built.
+BRIDGE_SECTIONS: dict[str, dict[str, Callable]] = {}
+
+
+def declare_section(name: str, fields: dict[str, Callable]) -> dict[str, Callable]:
+    """A bridge's `[name]` section and its keys' parsers (eventstreams.values),
+    declared when the bridge is imported; returns `fields`."""
+    if name in CORE_SECTIONS or name.startswith("stream:"):
+        raise ValueError(f"[{name}] is a section of the core")
+    BRIDGE_SECTIONS[name] = fields
+    return fields
+
+
+def known_sections() -> tuple[str, ...]:
+    return CORE_SECTIONS + tuple(BRIDGE_SECTIONS)
 
 
 class ConfigError(Exception):
@@ -138,6 +146,14 @@ class Config:
         """A ConfigError about a value of this configuration, naming its origin."""
         return ConfigError(self.path, section, key, reason).blame(self.set_by)
 
+    def bridge_values(self, name: str) -> Optional[dict]:
+        """A bridge's section through the parsers it declared, None when
+        the file has no such section (the bridge is off)."""
+        given = self.sections.get(name)
+        if given is None:
+            return None
+        return parse_values(self.path, name, given, BRIDGE_SECTIONS[name])
+
     def stream(self, name: str) -> Optional[StreamConfig]:
         """A stream by name or alias."""
         return find_stream(self.streams, name)
@@ -153,24 +169,7 @@ def find_stream(streams: dict[str, StreamConfig], name: str) -> Optional[StreamC
     return None
 
 
-# -- value parsers: each raises ValueError with the reason -----------------
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
-    if value != value or value < 0 or value == float("inf"):
-        raise ValueError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def _positive_number(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise ValueError(f"expected a number above 0, got {text!r}")
-    return value
+# -- values only the core's sections have (the others: eventstreams.values) --
 
 
 def _schemas(text: str) -> Optional[str]:
@@ -184,110 +183,14 @@ def _schemas(text: str) -> Optional[str]:
     return text
 
 
-def _interval(text: str) -> float:
-    """Seconds from 0 to 1: a wait added to deliveries, never a long one."""
-    value = _number(text)
-    if value > 1:
-        raise ValueError(f"expected at most 1 (second), got {text!r}")
-    return value
-
-
-def _head_timeout(text: str) -> float:
-    """A duration above 0: a head without a deadline is the attack it prevents."""
-    value = _duration(text)
-    if value <= 0:
-        raise ValueError(f"expected a duration above 0 such as 10s, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    if not re.fullmatch(r"\d+", text):
-        raise ValueError(f"expected a non-negative integer, got {text!r}")
-    return int(text)
-
-
-def _positive_count(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise ValueError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 MAX_WORKERS = 64
 
 
 def _workers(text: str) -> int:
-    value = _count(text)
+    value = values.count(text)
     if not 1 <= value <= MAX_WORKERS:
         raise ValueError(f"expected an integer from 1 to {MAX_WORKERS}, got {text!r}")
     return value
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def _duration(text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", text.strip().lower())
-    if not match:
-        raise ValueError(f"expected a duration such as 30s, 12h or 7d, got {text!r}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def _size(text: str) -> int:
-    match = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", text.strip().lower())
-    if not match:
-        raise ValueError(f"expected a size such as 4096, 64k or 4M, got {text!r}")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-
-
-def _endpoint(text: str) -> str:
-    if not text:
-        raise ValueError("expected a Twisted endpoint string such as tcp:8092")
-    try:
-        kind, args, _ = _parseServer(text, None)
-    except Exception as e:  # the endpoint parser raises many kinds
-        raise ValueError(f"not a valid endpoint string {text!r}: {e}") from None
-    if kind in ("TCP", "SSL") and args and isinstance(args[0], int) and not 0 <= args[0] <= 65535:
-        raise ValueError(f"port {args[0]} is out of range (0-65535)")
-    return text
-
-
-def _optional_endpoint(text: str) -> Optional[str]:
-    if text.strip().lower() in ("", "none", "off", "no"):
-        return None
-    return _endpoint(text)
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    for name in names:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-            raise ValueError(f"{name!r} is not a valid name (letters, digits, . _ -)")
-    return names
-
-
-def _header_name(text: str) -> Optional[str]:
-    if not text:
-        return None
-    if not re.fullmatch(r"[A-Za-z0-9-]+", text):
-        raise ValueError(f"{text!r} is not an HTTP header name")
-    return text
-
-
-def _text(text: str) -> str:
-    return text
 
 
 def parse_values(path: str, section: str, values: dict[str, str], fields: dict[str, Callable]) -> dict:
@@ -320,7 +223,7 @@ def apply_overrides(
             error = ConfigError(path, None, None, f"expected SECTION.KEY=VALUE, got {item!r}")
             error.origin = f"--set {item}"
             raise error
-        sections = set(parser.sections()) | set(KNOWN_SECTIONS)
+        sections = set(parser.sections()) | set(known_sections())
         section, key = name.split(".", 1)
         if section == parser.default_section:
             raise ConfigError(path, section, None, "unknown section").blame({(section, None): item})
@@ -362,38 +265,39 @@ def _build(
 ) -> Config:
     if parser.defaults():
         raise ConfigError(path, parser.default_section, None, "unknown section")
+    known = known_sections()
     for section in parser.sections():
-        if section not in KNOWN_SECTIONS and not section.startswith("stream:"):
+        if section not in known and not section.startswith("stream:"):
             raise ConfigError(path, section, None, "unknown section")
 
     def section(name: str, cls: type[T], fields: dict[str, Callable]) -> T:
-        values = dict(parser[name]) if parser.has_section(name) else {}
-        return cls(**parse_values(path, name, values, fields))
+        given = dict(parser[name]) if parser.has_section(name) else {}
+        return cls(**parse_values(path, name, given, fields))
 
     service = section(
         "eventstreams",
         ServiceConfig,
         {
-            "listen": _endpoint,
-            "backend": _text,
-            "heartbeat": _number,
-            "id_updates": _boolean,
-            "client_ip_header": _header_name,
-            "client_ip_connection_limit": _count,
-            "max_connections": _count,
+            "listen": values.endpoint,
+            "backend": values.text,
+            "heartbeat": values.seconds,
+            "id_updates": values.boolean,
+            "client_ip_header": values.header_name,
+            "client_ip_connection_limit": values.count,
+            "max_connections": values.count,
             "workers": _workers,
-            "max_lifetime": _number,
-            "ring_size": _positive_count,
-            "hub_linger": _number,
-            "fan_out_interval": _interval,
-            "backend_timeout": _number,
-            "catchup_consumers": _positive_count,
-            "cors_origin": _text,
-            "content_security_policy": _text,
-            "head_timeout": _head_timeout,
-            "max_pending_heads": _count,
-            "max_pending_heads_per_ip": _count,
-            "max_body": _size,
+            "max_lifetime": values.seconds,
+            "ring_size": values.positive_count,
+            "hub_linger": values.seconds,
+            "fan_out_interval": values.interval,
+            "backend_timeout": values.seconds,
+            "catchup_consumers": values.positive_count,
+            "cors_origin": values.text,
+            "content_security_policy": values.text,
+            "head_timeout": values.positive_duration,
+            "max_pending_heads": values.count,
+            "max_pending_heads_per_ip": values.count,
+            "max_body": values.size,
         },
     )
     if service.backend not in ("embedded", "kafka"):
@@ -410,15 +314,16 @@ def _build(
     embedded = section(
         "embedded",
         EmbeddedConfig,
-        {"path": _text, "retention": _duration, "partitions": _positive_count},
+        {"path": values.text, "retention": values.duration, "partitions": values.positive_count},
     )
     if not embedded.path:
         raise ConfigError(path, "embedded", "path", "must not be empty")
     intake = section(
         "intake",
         IntakeConfig,
-        {"listen": _optional_endpoint, "streams": _names, "max_body": _size, "head_timeout": _head_timeout,
-         "timeout": _positive_number, "dedupe_window": _duration, "dedupe_max": _positive_count,
+        {"listen": values.optional_endpoint, "streams": values.names, "max_body": values.size,
+         "head_timeout": values.positive_duration, "timeout": values.positive_seconds,
+         "dedupe_window": values.duration, "dedupe_max": values.positive_count,
          "schemas": _schemas},
     )
     demo = section(
@@ -427,10 +332,10 @@ def _build(
         {
             "stream": lambda t: t or None,
             "file": lambda t: t or None,
-            "rate": _number,
+            "rate": values.number,
         },
     )
-    metrics = section("metrics", MetricsConfig, {"listen": _optional_endpoint})
+    metrics = section("metrics", MetricsConfig, {"listen": values.optional_endpoint})
     kafka = dict(parser["kafka"]) if parser.has_section("kafka") else {}
 
     streams: dict[str, StreamConfig] = {}
@@ -439,17 +344,17 @@ def _build(
             continue
         stream_name = name[len("stream:") :]
         try:
-            _names(stream_name)
+            values.names(stream_name)
         except ValueError as e:
             raise ConfigError(path, name, None, str(e)) from None
         streams[stream_name] = section(
             name,
             lambda **kw: StreamConfig(name=stream_name, **kw),  # type: ignore[arg-type]
             {
-                "topics": _names,
-                "aliases": _names,
-                "description": _text,
-                "schema_title": _text,
+                "topics": values.names,
+                "aliases": values.names,
+                "description": values.text,
+                "schema_title": values.text,
             },
         )
         if not streams[stream_name].topics:

@@ -30,7 +30,8 @@ from twisted.logger import (
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from .config import Config, _count, parse_values
+from . import values
+from .config import Config, parse_values
 
 access = Logger(namespace="eventstreams.access")
 
@@ -52,8 +53,8 @@ def _format(text: str) -> str:
 
 def parse(config: Config) -> LogConfig:
     """The `[log]` section (all keys optional)."""
-    values = config.sections.get("log", {})
-    return LogConfig(**parse_values(config.path, "log", values, {"format": _format, "rate_limit": _count}))
+    given = config.sections.get("log", {})
+    return LogConfig(**parse_values(config.path, "log", given, {"format": _format, "rate_limit": values.count}))
 
 
 # -- JSON lines ----------------------------------------------------------------

@@ -1,14 +1,12 @@
 """The twistd plugin's options and the service tree it builds."""
 from __future__ import annotations
 
-import gc
-import resource
 import signal
 import sys
 from typing import Any, Callable, Optional
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,19 +17,17 @@ from bridges.irc import IRCServer, irc_config as read_irc_config
 from bridges.rcstream import config as rcstream_config, sessions as rcstream_sessions, web as rcstream_web
 
 from .backends.base import Backend
-from .config import Config, ConfigError, ServiceConfig, load
+from .config import Config, ConfigError, load
+from .core import Core, api_site, head_budget, tune_gc
 from .demo import SAMPLE_EVENTS, DemoFeed
 from .feed import StreamFeed
-from .httpchannel import ApiRequest, HeadBudget, guard
-from .hub import Hubs
-from .intake import WRITE_SHARE, Intake, intake_site
-from .iplimit import SharedTable, capacity_for, make_limits
-from .logs import ApiSite, root_for
+from .httpchannel import guard
+from .intake import Intake, intake_site
+from .iplimit import SharedTable, capacity_for
+from .logs import root_for
 from .metrics import MetricsResource, Sample, collect
-from .sse import Connections
 from .validation import SchemaError
 from .systemd import Notifier, Notify
-from .web import Api
 from .workers import Workers, merge_samples
 
 log = Logger()
@@ -58,24 +54,6 @@ class Options(usage.Options):
         self["set"].append(value)
 
 
-class _Lifecycle(Service):
-    """Starts and stops the parts that are not listeners."""
-
-    def __init__(self, backend: Backend, connections: Connections, hubs: Hubs):
-        self.backend, self.connections, self.hubs = backend, connections, hubs
-
-    def startService(self) -> None:
-        self.backend.start()
-        self.connections.start()
-        super().startService()
-
-    def stopService(self) -> Any:
-        super().stopService()
-        self.connections.stop()
-        self.hubs.stop()
-        return self.backend.stop()
-
-
 def ignore_sighup(reactor: Any) -> None:
     """SIGHUP (`systemctl reload`) must not stop the daemon, its default action.
     Logs go to stdout (the journal under systemd), so there is nothing to
@@ -83,29 +61,6 @@ def ignore_sighup(reactor: Any) -> None:
     read once, so a new one needs a restart."""
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
         log.info, "SIGHUP: nothing to reopen or reload (restart to apply a new configuration)"))
-
-
-def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
-    if config.service.backend == "kafka":
-        if "bootstrap.servers" not in config.kafka:
-            raise ConfigError(config.path, "kafka", "bootstrap.servers", "required by backend = kafka")
-        try:
-            from .backends.kafka import KafkaBackend
-        except ImportError:
-            raise ConfigError(config.path, "eventstreams", "backend",
-                              "kafka needs confluent-kafka: pip install 'eventstreams[kafka]'") from None
-        backend = KafkaBackend(config.kafka, reactor, config.service.backend_timeout,
-                               config.service.catchup_consumers,
-                               write_timeout=config.intake.timeout * WRITE_SHARE)  # see intake.py
-        error = backend.check_settings()
-        if error:
-            raise ConfigError(config.path, "kafka", None, error)
-        return backend
-    from .backends.embedded import EmbeddedBackend
-
-    e = config.embedded
-    # Worker processes only read the file: retention is the writer's job.
-    return EmbeddedBackend(e.path, e.retention if writer else 0, e.partitions, reactor=reactor)
 
 
 class Listener(StreamServerEndpointService):
@@ -198,55 +153,6 @@ def url(child: Listener, path: str, scheme: str) -> str:
     if child.description.split(":", 1)[0].lower() == "ssl":
         scheme += "s"
     return f"{scheme}://{host}:{address.port}{path}"
-
-
-def head_budget(reactor: Any, deadline: float, service: ServiceConfig) -> HeadBudget:
-    """The request-head budget of one listener. Behind a proxy that names
-    the client (client_ip_header) every connection comes from the proxy:
-    only the total bound applies."""
-    per_address = 0 if service.client_ip_header else service.max_pending_heads_per_ip
-    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address)
-
-
-def pending_bound(configured: int) -> int:
-    """At most a quarter of the open-files limit may be connections still
-    sending a head, so dripping clients never make accept() fail (EMFILE)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    bound = max(1, soft // 4)
-    if configured and configured <= bound:
-        return configured
-    log.info("max_pending_heads: {bound} (a quarter of the open-files limit {soft})", bound=bound, soft=soft)
-    return bound
-
-
-def api_site(resource: Any, service: ServiceConfig, reactor: Any) -> Site:
-    """The public site: HTTP/1.1 connections with a request-head budget
-    (eventstreams.httpchannel), one channel object per connection (no
-    HTTP/2 negotiation wrapper; streams are HTTP/1.1)."""
-    # ApiSite: stream requests log their own access lines
-    return guard(ApiSite(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
-                 max_body=service.max_body)
-
-
-class Core:
-    """What every serving process has: the log reader, hubs, connections and
-    the public site (the main process and each worker build their own)."""
-
-    def __init__(self, config: Config, reactor: Any, table: Optional[SharedTable] = None,
-                 index: int = 0, writer: bool = True) -> None:
-        service = config.service
-        self.backend = make_backend(config, reactor, writer)
-        self.connections = Connections(reactor, service.heartbeat)
-        self.connections.delays.stream_of_topic = {
-            topic: s.name for s in reversed(list(config.streams.values())) for topic in s.topics}
-        self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor, service.fan_out_interval)
-        limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
-                             table, index)
-        self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)
-        self.site = api_site(self.api.resource(), service, reactor)
-        self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
 
 
 def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = None) -> MultiService:
@@ -347,14 +253,6 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
     top.hubs = hubs  # type: ignore[attr-defined]
     top.backend = backend  # type: ignore[attr-defined]
     return top
-
-
-def tune_gc() -> None:
-    """Each connection keeps dozens of long-lived objects: keep the start-up
-    heap out of every collection and run the young-generation collection
-    less often (its cost showed at the allocation sites of every request)."""
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
 
 
 def makeService(options: Options) -> MultiService:

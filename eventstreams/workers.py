@@ -60,8 +60,13 @@ from twisted.logger import (
 
 from zope.interface import implementer
 
+import bridges  # noqa: F401  (a worker loads the same file: the bridges declare their sections)
+
 from .backends.base import Record
+from .config import ConfigError, load
+from .core import Core, tune_gc
 from .iplimit import SharedTable
+from .metrics import collect
 
 log = Logger()
 
@@ -416,9 +421,6 @@ def build_worker(config: Any, reactor: Any, index: int, listen_fd: int, table: O
     is called when the main process's control pipe closes."""
     from twisted.internet.stdio import StandardIO
 
-    from .metrics import collect
-    from .tap import Core
-
     core = Core(config, reactor, table=table, index=index, writer=False)
     top = MultiService()
     core.lifecycle.setServiceParent(top)
@@ -450,9 +452,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
 
     from twisted.internet import reactor
-
-    from .config import ConfigError, load
-    from .tap import tune_gc
 
     stopping: list[bool] = []
 

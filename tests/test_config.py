@@ -7,6 +7,10 @@ import os
 
 from twisted.trial import unittest
 
+import bridges  # noqa: F401  (the shipped files configure the bridges, which declare their sections)
+from bridges.irc import irc_config
+from bridges.rcstream.config import parse as rcstream_config
+from eventstreams import config as config_module
 from eventstreams.config import (
     Config,
     ConfigError,
@@ -15,8 +19,10 @@ from eventstreams.config import (
     IntakeConfig,
     ServiceConfig,
     StreamConfig,
+    declare_section,
     load,
 )
+from eventstreams.values import count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "etc", "streams.ini")
@@ -389,6 +395,31 @@ class ValueSyntax(ConfigTestCase):
             "eventstreams", "client_ip_header", "'X Client' is not an HTTP header name",
         )
 
+    def test_every_duration_takes_the_same_units(self):
+        """Keys that took a plain number of seconds take units too, and
+        keys that took units take any number: one syntax for durations."""
+        config = self.load_text(
+            "[eventstreams]\nheartbeat = 1m\nmax_lifetime = 2h\nhub_linger = 0.5m\nbackend_timeout = 10s\n"
+            "fan_out_interval = 0.5s\n[intake]\ntimeout = 1m\n[embedded]\nretention = 1e3\n"
+            "[irc]\nlisten = tcp:0\nping_interval = 2m\nping_timeout = 1h\nflush_interval = 0.2s\n"
+            "[rcstream]\nheartbeat = 10\nsession_timeout = 1.5m\n" + MINIMAL)
+        service = config.service
+        self.assertEqual((service.heartbeat, service.max_lifetime, service.hub_linger, service.backend_timeout,
+                          service.fan_out_interval, config.intake.timeout, config.embedded.retention),
+                         (60.0, 7200.0, 30.0, 10.0, 0.5, 60.0, 1000.0))
+        irc = irc_config(config)
+        self.assertEqual((irc.ping_interval, irc.ping_timeout, irc.flush_interval), (120.0, 3600.0, 0.2))
+        rcstream = rcstream_config(config)
+        self.assertEqual((rcstream.heartbeat, rcstream.session_timeout), (10.0, 90.0))
+
+    def test_a_duration_with_a_unit_keeps_its_checks(self):
+        self.assertConfigError("[eventstreams]\nfan_out_interval = 2s\n" + MINIMAL,
+                               "eventstreams", "fan_out_interval", "expected at most 1 (second), got '2s'")
+        self.assertConfigError("[eventstreams]\nheartbeat = 5x\n" + MINIMAL,
+                               "eventstreams", "heartbeat", "expected a number, got '5x'")
+        self.assertConfigError("[intake]\ntimeout = 0s\n" + MINIMAL,
+                               "intake", "timeout", "expected a number above 0, got '0s'")
+
     def test_kafka_section_keeps_dotted_keys_and_case(self):
         config = self.load_text("[kafka]\nbootstrap.servers = k1:9092,k2:9092\nssl.CA.location = /etc/ca.pem\n" + MINIMAL)
         self.assertEqual(config.kafka, {"bootstrap.servers": "k1:9092,k2:9092", "ssl.CA.location": "/etc/ca.pem"})
@@ -530,3 +561,30 @@ class RequestHeadLimits(ConfigTestCase):
         for section in ("eventstreams", "intake"):
             self.assertConfigError(MINIMAL, section, "head_timeout", "expected a duration above 0",
                                    (f"{section}.head_timeout=0",), origin=f"--set {section}.head_timeout=0")
+
+
+class BridgeSections(ConfigTestCase):
+    """A bridge declares its section; the core lists only its own."""
+
+    def test_the_core_does_not_list_the_bridges(self):
+        self.assertNotIn("irc", config_module.CORE_SECTIONS)
+        self.assertNotIn("rcstream", config_module.CORE_SECTIONS)
+        self.assertIn("irc", config_module.BRIDGE_SECTIONS)
+        self.assertIn("rcstream", config_module.BRIDGE_SECTIONS)
+
+    def test_a_declared_section_loads_and_is_parsed_by_its_fields(self):
+        self.assertConfigError("[example]\nsize = 3\n" + MINIMAL, "example", None, "unknown section")
+        declare_section("example", {"size": count})
+        self.addCleanup(config_module.BRIDGE_SECTIONS.pop, "example")
+        config = self.load_text("[example]\nsize = 3\n" + MINIMAL)
+        self.assertEqual(config.bridge_values("example"), {"size": 3})
+        bad = self.load_text("[example]\nsize = three\n" + MINIMAL)
+        with self.assertRaises(ConfigError) as caught:
+            bad.bridge_values("example")
+        self.assertIn("[example] size: expected a non-negative integer, got 'three'", str(caught.exception))
+        self.assertIsNone(self.load_text(MINIMAL).bridge_values("example"))
+
+    def test_a_bridge_cannot_take_a_core_section(self):
+        for name in ("eventstreams", "stream:x"):
+            with self.assertRaises(ValueError):
+                declare_section(name, {})

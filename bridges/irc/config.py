@@ -5,9 +5,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from eventstreams.config import (
-    Config, ConfigError, _count, _duration, _endpoint, _number, _positive_count, _size, parse_values,
-)
+from eventstreams import values
+from eventstreams.config import Config, ConfigError, declare_section
 
 _WORD = re.compile(r"[^\s:,\x00\x07]+")
 
@@ -60,35 +59,33 @@ class IRCConfig:
     flood_buffer: int = 16384  # bytes of received commands waiting their turn; beyond: Excess Flood
 
 
-FIELDS: dict[str, Callable] = {
-    "listen": _endpoint,
+FIELDS: dict[str, Callable] = declare_section("irc", {
+    "listen": values.endpoint,
     "servername": _word,
     "botname": _word,
     "network": _word,
-    "stream": lambda t: t,
+    "stream": values.text,
     "motd": _motd,
-    "ping_interval": _number,
-    "ping_timeout": _number,
-    "queue_size": _positive_count,
-    "flush_interval": _number,
-    "max_clients": _count,
-    "max_clients_per_address": _count,
-    "registration_timeout": _duration,
-    "flood_rate": _number,
-    "flood_burst": _positive_count,
-    "flood_buffer": _size,
-}
+    "ping_interval": values.seconds,
+    "ping_timeout": values.seconds,
+    "queue_size": values.positive_count,
+    "flush_interval": values.seconds,
+    "max_clients": values.count,
+    "max_clients_per_address": values.count,
+    "registration_timeout": values.duration,
+    "flood_rate": values.number,
+    "flood_burst": values.positive_count,
+    "flood_buffer": values.size,
+})
 
 
 def irc_config(config: Config) -> Optional[IRCConfig]:
     """The bridge's settings, or None without an [irc] section (or with
     `listen = none`). Raises ConfigError, like the core sections."""
-    values = config.sections.get("irc")
-    if values is None:
+    given = config.sections.get("irc")
+    if given is None or given.get("listen", "").strip().lower() in ("none", "off", "no"):
         return None
-    if values.get("listen", "").strip().lower() in ("none", "off", "no"):
-        return None
-    kwargs = parse_values(config.path, "irc", values, FIELDS)
+    kwargs = config.bridge_values("irc") or {}
     if "listen" not in kwargs:
         raise ConfigError(config.path, "irc", "listen", "required (an endpoint string such as tcp:6667)")
     result = IRCConfig(**kwargs)

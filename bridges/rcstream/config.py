@@ -4,17 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from eventstreams.config import (
-    Config,
-    ConfigError,
-    _count,
-    _duration,
-    _optional_endpoint,
-    _positive_count,
-    _size,
-    find_stream,
-    parse_values,
-)
+from eventstreams import values
+from eventstreams.config import Config, ConfigError, declare_section, find_stream
 
 
 @dataclass(frozen=True)
@@ -38,39 +29,31 @@ class RCStreamConfig:
     max_json_depth: int = 32  # nesting of the JSON in one packet from a client
 
 
-def _seconds(text: str) -> float:
-    value = _duration(text)
-    if value <= 0:
-        raise ValueError(f"expected a duration above 0, got {text!r}")
-    return value
-
-
-FIELDS: dict[str, Callable] = {
-    "stream": lambda t: t,
-    "heartbeat": _seconds,
-    "session_timeout": _seconds,
-    "poll_timeout": _seconds,
-    "max_subscriptions": _positive_count,
-    "max_queue": _positive_count,
-    "max_post": _size,
-    "max_sessions": _count,
-    "listen": _optional_endpoint,
-    "flush_interval": _duration,
-    "max_sessions_per_address": _count,
-    "max_handshakes_per_second": _count,
-    "max_pattern_length": _positive_count,
-    "max_patterns_per_second": _count,
-    "max_message": _size,
-    "max_json_depth": _positive_count,
-}
+FIELDS: dict[str, Callable] = declare_section("rcstream", {
+    "stream": values.text,
+    "heartbeat": values.positive_duration,
+    "session_timeout": values.positive_duration,
+    "poll_timeout": values.positive_duration,
+    "max_subscriptions": values.positive_count,
+    "max_queue": values.positive_count,
+    "max_post": values.size,
+    "max_sessions": values.count,
+    "listen": values.optional_endpoint,
+    "flush_interval": values.duration,
+    "max_sessions_per_address": values.count,
+    "max_handshakes_per_second": values.count,
+    "max_pattern_length": values.positive_count,
+    "max_patterns_per_second": values.count,
+    "max_message": values.size,
+    "max_json_depth": values.positive_count,
+})
 
 
 def parse(config: Config) -> Optional[RCStreamConfig]:
     """The bridge's settings, or None when `[rcstream]` is absent (bridge off)."""
-    values = config.sections.get("rcstream")
-    if values is None:
+    kwargs = config.bridge_values("rcstream")
+    if kwargs is None:
         return None
-    kwargs = parse_values(config.path, "rcstream", values, FIELDS)
     result = RCStreamConfig(**kwargs)
     stream = find_stream(config.streams, result.stream)
     if stream is None:

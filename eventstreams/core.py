@@ -1,0 +1,123 @@
+"""What every serving process builds: the log reader, hubs, connections and
+the public site. The main process (eventstreams.tap) and each worker
+process (eventstreams.workers) import it; neither imports the other's
+start-up."""
+from __future__ import annotations
+
+import gc
+import resource
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from .backends.base import Backend
+from .config import Config, ConfigError, ServiceConfig
+from .httpchannel import ApiRequest, HeadBudget, guard
+from .hub import Hubs
+from .intake import WRITE_SHARE
+from .iplimit import SharedTable, make_limits
+from .logs import ApiSite
+from .sse import Connections
+from .web import Api
+
+log = Logger()
+
+
+class _Lifecycle(Service):
+    """Starts and stops the parts that are not listeners."""
+
+    def __init__(self, backend: Backend, connections: Connections, hubs: Hubs):
+        self.backend, self.connections, self.hubs = backend, connections, hubs
+
+    def startService(self) -> None:
+        self.backend.start()
+        self.connections.start()
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.connections.stop()
+        self.hubs.stop()
+        return self.backend.stop()
+
+
+def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
+    if config.service.backend == "kafka":
+        if "bootstrap.servers" not in config.kafka:
+            raise ConfigError(config.path, "kafka", "bootstrap.servers", "required by backend = kafka")
+        try:
+            from .backends.kafka import KafkaBackend
+        except ImportError:
+            raise ConfigError(config.path, "eventstreams", "backend",
+                              "kafka needs confluent-kafka: pip install 'eventstreams[kafka]'") from None
+        backend = KafkaBackend(config.kafka, reactor, config.service.backend_timeout,
+                               config.service.catchup_consumers,
+                               write_timeout=config.intake.timeout * WRITE_SHARE)  # see intake.py
+        error = backend.check_settings()
+        if error:
+            raise ConfigError(config.path, "kafka", None, error)
+        return backend
+    from .backends.embedded import EmbeddedBackend
+
+    e = config.embedded
+    # Worker processes only read the file: retention is the writer's job.
+    return EmbeddedBackend(e.path, e.retention if writer else 0, e.partitions, reactor=reactor)
+
+
+def head_budget(reactor: Any, deadline: float, service: ServiceConfig) -> HeadBudget:
+    """The request-head budget of one listener. Behind a proxy that names
+    the client (client_ip_header) every connection comes from the proxy:
+    only the total bound applies."""
+    per_address = 0 if service.client_ip_header else service.max_pending_heads_per_ip
+    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address)
+
+
+def pending_bound(configured: int) -> int:
+    """At most a quarter of the open-files limit may be connections still
+    sending a head, so dripping clients never make accept() fail (EMFILE)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    bound = max(1, soft // 4)
+    if configured and configured <= bound:
+        return configured
+    log.info("max_pending_heads: {bound} (a quarter of the open-files limit {soft})", bound=bound, soft=soft)
+    return bound
+
+
+def api_site(resource: Any, service: ServiceConfig, reactor: Any) -> Site:
+    """The public site: HTTP/1.1 connections with a request-head budget
+    (eventstreams.httpchannel), one channel object per connection (no
+    HTTP/2 negotiation wrapper; streams are HTTP/1.1)."""
+    # ApiSite: stream requests log their own access lines
+    return guard(ApiSite(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
+                 max_body=service.max_body)
+
+
+class Core:
+    """What every serving process has: the log reader, hubs, connections and
+    the public site (the main process and each worker build their own)."""
+
+    def __init__(self, config: Config, reactor: Any, table: Optional[SharedTable] = None,
+                 index: int = 0, writer: bool = True) -> None:
+        service = config.service
+        self.backend = make_backend(config, reactor, writer)
+        self.connections = Connections(reactor, service.heartbeat)
+        self.connections.delays.stream_of_topic = {
+            topic: s.name for s in reversed(list(config.streams.values())) for topic in s.topics}
+        self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor, service.fan_out_interval)
+        limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
+                             table, index)
+        self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)
+        self.site = api_site(self.api.resource(), service, reactor)
+        self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
+
+
+def tune_gc() -> None:
+    """Each connection keeps dozens of long-lived objects: keep the start-up
+    heap out of every collection and run the young-generation collection
+    less often (its cost showed at the allocation sites of every request)."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
