@@ -18,18 +18,18 @@ from .support import rc_event, write_config
 
 class Sio09Packets(unittest.TestCase):
     def test_parses_the_packets_clients_send(self):
-        self.assertEqual(P.Packet.parse("1::/rc"), P.Packet(P.T.CONNECT, "", "/rc", None))
-        self.assertEqual(P.Packet.parse("1::/rc:"), P.Packet(P.T.CONNECT, "", "/rc", ""))
-        self.assertEqual(P.Packet.parse("2::"), P.Packet(P.T.HEARTBEAT))
-        self.assertEqual(P.Packet.parse("2:::"), P.Packet(P.T.HEARTBEAT, data=""))
+        self.assertEqual(P.Packet.parse("1::/rc"), P.Packet(P.Sio09Type.CONNECT, "", "/rc", None))
+        self.assertEqual(P.Packet.parse("1::/rc:"), P.Packet(P.Sio09Type.CONNECT, "", "/rc", ""))
+        self.assertEqual(P.Packet.parse("2::"), P.Packet(P.Sio09Type.HEARTBEAT))
+        self.assertEqual(P.Packet.parse("2:::"), P.Packet(P.Sio09Type.HEARTBEAT, data=""))
         packet = P.Packet.parse('5:3+:/rc:{"name":"subscribe","args":["a:b"]}')
-        self.assertEqual((packet.type, packet.id, packet.endpoint), (P.T.EVENT, "3+", "/rc"))
+        self.assertEqual((packet.type, packet.id, packet.endpoint), (P.Sio09Type.EVENT, "3+", "/rc"))
         self.assertEqual(packet.event(), ("subscribe", ["a:b"]))
         self.assertEqual(P.Packet.parse("1::/rc?x=1:").namespace, "/rc")
 
     def test_formats_packets(self):
-        self.assertEqual(str(P.Packet(P.T.CONNECT)), "1::")
-        self.assertEqual(str(P.Packet(P.T.CONNECT, "", "/rc")), "1::/rc")
+        self.assertEqual(str(P.Packet(P.Sio09Type.CONNECT)), "1::")
+        self.assertEqual(str(P.Packet(P.Sio09Type.CONNECT, "", "/rc")), "1::/rc")
         self.assertEqual(P.ack_packet("/rc", "12+", [None]), "6::/rc:12+[null]")
         self.assertEqual(P.ack_packet("/rc", "12", [None]), "6::/rc:12")
         self.assertEqual(P.error_packet("", 1, 0), "7:::1+0")
@@ -47,7 +47,7 @@ class Sio09Packets(unittest.TestCase):
                 P.Packet.parse(text)
         for data in ["{", "[]", '{"args":[]}', '{"name":"x","args":{}}']:
             with self.assertRaises(P.PacketError, msg=data):
-                P.Packet(P.T.EVENT, "", "/rc", data).event()
+                P.Packet(P.Sio09Type.EVENT, "", "/rc", data).event()
 
     def test_payload_framing_round_trips_and_counts_utf16_units(self):
         packets = ["1::", '5::/rc:{"name":"x","args":["\U0001F600é"]}', ""]
@@ -78,17 +78,17 @@ class Sio09Packets(unittest.TestCase):
 
 class EioPackets(unittest.TestCase):
     def test_parses_socketio_packets(self):
-        self.assertEqual(P.SioPacket.parse("0/rc,"), P.SioPacket(P.S.CONNECT, "/rc"))
-        self.assertEqual(P.SioPacket.parse("0/rc"), P.SioPacket(P.S.CONNECT, "/rc"))
-        self.assertEqual(P.SioPacket.parse("0"), P.SioPacket(P.S.CONNECT, "/"))
+        self.assertEqual(P.SioPacket.parse("0/rc,"), P.SioPacket(P.SioType.CONNECT, "/rc"))
+        self.assertEqual(P.SioPacket.parse("0/rc"), P.SioPacket(P.SioType.CONNECT, "/rc"))
+        self.assertEqual(P.SioPacket.parse("0"), P.SioPacket(P.SioType.CONNECT, "/"))
         self.assertEqual(P.SioPacket.parse('2/rc,7["subscribe","*"]'),
-                         P.SioPacket(P.S.EVENT, "/rc", 7, ["subscribe", "*"]))
+                         P.SioPacket(P.SioType.EVENT, "/rc", 7, ["subscribe", "*"]))
         self.assertEqual(P.SioPacket.parse('2["x"]').event(), ("x", []))
 
     def test_formats_socketio_packets(self):
-        self.assertEqual(str(P.SioPacket(P.S.CONNECT, "/rc", None, {"sid": "a"})), '0/rc,{"sid":"a"}')
-        self.assertEqual(str(P.SioPacket(P.S.CONNECT, "/rc")), "0/rc")
-        self.assertEqual(str(P.SioPacket(P.S.ACK, "/rc", 7, [None])), "3/rc,7[null]")
+        self.assertEqual(str(P.SioPacket(P.SioType.CONNECT, "/rc", None, {"sid": "a"})), '0/rc,{"sid":"a"}')
+        self.assertEqual(str(P.SioPacket(P.SioType.CONNECT, "/rc")), "0/rc")
+        self.assertEqual(str(P.SioPacket(P.SioType.ACK, "/rc", 7, [None])), "3/rc,7[null]")
         self.assertEqual(P.eio_event("/rc", "change", '[{"a":1}]'), '42/rc,["change",{"a":1}]')
         self.assertEqual(P.eio_event("/rc", "x", "[]"), '42/rc,["x"]')
 
@@ -107,6 +107,31 @@ class EioPackets(unittest.TestCase):
         for bad in ["1", "x:2", "5:2", ":", "2:2"]:
             with self.assertRaises(P.PacketError, msg=bad):
                 P.decode_eio3_payload(bad)
+
+
+class Generations(unittest.TestCase):
+    """Each protocol generation frames polling bodies and change events its
+    own way; a session speaks one."""
+
+    def test_each_generation_frames_and_reads_its_payloads(self):
+        packets = ["2::", "5::/rc:{\"name\":\"x\"}"]
+        self.assertEqual(P.SIO09.encode(packets), P.encode_payload(packets))
+        self.assertEqual(P.EIO3.encode(["2", "40"]), "1:22:40")
+        self.assertEqual(P.EIO4.encode(["2", "40"]), "2\x1e40")
+        for generation in (P.SIO09, P.EIO3, P.EIO4):
+            self.assertEqual(generation.decode(generation.encode(packets)), packets, generation)
+
+    def test_change_events_and_noops(self):
+        self.assertEqual(P.SIO09.event("/rc", "change", "[1]"), P.event_packet("/rc", "change", "[1]"))
+        self.assertEqual(P.EIO3.event("/rc", "change", "[1]"), '42/rc,["change",1]')
+        self.assertEqual(P.EIO4.event("/rc", "change", "[1]"), '42/rc,["change",1]')
+        self.assertEqual((P.SIO09.noop(), P.EIO3.noop(), P.EIO4.noop()), ("8::", "6", "6"))
+
+    def test_a_session_speaks_the_generation_of_its_handshake(self):
+        bridge = Bridge(RCStreamConfig(), Clock())
+        self.assertIs(Sio09Session(bridge, "a").generation, P.SIO09)
+        self.assertIs(EioSession(bridge, "b", 3).generation, P.EIO3)
+        self.assertIs(EioSession(bridge, "c", 4).generation, P.EIO4)
 
 
 class Config(unittest.TestCase):

@@ -76,7 +76,7 @@ def ascii_json(value: Any) -> str:
 # -- Socket.IO 0.9 -----------------------------------------------------------
 
 
-class T(IntEnum):
+class Sio09Type(IntEnum):
     """Socket.IO 0.9 packet types; str() is the wire digit."""
 
     DISCONNECT = 0
@@ -106,7 +106,7 @@ _PACKET = re.compile(r"([0-9]):([0-9]*\+?):([^:]*)(?::([\s\S]*))?\Z")
 class Packet:
     """One Socket.IO 0.9 packet: `type:id:endpoint[:data]`."""
 
-    type: T
+    type: Sio09Type
     id: str = ""  # "N" or "N+" (the client wants the ack's data)
     endpoint: str = ""
     data: Optional[str] = None
@@ -117,7 +117,7 @@ class Packet:
         if not match:
             raise PacketError(f"not a Socket.IO 0.9 packet: {text[:80]!r}")
         try:
-            kind = T(int(match.group(1)))
+            kind = Sio09Type(int(match.group(1)))
         except ValueError:
             raise PacketError(f"unknown packet type {match.group(1)}") from None
         return cls(kind, match.group(2), match.group(3), match.group(4))
@@ -155,12 +155,12 @@ def event_packet(endpoint: str, name: str, args_json: str) -> str:
 def ack_packet(endpoint: str, packet_id: str, args: list) -> str:
     ack = packet_id.rstrip("+")
     data = f"{ack}+{ascii_json(args)}" if packet_id.endswith("+") else ack
-    return str(Packet(T.ACK, "", endpoint, data))
+    return str(Packet(Sio09Type.ACK, "", endpoint, data))
 
 
 def error_packet(endpoint: str = "", reason: Optional[int] = None, advice: Optional[int] = None) -> str:
     data = "" if reason is None else str(reason) + ("" if advice is None else f"+{advice}")
-    return str(Packet(T.ERROR, "", endpoint, data))
+    return str(Packet(Sio09Type.ERROR, "", endpoint, data))
 
 
 def encode_payload(packets: list[str]) -> str:
@@ -222,7 +222,7 @@ def jsonp_post_data(value: str) -> str:
 # -- Engine.IO 3/4 with Socket.IO v4/v5 packets -------------------------------
 
 
-class E(IntEnum):
+class EioType(IntEnum):
     """Engine.IO packet types."""
 
     OPEN = 0
@@ -237,7 +237,7 @@ class E(IntEnum):
         return str(self.value)
 
 
-class S(IntEnum):
+class SioType(IntEnum):
     """Socket.IO (v4/v5) packet types, inside an Engine.IO message."""
 
     CONNECT = 0
@@ -256,7 +256,7 @@ class S(IntEnum):
 class SioPacket:
     """A Socket.IO v4/v5 packet: `<type>[/nsp,][id][json]`."""
 
-    type: S
+    type: SioType
     namespace: str = "/"
     id: Optional[int] = None
     data: Any = None
@@ -266,10 +266,10 @@ class SioPacket:
         if not text or not text[0].isdigit():
             raise PacketError(f"not a Socket.IO packet: {text[:80]!r}")
         try:
-            kind = S(int(text[0]))
+            kind = SioType(int(text[0]))
         except ValueError:
             raise PacketError(f"unknown Socket.IO packet type {text[0]}") from None
-        if kind in (S.BINARY_EVENT, S.BINARY_ACK):
+        if kind in (SioType.BINARY_EVENT, SioType.BINARY_ACK):
             raise PacketError("binary packets are not supported")
         rest, namespace = text[1:], "/"
         if rest.startswith("/"):
@@ -309,7 +309,7 @@ class SioPacket:
 
 def eio_event(namespace: str, name: str, args_json: str) -> str:
     """An Engine.IO message carrying a Socket.IO event: `42/rc,["change",…]`."""
-    prefix = f"{E.MESSAGE}{S.EVENT}" + ("" if namespace == "/" else f"{namespace},")
+    prefix = f"{EioType.MESSAGE}{SioType.EVENT}" + ("" if namespace == "/" else f"{namespace},")
     inner = args_json[1:-1]
     return f"{prefix}[{ascii_json(name)}{',' if inner else ''}{inner}]"
 
@@ -377,3 +377,85 @@ def decode_eio3_binary_payload(data: bytes) -> list[Optional[str]]:
         except UnicodeDecodeError:
             raise PacketError("packet is not UTF-8") from None
     return packets
+
+
+# -- the protocol generations --------------------------------------------------
+
+
+class Generation:
+    """One generation of the protocol, as a session speaks it: how a
+    polling body frames packets (encode/decode), how a change event goes
+    out, and the packet that says nothing. One instance each (SIO09, EIO3,
+    EIO4); sessions and the fan-out's caches key on it."""
+
+    name = ""
+
+    def encode(self, packets: list[str]) -> str:
+        raise NotImplementedError
+
+    def decode(self, body: str) -> list[str]:
+        raise NotImplementedError
+
+    def event(self, namespace: str, name: str, args_json: str) -> str:
+        """An event packet (`args_json`: the JSON array of its arguments)."""
+        raise NotImplementedError
+
+    def noop(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+class Sio09(Generation):
+    """Socket.IO 0.9: `5::/rc:{…}` events, `\ufffd<len>\ufffd` framing."""
+
+    name = "Socket.IO 0.9"
+
+    def encode(self, packets: list[str]) -> str:
+        return encode_payload(packets)
+
+    def decode(self, body: str) -> list[str]:
+        return decode_payload(body)
+
+    def event(self, namespace: str, name: str, args_json: str) -> str:
+        return event_packet(namespace, name, args_json)
+
+    def noop(self) -> str:
+        return str(Packet(Sio09Type.NOOP))
+
+
+class Eio3(Generation):
+    """Engine.IO 3 carrying Socket.IO v4 packets: `<len>:<packet>` framing."""
+
+    name = "Engine.IO 3"
+    version = 3
+
+    def encode(self, packets: list[str]) -> str:
+        return encode_eio3_payload(packets)
+
+    def decode(self, body: str) -> list[str]:
+        return decode_eio3_payload(body)
+
+    def event(self, namespace: str, name: str, args_json: str) -> str:
+        return eio_event(namespace, name, args_json)
+
+    def noop(self) -> str:
+        return str(EioType.NOOP)
+
+
+class Eio4(Eio3):
+    """Engine.IO 4 carrying Socket.IO v5 packets: packets joined by \\x1e."""
+
+    name = "Engine.IO 4"
+    version = 4
+
+    def encode(self, packets: list[str]) -> str:
+        return encode_eio4_payload(packets)
+
+    def decode(self, body: str) -> list[str]:
+        return decode_eio4_payload(body)
+
+
+SIO09, EIO3, EIO4 = Sio09(), Eio3(), Eio4()
+EIO: dict[int, Eio3] = {3: EIO3, 4: EIO4}  # by the EIO query parameter

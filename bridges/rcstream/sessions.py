@@ -5,7 +5,8 @@ A session owns a bounded queue of encoded packets; a transport (a WebSocket,
 or one held polling request at a time) takes them. A session that falls more
 than `max_queue` packets behind is closed: the client reconnects and
 subscribes again. Protocol differences live in the subclasses Sio09Session
-(Socket.IO 0.9) and EioSession (Engine.IO 3/4).
+(Socket.IO 0.9) and EioSession (Engine.IO 3/4), and in the session's
+`generation` (packets.SIO09, EIO3, EIO4): its framing and event encoding.
 
 The feed hands over a hub batch at a time (Bridge.on_batch): each change is
 encoded once per protocol, and the sessions of one protocol and one
@@ -100,7 +101,7 @@ class Transport(Protocol):
 
 
 class Session:
-    kind = ""  # the key of this protocol's packet in Bridge.on_event's cache
+    generation: P.Generation  # the protocol this session speaks
 
     def __init__(self, bridge: "Bridge", sid: str):
         self.bridge = bridge
@@ -114,6 +115,7 @@ class Session:
         self.rc_connected = False
         self.closed = False
         self.upgrading = False  # Engine.IO: a WebSocket probe is under way
+        self.binary = False  # Engine.IO 3: the client posts binary payloads, so it reads them too
         now = bridge.clock.seconds()
         self.last_seen = now
         self.last_beat = now
@@ -193,6 +195,14 @@ class Session:
         """One packet from the client."""
         raise NotImplementedError
 
+    def encode(self, packets: list[str]) -> str:
+        """A polling body of packets, framed as this session's protocol frames them."""
+        return self.generation.encode(packets)
+
+    def decode(self, body: str) -> list[str]:
+        """The packets of a polling body (PacketError when it is not framed right)."""
+        return self.generation.decode(body)
+
     def tick(self, now: float) -> None:
         if self.closed:
             return
@@ -237,22 +247,16 @@ class Session:
 class Sio09Session(Session):
     """Socket.IO 0.9: `1::` on open, `2::` heartbeats, `5::/rc:{…}` events."""
 
-    kind = "sio09"
+    generation = P.SIO09
 
     def __init__(self, bridge: "Bridge", sid: str):
         super().__init__(bridge, sid)
-        self.queue.append(str(P.Packet(P.T.CONNECT)))
-
-    def encode(self, packets: list[str]) -> str:
-        return P.encode_payload(packets)
-
-    def decode(self, body: str) -> list[str]:
-        return P.decode_payload(body)
+        self.queue.append(str(P.Packet(P.Sio09Type.CONNECT)))
 
     def tick(self, now: float) -> None:
         if now - self.last_beat >= self.config.heartbeat:
             self.last_beat = now
-            self.send(str(P.Packet(P.T.HEARTBEAT)))
+            self.send(str(P.Packet(P.Sio09Type.HEARTBEAT)))
         super().tick(now)
 
     def receive(self, text: str) -> None:
@@ -277,7 +281,7 @@ class Sio09Session(Session):
             return
         if not self.rc_connected:
             self.rc_connected = True
-            self.send(str(P.Packet(P.T.CONNECT, "", NAMESPACE)))
+            self.send(str(P.Packet(P.Sio09Type.CONNECT, "", NAMESPACE)))
 
     def handle_disconnect(self, packet: P.Packet) -> None:
         if packet.namespace == NAMESPACE:
@@ -304,16 +308,14 @@ class EioSession(Session):
     """Engine.IO 3 (Socket.IO v4 packets, the client pings) or Engine.IO 4
     (Socket.IO v5 packets, the server pings)."""
 
-    kind = "eio"
-
     def __init__(self, bridge: "Bridge", sid: str, version: int):
         super().__init__(bridge, sid)
+        self.generation = P.EIO[version]
         self.version = version
-        self.binary = False  # EIO3: the client posts binary payloads, so it reads them too
 
     def open_packet(self, upgrades: list[str]) -> str:
         c = self.config
-        return f"{P.E.OPEN}" + P.ascii_json({
+        return f"{P.EioType.OPEN}" + P.ascii_json({
             "sid": self.sid,
             "upgrades": upgrades,
             "pingInterval": int(c.heartbeat * 1000),
@@ -325,53 +327,47 @@ class EioSession(Session):
         """What a new session sends first (EIO3 servers also connect `/`)."""
         first = [self.open_packet(upgrades)]
         if self.version == 3:
-            first.append(f"{P.E.MESSAGE}{P.S.CONNECT}")
+            first.append(f"{P.EioType.MESSAGE}{P.SioType.CONNECT}")
         return first
-
-    def encode(self, packets: list[str]) -> str:
-        return P.encode_eio4_payload(packets) if self.version == 4 else P.encode_eio3_payload(packets)
-
-    def decode(self, body: str) -> list[str]:
-        return P.decode_eio4_payload(body) if self.version == 4 else P.decode_eio3_payload(body)
 
     def tick(self, now: float) -> None:
         if self.version == 4 and now - self.last_beat >= self.config.heartbeat:
             self.last_beat = now
-            self.send(str(P.E.PING))
+            self.send(str(P.EioType.PING))
         super().tick(now)
 
     def receive(self, text: str) -> None:
         self.touch()
         kind = text[:1]
-        if kind == str(P.E.PING):
-            self.send(f"{P.E.PONG}{text[1:]}")
-        elif kind == str(P.E.MESSAGE):
+        if kind == str(P.EioType.PING):
+            self.send(f"{P.EioType.PONG}{text[1:]}")
+        elif kind == str(P.EioType.MESSAGE):
             self.message(text[1:])
-        elif kind == str(P.E.CLOSE):
+        elif kind == str(P.EioType.CLOSE):
             self.close()
         # PONG, UPGRADE, NOOP: only the touch; anything else is ignored
 
     def _sio(self, packet: P.SioPacket) -> None:
-        self.send(f"{P.E.MESSAGE}{packet}")
+        self.send(f"{P.EioType.MESSAGE}{packet}")
 
     def message(self, text: str) -> None:
         try:
             packet = P.SioPacket.parse(text, self.config.max_json_depth)
         except P.PacketError as e:
-            self._sio(P.SioPacket(P.S.CONNECT_ERROR, e.namespace, None, self._error(str(e))))
+            self._sio(P.SioPacket(P.SioType.CONNECT_ERROR, e.namespace, None, self._error(str(e))))
             return
         if packet.namespace not in ("/", NAMESPACE):
-            self._sio(P.SioPacket(P.S.CONNECT_ERROR, packet.namespace, None, self._error("Invalid namespace")))
+            self._sio(P.SioPacket(P.SioType.CONNECT_ERROR, packet.namespace, None, self._error("Invalid namespace")))
             return
-        if packet.type == P.S.CONNECT:
+        if packet.type == P.SioType.CONNECT:
             if packet.namespace == NAMESPACE:
                 self.rc_connected = True
             data = {"sid": self.sid} if self.version == 4 else None
-            self._sio(P.SioPacket(P.S.CONNECT, packet.namespace, None, data))
-        elif packet.type == P.S.DISCONNECT:
+            self._sio(P.SioPacket(P.SioType.CONNECT, packet.namespace, None, data))
+        elif packet.type == P.SioType.DISCONNECT:
             if packet.namespace == NAMESPACE:
                 self.rc_disconnect()
-        elif packet.type == P.S.EVENT:
+        elif packet.type == P.SioType.EVENT:
             try:
                 name, args = packet.event()
             except P.PacketError:
@@ -380,7 +376,7 @@ class EioSession(Session):
             if error is not None:
                 self.send(P.eio_event(NAMESPACE, "error", P.ascii_json(["subscribe_error", error])))
             if packet.id is not None:
-                self._sio(P.SioPacket(P.S.ACK, packet.namespace, packet.id, [None]))
+                self._sio(P.SioPacket(P.SioType.ACK, packet.namespace, packet.id, [None]))
 
     def _error(self, message: str) -> Any:
         return {"message": message} if self.version == 4 else message
@@ -532,11 +528,11 @@ class Bridge(Service):
         for session in list(self.sessions.values()):
             if not session.subscriptions:
                 continue
-            key = (session.kind, *session.subscriptions)
+            key = (session.generation, *session.subscriptions)
             if key in groups:
                 out = groups[key]
             else:
-                out = groups[key] = batch.outgoing(session.kind, session.matchers)
+                out = groups[key] = batch.outgoing(session.generation, session.matchers)
             if out is not None:
                 session.send_shared(out)
                 self.counters["changes"] += len(out.packets)
@@ -575,10 +571,10 @@ class _BatchPackets:
     def __init__(self, changes: list[tuple[str, dict]]):
         self.changes = changes
         self.matched: dict[str, list[bool]] = {}
-        self.encoded: dict[tuple[str, int], str] = {}
+        self.encoded: dict[tuple[P.Generation, int], str] = {}
         self.args: dict[int, str] = {}
 
-    def outgoing(self, kind: str, matchers: dict[str, re.Pattern]) -> Optional[Outgoing]:
+    def outgoing(self, generation: P.Generation, matchers: dict[str, re.Pattern]) -> Optional[Outgoing]:
         """The packets for a session of this protocol and these patterns
         (compiled), or None when no change matches."""
         hits: Optional[list[bool]] = None
@@ -589,19 +585,15 @@ class _BatchPackets:
             hits = matched if hits is None else [a or b for a, b in zip(hits, matched)]
         if not hits or not any(hits):
             return None
-        return Outgoing([self.packet(kind, i) for i, hit in enumerate(hits) if hit])
+        return Outgoing([self.packet(generation, i) for i, hit in enumerate(hits) if hit])
 
-    def packet(self, kind: str, i: int) -> str:
-        packet = self.encoded.get((kind, i))
+    def packet(self, generation: P.Generation, i: int) -> str:
+        packet = self.encoded.get((generation, i))
         if packet is None:
             args = self.args.get(i)
             if args is None:
                 event = self.changes[i][1]
                 change = {k: v for k, v in event.items() if k not in ("$schema", "meta")}
                 args = self.args[i] = "[" + P.ascii_json(change) + "]"
-            if kind == "sio09":
-                packet = P.event_packet(NAMESPACE, "change", args)
-            else:
-                packet = P.eio_event(NAMESPACE, "change", args)
-            self.encoded[(kind, i)] = packet
+            packet = self.encoded[(generation, i)] = generation.event(NAMESPACE, "change", args)
         return packet

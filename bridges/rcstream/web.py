@@ -62,14 +62,14 @@ def payload(session: Session, packets: list[str], binary: bool) -> tuple[str | b
     client reads it, else the session's text framing."""
     if binary:
         return P.encode_eio3_binary_payload(packets), OCTET_STREAM
-    return session.encode(packets), b"text/plain; charset=UTF-8"  # type: ignore[attr-defined]
+    return session.encode(packets), b"text/plain; charset=UTF-8"
 
 
 def wants_binary(request: Any, session: Session) -> bool:
     """EIO3 polling answers in binary framing to a client that posts in it
     (python-engineio 3.x, XHR2 browsers) unless it asks for b64=1; other
     clients get text framing, as the reference server sends for text packets."""
-    return isinstance(session, EioSession) and session.binary and arg(request, "b64") is None
+    return session.generation is P.EIO3 and session.binary and arg(request, "b64") is None
 
 
 def preflight(request: Any) -> bytes:
@@ -90,7 +90,7 @@ def normalise_origin(request: Any) -> None:
 
 
 def noop(session: Session) -> str:
-    return str(P.Packet(P.T.NOOP)) if isinstance(session, Sio09Session) else str(P.E.NOOP)
+    return session.generation.noop()
 
 
 class PollTransport:
@@ -167,7 +167,7 @@ class Polling:
         if data is None:
             return reply(request, "payload too large", 400)
         try:
-            if isinstance(session, EioSession) and session.version == 3 and data[:1] in (b"\x00", b"\x01"):
+            if session.generation is P.EIO3 and data[:1] in (b"\x00", b"\x01"):
                 session.binary = True  # EIO3 binary framing (python-engineio 3.x, XHR2)
                 packets = [p for p in P.decode_eio3_binary_payload(data) if p is not None]
             else:
@@ -175,7 +175,7 @@ class Polling:
                 if jsonp:
                     form = parse_qs(body, keep_blank_values=True)
                     body = P.jsonp_post_data(form.get("d", [""])[0])
-                packets = session.decode(body)  # type: ignore[attr-defined]
+                packets = session.decode(body)
         except UnicodeDecodeError:
             return reply(request, "payload not UTF-8", 400)
         except P.PacketError as e:
@@ -231,7 +231,7 @@ class Sio09Resource(_TransportResource):
         if jsonp is not None and not jsonp.isdigit():
             return reply(request, "bad i", 400)
         session = self.bridge.sessions.get(sid)
-        if not isinstance(session, Sio09Session):
+        if session is None or session.generation is not P.SIO09:
             if jsonp is not None:
                 return reply(request, P.jsonp_body(jsonp, [NOT_HANDSHAKEN]), 200, b"text/javascript; charset=UTF-8")
             return reply(request, NOT_HANDSHAKEN)
@@ -239,7 +239,7 @@ class Sio09Resource(_TransportResource):
             return self.polling.post(request, session, jsonp is not None)
         if arg(request, "disconnect") is not None:
             session.close()
-            return reply(request, str(P.Packet(P.T.DISCONNECT)))
+            return reply(request, str(P.Packet(P.Sio09Type.DISCONNECT)))
         return self.polling.get(request, session, jsonp)
 
     def handshake(self, request: Any) -> bytes:
@@ -284,7 +284,7 @@ class EioResource(_TransportResource):
                 return self._error(request, 3, "Too many sessions", 503)
             return reply(request, session.encode(session.opening(["websocket"])))  # type: ignore[union-attr]
         session = self.bridge.sessions.get(sid)
-        if not isinstance(session, EioSession) or session.version != int(version):
+        if session is None or session.generation is not P.EIO.get(int(version)):
             return self._error(request, 1, "Session ID unknown")
         if request.method == b"POST":
             return self.polling.post(request, session, ok="ok")
@@ -332,7 +332,7 @@ class SocketProtocol(WebSocketServerProtocol):
         parts = self.path.strip("/").split("/")
         if len(parts) >= 3 and parts[-3:-1] == ["1", "websocket"]:
             session = self.bridge.sessions.get(parts[-1])
-            if not isinstance(session, Sio09Session):
+            if session is None or session.generation is not P.SIO09:
                 self.sendMessage(NOT_HANDSHAKEN.encode())
                 self.sendClose()
                 return
@@ -355,7 +355,7 @@ class SocketProtocol(WebSocketServerProtocol):
             created.attach(self)
             return
         existing = self.bridge.sessions.get(sid)
-        if not isinstance(existing, EioSession) or existing.version != int(version):
+        if existing is None or existing.generation is not P.EIO.get(int(version)):
             self.sendClose()
             return
         self.session, self.probing = existing, True
@@ -369,12 +369,12 @@ class SocketProtocol(WebSocketServerProtocol):
         except UnicodeDecodeError:
             return
         if self.probing:
-            if text == f"{P.E.PING}probe":
+            if text == f"{P.EioType.PING}probe":
                 session.upgrading = True
-                self.sendMessage(f"{P.E.PONG}probe".encode())
+                self.sendMessage(f"{P.EioType.PONG}probe".encode())
                 if isinstance(session.transport, PollTransport):
                     session.transport.close()  # the client pauses polling
-            elif text == str(P.E.UPGRADE):
+            elif text == str(P.EioType.UPGRADE):
                 self.probing = session.upgrading = False
                 session.attach(self)
             return
