@@ -16,9 +16,9 @@ from .filters import Filter, FilterError, parse_filters
 from .positions import Assignment, PositionError, TimestampError, parse_last_event_id, parse_since
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamRequest:
-    """A valid stream request."""
+    """A valid stream request (slots: an open stream keeps it)."""
 
     streams: tuple[str, ...]  # the streams' own names (aliases resolved), each once, in the asked order
     topics: tuple[str, ...]  # their topics, each once

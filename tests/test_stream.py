@@ -477,7 +477,7 @@ class SlowClient(StreamTestCase):
         # Its memory is bounded: what waits in the server for this client is
         # about one transport buffer, and the kernel took far less than the
         # ~12 MB produced.
-        transport = sub.sink._transport
+        transport = sub.sink.transport
         queued = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
         self.assertLess(queued, 128 * 1024)
         self.assertLess(sub.sink.bytes_written, 6_000_000)
