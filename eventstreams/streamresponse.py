@@ -96,6 +96,8 @@ class StreamResponse:
 
     async def run(self) -> Any:
         """The life of the response, in its order (see the module's docstring)."""
+        done = self.done
+        assert done is not None
         self.admit()
         if self.wanted.head:
             return await self.answer_head()
@@ -107,9 +109,8 @@ class StreamResponse:
         self.begin(start)
         sub = self.subscribe(start, hub)
         if sink.closed:
-            return Opened(self.done)
+            return Opened(done)
         self.limit_lifetime()
-        done = self.done
         if self.take_over(sub):
             # twisted.web no longer knows this connection: `done` never fires
             # and goes, with the request, once this returns.

@@ -282,7 +282,7 @@ class EioResource(_TransportResource):
                                          self.address(request))
             if session is None:
                 return self._error(request, 3, "Too many sessions", 503)
-            return reply(request, session.encode(session.opening(["websocket"])))  # type: ignore[union-attr]
+            return reply(request, session.encode(session.opening(["websocket"])))  # type: ignore[attr-defined]  # an EioSession
         session = self.bridge.sessions.get(sid)
         if session is None or session.generation is not P.EIO.get(int(version)):
             return self._error(request, 1, "Session ID unknown")
