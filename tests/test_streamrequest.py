@@ -119,3 +119,43 @@ class ParseStreamRequest(unittest.SynchronousTestCase):
     def test_head(self):
         self.assertTrue(self.parse("recentchange", method=b"HEAD").head)
         self.assertFalse(self.parse("recentchange", method=b"GET").head)
+
+
+class StreamResponseAdmission(unittest.SynchronousTestCase):
+    """StreamResponse takes a slot at admit(), holds it through its sink,
+    and gives it back once, when the sink is lost."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from eventstreams.config import ServiceConfig
+        from eventstreams.iplimit import make_limits
+        from eventstreams.sse import Connections
+
+        self.clock = Clock()
+        self.connections = Connections(self.clock, 0)
+        self.service = ServiceConfig(client_ip_connection_limit=1)
+        self.limits = make_limits(self.connections, 0, 1, None, 0)
+        self.wanted = StreamRequest(("s",), ("t",), None, None, None, False, False)
+
+    def response(self, ip: str = "192.0.2.1"):
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from eventstreams.streamresponse import StreamResponse
+
+        return StreamResponse(DummyRequest([b"v2", b"stream", b"s"]), self.wanted, ip, service=self.service,
+                              backend=None, hubs=None, connections=self.connections, clock=self.clock,
+                              limits=self.limits, common_headers=lambda request: None)
+
+    def test_a_slot_is_held_from_admission_to_the_sinks_loss(self):
+        first = self.response()
+        first.admit()
+        sink = first.open()
+        with self.assertRaises(ApiError) as caught:
+            self.response().admit()
+        self.assertEqual((caught.exception.status, caught.exception.retry_after), (429, 10))
+        self.response("192.0.2.2").admit()  # another address has its own slots
+        sink.lost()
+        sink.lost()  # once only
+        self.assertEqual(self.connections.count_for("192.0.2.1"), 0)
+        self.response().admit()
