@@ -173,7 +173,7 @@ async def run_worker(host: str, port: int, path: str, count: int, sample_every: 
         try:
             if read:
                 _, client = await loop.create_connection(
-                    lambda: SSEClient(path, bool(sample), result), host, port, local_addr=(source, 0))
+                    lambda sample=sample: SSEClient(path, bool(sample), result), host, port, local_addr=(source, 0))
             else:
                 # A small receive window: the server, not this kernel, holds what it does not read.
                 sock = socket.socket()

@@ -123,7 +123,7 @@ async def main(args: argparse.Namespace) -> None:
     clients = []
     for _, port in daemons:
         client = FirstEvent(json.dumps([topic]))
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(ClientFactory.forProtocol(lambda: client))
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(ClientFactory.forProtocol(lambda client=client: client))
         client.dataReceived = lambda data, c=client: setattr(c, "buffer", c.buffer + data)  # type: ignore
         clients.append(client)
     await deferLater(reactor, 1, lambda: None)

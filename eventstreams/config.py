@@ -9,9 +9,10 @@ import configparser
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Iterable, Optional, TypeVar
 
-from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+from twisted.internet.endpoints import _parseServer
 
 T = TypeVar("T")
 
@@ -362,11 +363,11 @@ def _build(
 ) -> Config:
     if parser.defaults():
         raise ConfigError(path, parser.default_section, None, "unknown section")
-    for section in parser.sections():
-        if section not in KNOWN_SECTIONS and not section.startswith("stream:"):
-            raise ConfigError(path, section, None, "unknown section")
+    for name in parser.sections():
+        if name not in KNOWN_SECTIONS and not name.startswith("stream:"):
+            raise ConfigError(path, name, None, "unknown section")
 
-    def section(name: str, cls: type[T], fields: dict[str, Callable]) -> T:
+    def section(name: str, cls: Callable[..., T], fields: dict[str, Callable]) -> T:
         values = dict(parser[name]) if parser.has_section(name) else {}
         return cls(**parse_values(path, name, values, fields))
 
@@ -444,7 +445,7 @@ def _build(
             raise ConfigError(path, name, None, str(e)) from None
         streams[stream_name] = section(
             name,
-            lambda **kw: StreamConfig(name=stream_name, **kw),  # type: ignore[arg-type]
+            partial(StreamConfig, name=stream_name),
             {
                 "topics": _names,
                 "aliases": _names,

@@ -28,8 +28,10 @@ from http import HTTPStatus
 from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from .errors import ApiError
@@ -140,6 +142,7 @@ class BudgetedChannel(http.HTTPChannel):
     MAX_LENGTH = MAX_HEAD_BYTES  # one header line (LineReceiver's limit)
     totalHeadersSize = MAX_HEAD_BYTES  # checked here first, with a 431 (Twisted's gives a bare 400)
 
+    transport: ITransport  # (Twisted's Optional: set before any of this runs)
     _budget: Optional[HeadBudget] = None
     _head_timer: Any = None
     _head_bytes = 0
@@ -243,7 +246,7 @@ class BudgetedChannel(http.HTTPChannel):
         # bare "400 Bad Request": answer in the API's shape instead.
         self.refuse(ApiError(400, "bad_request", "Bad Request", "the request is not valid HTTP/1.1"))
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._head_received()
         super().connectionLost(reason)
 

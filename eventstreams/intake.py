@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 from klein import Klein
 from twisted.application.service import Service
@@ -59,8 +59,13 @@ class LimitedRequest(Request):
     too_large = False
     _received = 0
 
+    def _limit(self) -> int:
+        # Site.buildProtocol gives the channel its site (Twisted's types do
+        # not say so), and intake_site its limit.
+        return cast(Any, self.channel).site.max_body
+
     def gotLength(self, length: Optional[int]) -> None:
-        limit = self.channel.site.max_body
+        limit = self._limit()
         if length is not None and length > limit:
             self.too_large = True
             length = 0
@@ -70,8 +75,9 @@ class LimitedRequest(Request):
         if self.too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body:
+        if self._received > self._limit():
             self.too_large = True
+            assert self.content is not None  # gotLength made it
             self.content.seek(0)
             self.content.truncate()
             return
@@ -135,7 +141,7 @@ class Intake(Service):
 
     def __init__(self, config: Config, backend: Backend, reactor: Any = None):
         if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+            from twisted.internet import reactor
         self.config = config
         self.backend = backend
         self.reactor = reactor

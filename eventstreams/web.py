@@ -10,6 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from . import __version__, doc
 from .assignment import resolve
@@ -238,7 +239,7 @@ class Api:
         return b""
 
     @app.route("/v2/stream/<string:names>", methods=["GET", "HEAD"])
-    def stream(self, request: IRequest, names: str) -> Deferred:
+    def stream(self, request: Request, names: str) -> Deferred:
         # The coroutine only sets the stream up and returns: an open stream
         # holds no coroutine frame (nor its context copy), only `done`.
         started = self.clock.seconds()
@@ -283,7 +284,7 @@ class Api:
         request.setHeader("x-accel-buffering", "no")
         self._common_headers(request)
 
-    async def _stream(self, request: IRequest, names_text: str) -> Any:
+    async def _stream(self, request: Request, names_text: str) -> Any:
         config, service = self.config, self.service
         names = [n for n in names_text.split(",")]
         streams = [config.stream(n) for n in names]
@@ -292,9 +293,10 @@ class Api:
             return self._error(request, not_found(unknown or [names_text]))
         stream_names = tuple(dict.fromkeys(s.name for s in streams if s is not None))
         topics = list(dict.fromkeys(t for s in streams if s is not None for t in s.topics))
+        query: dict[bytes, list[bytes]] = request.args or {}  # (typed Optional: None before the head is read)
         try:
             args = [
-                (k.decode("utf-8"), v.decode("utf-8")) for k, vs in request.args.items() for v in vs
+                (k.decode("utf-8"), v.decode("utf-8")) for k, vs in query.items() for v in vs
             ]
         except UnicodeDecodeError:
             return self._error(request, ApiError(400, "invalid_query", "Invalid Query", "the query string is not UTF-8"))
@@ -303,7 +305,7 @@ class Api:
         except FilterError as e:
             return self._error(request, ApiError(400, "invalid_filter", "Invalid Filter", str(e)))
         since = None
-        since_args = request.args.get(b"since")
+        since_args = query.get(b"since")
         if since_args:
             try:
                 since = parse_since(since_args[0].decode("utf-8"))
@@ -350,7 +352,7 @@ class Api:
             if not done.called:
                 # Close the connection too: some old clients read below the
                 # chunked framing and would never see the response end.
-                request.persistent = False
+                request.persistent = False  # type: ignore[attr-defined]  # (a no-op: the channel has .persistent, not the request)
                 done.callback(b"")
 
         sink = ResponseSink(
@@ -400,12 +402,12 @@ class Api:
             return _Open(done)
         request.registerProducer(sub, True)
 
-        def ended(result: Any) -> Any:
+        def unregister(result: Any) -> Any:
             if not sink.closed:
                 sink.lost()
             if request.channel is not None and request.producer is sub:
                 request.unregisterProducer()
             return result
 
-        done.addBoth(ended)
+        done.addBoth(unregister)
         return _Open(done)

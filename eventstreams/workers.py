@@ -41,12 +41,12 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -57,11 +57,16 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from twisted.python.failure import Failure
 
 from zope.interface import implementer
 
 from .backends.base import Record
 from .iplimit import SharedTable
+
+if TYPE_CHECKING:
+    from twisted.internet.posixbase import PosixReactorBase
+    from twisted.internet.process import Process
 
 log = Logger()
 
@@ -116,6 +121,7 @@ class _Lines:
 
 @implementer(IPushProducer)
 class _Worker(ProcessProtocol):
+    transport: Process  # (Twisted's Optional: spawnProcess sets it first)
     """One worker process as the supervisor sees it (and the producer of
     its control pipe's head notices)."""
 
@@ -363,7 +369,7 @@ class _Control(Protocol):
         except (ValueError, KeyError, TypeError):
             log.warn("unreadable control line from the main process: {line!r}", line=line[:200])
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.on_lost()
 
 
@@ -423,7 +429,7 @@ def build_worker(config: Any, reactor: Any, index: int, listen_fd: int, table: O
     top = MultiService()
     core.lifecycle.setServiceParent(top)
     control = _Control(core.backend, on_lost)
-    transport = StandardIO(control, stdin=CONTROL_FD, stdout=REPORT_FD, reactor=reactor)
+    transport = StandardIO(control, stdin=CONTROL_FD, stdout=REPORT_FD, reactor=reactor)  # type: ignore[call-arg]  # mypy reads stdio's Windows branch
     _Reporter(reactor, lambda: collect(core.connections, core.hubs, None, config.streams),
               transport.write).setServiceParent(top)
     _Adopted(reactor, listen_fd, core.site).setServiceParent(top)  # last: serve once the log is open
@@ -449,11 +455,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         redirectStandardIO=False,
     )
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
     from .config import ConfigError, load
     from .tap import tune_gc
 
+    # The default (epoll) reactor: its run() takes installSignalHandlers,
+    # which IReactorCore does not name.
+    reactor = cast("PosixReactorBase", installed)
     stopping: list[bool] = []
 
     def stop(why: str) -> None:

@@ -312,7 +312,7 @@ class ConnectionFlood(IRCAbuseTestCase):
         async def open_idle() -> None:
             for _ in range(200):
                 c = RawIRC()
-                await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: c))
+                await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda c=c: c))
                 idle.append(c)
                 self.addCleanup(lambda c=c: c.done or c.transport.abortConnection())
 

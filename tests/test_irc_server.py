@@ -605,11 +605,11 @@ class Limits(ServerTestCase):
         self.assertEqual(client.lines(), [":irc.wikimedia.org PONG irc.wikimedia.org a"])
 
     def test_connections_per_address_and_in_all_are_capped(self):
-        a1, a2, a3 = self.at("10.0.0.1"), self.at("10.0.0.1"), self.at("10.0.0.1")
+        a1, _, a3 = self.at("10.0.0.1"), self.at("10.0.0.1"), self.at("10.0.0.1")
         self.assertEqual(a3.lines(), ["ERROR :Closing Link: (Too many connections from your address)"])
         self.assertTrue(a3.transport.disconnecting)
         self.assertEqual((a1.lines(), a1.transport.disconnecting), ([], False))
-        b1, b2, c1 = self.at("10.0.0.2"), self.at("10.0.0.2"), self.at("10.0.0.3")
+        _, _, c1 = self.at("10.0.0.2"), self.at("10.0.0.2"), self.at("10.0.0.3")
         self.assertEqual(c1.lines(), ["ERROR :Closing Link: (Server is full, try later)"])
         self.assertEqual(len(self.server.clients), 4)
         samples = {name: value for name, _, _, _, value in self.server.samples()}

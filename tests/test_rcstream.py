@@ -352,7 +352,7 @@ class RealClients(RCStreamCase):
         except rcstream_clients.Unavailable as e:
             if os.environ.get("CI") == "true":
                 raise
-            raise unittest.SkipTest(str(e))
+            raise unittest.SkipTest(str(e)) from None
 
     async def check(self, d, argv: list[str], cwd=None, ordered: bool = True) -> list[dict]:
         events, expected = mixed_events()

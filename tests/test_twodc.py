@@ -195,7 +195,8 @@ class TwoDatacenters(unittest.TestCase):
             # Read at least into the third burst, then cut the client right
             # after the 2nd record of a millisecond: the id it resumes with
             # stands inside that millisecond.
-            await client.wait_for(lambda: len(client.events) >= already + 2 * len(batch) // 4 + 2, timeout=30)
+            want = already + 2 * len(batch) // 4 + 2
+            await client.wait_for(lambda c=client, n=want: len(c.events) >= n, timeout=30)
             blocks = [blk for blk in client.blocks if blk.get("event") == "message"]
             cut = next((i for i in range(already + len(batch) // 4, len(blocks))
                         if json.loads(blocks[i]["data"])["id"] % BURST == 1), None)

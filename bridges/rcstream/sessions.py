@@ -29,7 +29,7 @@ import secrets
 from collections import OrderedDict, deque
 from fnmatch import translate
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -232,6 +232,9 @@ class Session:
         self.rc_connected = False
         self.subscriptions = []
         self.matchers = {}
+
+
+AnySession = TypeVar("AnySession", bound=Session)
 
 
 class Sio09Session(Session):
@@ -437,7 +440,7 @@ class Bridge(Service):
             return FULL_FOR_ADDRESS
         return None
 
-    def create(self, factory: Callable[["Bridge", str], Session], address: str = "") -> Optional[Session]:
+    def create(self, factory: Callable[["Bridge", str], AnySession], address: str = "") -> Optional[AnySession]:
         """A new session, or None when the session caps are reached (the
         handshake was let through by refusal() first)."""
         if self._full(address) is not None:
@@ -507,12 +510,14 @@ class Bridge(Service):
         """StreamFeed's batch callback: the changes wait for the next flush."""
         changes = self._pending
         for event, _ in events:
-            meta = event.get("meta") if isinstance(event.get("meta"), dict) else {}
-            if meta.get("domain") == "canary":
+            raw_meta = event.get("meta")
+            meta: dict = raw_meta if isinstance(raw_meta, dict) else {}
+            domain = meta.get("domain")
+            if domain == "canary":
                 continue
             server_name = event.get("server_name")
             if not isinstance(server_name, str):
-                server_name = meta.get("domain") if isinstance(meta.get("domain"), str) else ""
+                server_name = domain if isinstance(domain, str) else ""
             changes.append((server_name, event))
         if changes:
             self._pacer.request()
