@@ -16,8 +16,11 @@ from typing import Any
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python import log
+from twisted.python.failure import Failure
+
+from eventstreams.transports import ITCPConnection
 
 from .support import async_test, free_port, sleep, write_config
 from .test_daemon import REPO, Child, DaemonTestCase
@@ -31,6 +34,8 @@ CHANNELS = 20  # channels the bot has written to: each LIST answers all of them
 
 
 class _HTTP(Protocol):
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self, request: bytes) -> None:
         self.request = request
         self.data = b""
@@ -42,7 +47,7 @@ class _HTTP(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done.callback(self.data)
 
 
@@ -281,6 +286,8 @@ class NoNewline(IRCAbuseTestCase):
 
 
 class Flooder(Protocol):
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     done = False
     sent = 0
 
@@ -295,7 +302,7 @@ class Flooder(Protocol):
         self.transport.write = write
         write(b"NICK nonl\r\nUSER nonl 0 * :x\r\n")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
 
 
@@ -312,7 +319,7 @@ class ConnectionFlood(IRCAbuseTestCase):
         async def open_idle() -> None:
             for _ in range(200):
                 c = RawIRC()
-                await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda c=c: c))
+                await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: c))  # noqa: B023 (used at once)
                 idle.append(c)
                 self.addCleanup(lambda c=c: c.done or c.transport.abortConnection())
 

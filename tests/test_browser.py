@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python import log
 
@@ -41,6 +42,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 class NodeScript(ProcessProtocol):
     """A Node script of tests/browser: JSON lines out, JSON lines in."""
+
+    transport: IProcessTransport  # (Twisted types it Optional)
 
     def __init__(self, name: str):
         self.name = name

@@ -204,7 +204,11 @@ class ClientTestCase(StreamTestCase):
     def _track(self, d: Deferred) -> Deferred:
         ended: Deferred = Deferred()
         self._running.append(ended)
-        d.addBoth(lambda result: (ended.callback(None), result)[1])
+        def end(result: Any) -> Any:
+            ended.callback(None)
+            return result
+
+        d.addBoth(end)
         return d
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:

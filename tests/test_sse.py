@@ -13,7 +13,7 @@ TPS = (("eqiad.rc", 0), ("codfw.rc", 0))
 def entry(value: bytes, key: bytes | None = None) -> Entry:
     record = Record("eqiad.rc", 0, 41, 1700000000122, key, value)
     event, data = decode_record(record)
-    return Entry(7, record, event, data, TPS, ((42, 1700000000123), (5, None)))
+    return Entry(7, record, event, data, TPS, ((42, (1700000000123, 0)), (5, None)))
 
 
 class Framing(SynchronousTestCase):

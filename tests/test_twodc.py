@@ -71,7 +71,7 @@ def produce(bootstrap: str, records: list[tuple[str, int, int, dict]]) -> None:
     errors: list[Any] = []
     for topic, partition, timestamp, event in records:
         producer.produce(topic, json.dumps(event).encode(), partition=partition, timestamp=timestamp,
-                         on_delivery=lambda e, m: e and errors.append(e))
+                         on_delivery=lambda e, m: errors.extend([e] if e else []))
     assert producer.flush(30) == 0 and not errors, errors
 
 

@@ -52,7 +52,7 @@ from zope.interface import implementer
 from eventstreams import __version__
 from eventstreams.fastwrite import no_delay, writer_for
 from eventstreams.pacing import Pacer
-from eventstreams.transports import ServerTransport
+from eventstreams.transports import ITCPConnection
 
 from .config import IRCConfig
 from .flood import TokenBucket
@@ -269,7 +269,7 @@ class _ClientFactory(Factory):
 
 @implementer(IPushProducer)
 class IRCClient(Protocol):
-    transport: ServerTransport  # type: ignore[assignment]  # narrows Optional[ITransport]: see eventstreams.transports
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
 
     def __init__(self, server: IRCServer):
         self.server = server

@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from eventstreams.fastwrite import no_delay, writer_for
-from eventstreams.transports import ServerTransport
+from eventstreams.transports import ITCPConnection
 from eventstreams.web import client_ip
 
 from . import packets as P
@@ -309,7 +309,7 @@ class SocketProtocol(WebSocketServerProtocol):
     sendMessage.
     """
 
-    transport: ServerTransport  # type: ignore[assignment]  # narrows Optional[ITransport]: see eventstreams.transports
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
     bridge: Bridge
     ip_header: Optional[str] = None
     address = ""
