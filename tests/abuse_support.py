@@ -134,7 +134,7 @@ class Response:
 def parse_responses(data: bytes, head_only: tuple[bool, ...] = ()) -> list[Response]:
     """The complete responses in data (Content-Length or chunked framing;
     head_only[i]: the i-th answers a HEAD, so it has no body)."""
-    found = []
+    found: list[Response] = []
     while True:
         head, sep, rest = data.partition(b"\r\n\r\n")
         if not sep:
@@ -359,7 +359,7 @@ class Window:
 class _TimedStream(StreamClient):
     """A stream client that hands each new event to on_event as it arrives."""
 
-    on_event: Callable[[dict], None] = staticmethod(lambda event: None)  # type: ignore[assignment]
+    on_event: Callable[[dict], None] = staticmethod(lambda event: None)
     _seen = 0
 
     def dataReceived(self, data: bytes) -> None:
@@ -391,7 +391,7 @@ class Healthy:
     async def start(cls, daemon: AbuseDaemon, **kwargs: Any) -> "Healthy":
         healthy = cls(daemon, **kwargs)
         stream = _TimedStream("/v2/stream/test", {})
-        stream.on_event = healthy._on_event  # type: ignore[method-assign]
+        stream.on_event = healthy._on_event
         await connect(daemon.port, HEALTHY, stream)
         await stream.head_received
         assert stream.status == 200, stream.status

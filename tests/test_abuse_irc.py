@@ -12,7 +12,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -115,7 +115,7 @@ class IRCAbuseTestCase(DaemonTestCase):
                 f"print(json.dumps({function}('127.0.0.1', {self.irc}, *{args!r})))")
         process = reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code], env=dict(os.environ),
                                        path=REPO)
-        self.addCleanup(lambda: child.ended.called or process.signalProcess("KILL"))
+        self.addCleanup(lambda: None if child.ended.called else process.signalProcess("KILL"))
         return child
 
     def no_traceback(self) -> None:
@@ -128,7 +128,7 @@ class IRCAbuseTestCase(DaemonTestCase):
     async def irc_client(self, nick: str = "healthy") -> "TimedIRC":
         client = TimedIRC()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
         client.send(f"NICK {nick}", f"USER {nick} 0 * :A healthy bot")
         await client.wait_line(0, lambda line: " 376 " in line or " 422 " in line)
         return client
@@ -281,7 +281,7 @@ class NoNewline(IRCAbuseTestCase):
     async def flooder(self) -> "Flooder":
         sender = Flooder()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: sender))
-        self.addCleanup(lambda: sender.done or sender.transport.abortConnection())
+        self.addCleanup(lambda: None if sender.done else sender.transport.abortConnection())
         return sender
 
 
@@ -299,7 +299,7 @@ class Flooder(Protocol):
             self.sent += len(data)
             original(data)
 
-        self.transport.write = write
+        cast(Any, self.transport).write = write  # counts what goes out
         write(b"NICK nonl\r\nUSER nonl 0 * :x\r\n")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -316,12 +316,16 @@ class ConnectionFlood(IRCAbuseTestCase):
         quiet = await self.measure(client, 3)
         idle: list[RawIRC] = []
 
+        def abort(c: RawIRC) -> None:
+            if not c.done:
+                c.transport.abortConnection()
+
         async def open_idle() -> None:
             for _ in range(200):
                 c = RawIRC()
                 await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: c))  # noqa: B023 (used at once)
                 idle.append(c)
-                self.addCleanup(lambda c=c: c.done or c.transport.abortConnection())
+                self.addCleanup(abort, c)
 
         opening = defer.ensureDeferred(open_idle())
         attacked = await self.measure(client, 4)

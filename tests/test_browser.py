@@ -101,6 +101,7 @@ class BrowserTestCase(StreamTestCase):
     def script(self, d: Daemon, name: str, *args: str, timeout: float = 100) -> NodeScript:
         """Start tests/browser/<name>; it is killed after `timeout` seconds and
         reaped (with its browser) before the daemon stops."""
+        assert self.node is not None  # (setUp fails without it)
         run = NodeScript(name)
         argv = [self.node, os.path.join(BROWSER_DIR, name), *args, "--timeout", str(timeout - 10)]
         env = {**os.environ, "CHROMIUM": CHROMIUM}
@@ -143,7 +144,8 @@ class BrowserTestCase(StreamTestCase):
     async def outcome(self, run: NodeScript) -> dict:
         await run.ended
         self.assertEqual(run.code, 0, run.describe())
-        self.assertIsNotNone(run.result, run.describe())
+        if run.result is None:
+            self.fail(run.describe())
         return run.result
 
 

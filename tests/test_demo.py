@@ -84,7 +84,7 @@ class DemoTestCase(unittest.TestCase):
 
     async def stored(self, topic: str) -> list[dict]:
         records = await self.backend.read({(topic, 0): 0}, 100000)
-        return [json.loads(r.value) for r in records if r.topic == topic]
+        return [json.loads(r.value or b"") for r in records if r.topic == topic]
 
     async def all_stored(self) -> list[dict]:
         return await self.stored(EQIAD) + await self.stored(CODFW)

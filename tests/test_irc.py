@@ -342,7 +342,7 @@ class IRCStreamReplies(IRCTestCase):
         client = RawIRC()
         endpoint = (TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint)(reactor, self.host, d.ports["irc"])
         await endpoint.connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
         return client
 
     async def exchange(self, client: RawIRC, *lines: str) -> list[str]:

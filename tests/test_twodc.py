@@ -151,6 +151,7 @@ class TwoDatacenters(unittest.TestCase):
 
     async def mirrored(self, prefix: str, records: list[tuple[str, int, int, dict]]) -> None:
         """Wait until B holds copies of all these records."""
+        assert KAFKA_B, "setUp skips without a cluster B"
         ends: dict[tuple[str, int], int] = {}
         for topic, p, _, _ in records:
             ends[(topic, p)] = ends.get((topic, p), LOCAL_ONLY) + 1
@@ -166,7 +167,7 @@ class TwoDatacenters(unittest.TestCase):
         where = {e["id"]: (t, p) for t, p, _, e in produced}
         seen: dict[tuple[str, int], list[int]] = {}
         for e in events:
-            seen.setdefault(where.get(e.get("id"), ("?", -1)), []).append(e.get("id"))
+            seen.setdefault(where.get(e.get("id"), ("?", -1)), []).append(e["id"])
         return seen
 
     @async_test
