@@ -51,8 +51,7 @@ def reason(code: int) -> bytes:
         return http.RESPONSES.get(code, b"Unknown Status")
 
 
-def error_bytes(error: ApiError, method: str = "", uri: str = "",
-                retry_after: Optional[int] = None) -> bytes:
+def error_bytes(error: ApiError, method: str, uri: str) -> bytes:
     """A whole HTTP/1.1 error response that closes the connection, for
     refusals made before there is a request object to answer."""
     body = json.dumps(error.body(method, uri), separators=(",", ":")).encode("utf-8")
@@ -60,8 +59,8 @@ def error_bytes(error: ApiError, method: str = "", uri: str = "",
             b"Content-Type: application/json; charset=utf-8",
             b"Content-Length: %d" % len(body),
             b"Connection: close"]
-    if retry_after:
-        head.append(b"Retry-After: %d" % retry_after)
+    if error.retry_after:
+        head.append(b"Retry-After: %d" % error.retry_after)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
@@ -166,7 +165,7 @@ class BudgetedChannel(http.HTTPChannel):
             return
         if not budget.start(self, self._peer()):
             self.refuse(ApiError(503, "too_many_connections", "Service Unavailable",
-                                  "too many connections from this address are sending a request head"), 10)
+                                  "too many connections from this address are sending a request head", 10))
             return
         if budget.deadline:
             self._head_timer = budget.clock.callLater(budget.deadline, self._head_late)
@@ -196,7 +195,7 @@ class BudgetedChannel(http.HTTPChannel):
         else:
             self.refuse(None)
 
-    def refuse(self, error: Optional[ApiError], retry_after: Optional[int] = None) -> None:
+    def refuse(self, error: Optional[ApiError]) -> None:
         """Answer an error of the connection (no request to answer yet), or
         nothing, and close."""
         if self._refusing:
@@ -206,7 +205,7 @@ class BudgetedChannel(http.HTTPChannel):
         if error is not None:
             method = getattr(self, "_command", b"").decode("ascii", "replace")
             uri = getattr(self, "_path", b"").decode("utf-8", "replace")
-            self.transport.write(error_bytes(error, method, uri, retry_after))
+            self.transport.write(error_bytes(error, method, uri))
         self.setTimeout(None)
         self.persistent = False
         self.transport.loseConnection()

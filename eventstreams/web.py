@@ -162,9 +162,8 @@ class Api:
     def _error(self, request: IRequest, error: ApiError) -> bytes:
         key = (error.status, error.type)
         self.connections.counters.rejected[key] = self.connections.counters.rejected.get(key, 0) + 1
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after:
-            request.setHeader("retry-after", str(retry_after))
+        if error.retry_after:
+            request.setHeader("retry-after", str(error.retry_after))
         uri = request.uri.decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace")
         return self._json(request, error.body(method, uri), error.status)
@@ -327,8 +326,8 @@ class Api:
             return self._error(request, unavailable("the server is at its connection limit", 30))
         if admission == OVER_IP_LIMIT:
             error = ApiError(429, "too_many_requests", "Too Many Requests",
-                             f"at most {service.client_ip_connection_limit} concurrent connections per client address")
-            error.retry_after = 10  # type: ignore[attr-defined]
+                             f"at most {service.client_ip_connection_limit} concurrent connections per client address",
+                             retry_after=10)
             return self._error(request, error)
         ndjson = wants_ndjson(request)
         if request.method == b"HEAD":
@@ -360,6 +359,7 @@ class Api:
         )
         self.connections.add(sink)
         started, uri = self.clock.seconds(), request.uri.decode("utf-8", "replace")
+        sink.uri = uri
 
         def ended() -> None:  # once, however the stream ends
             self.limits.release(ip)
