@@ -63,6 +63,7 @@ from zope.interface import implementer
 
 from .backends.base import Record
 from .iplimit import SharedTable
+from .metrics import Sample
 
 if TYPE_CHECKING:
     from twisted.internet.posixbase import PosixReactorBase
@@ -77,19 +78,19 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 HEALTHY_AFTER = 60.0  # a worker that ran this long restarts the backoff
 MAX_LINE = 1 << 20  # a report line longer than this is dropped (bad input)
 
-def merge_samples(samples: list) -> list:
+def merge_samples(samples: list[Sample]) -> list[Sample]:
     """Sum the samples that name the same series (one per process) into one."""
-    merged: dict[tuple, list] = {}
+    merged: dict[tuple, Sample] = {}
     for name, kind, help_text, labels, value in samples:
         key = (name, tuple(sorted(labels.items())))
         if key in merged:
-            merged[key][4] += value
+            merged[key] = (name, kind, help_text, labels, merged[key][4] + value)
         else:
-            merged[key] = [name, kind, help_text, labels, value]
-    return [tuple(sample) for sample in merged.values()]
+            merged[key] = (name, kind, help_text, labels, value)
+    return list(merged.values())
 
 
-def _sample(item: Any) -> tuple:
+def _sample(item: Any) -> Sample:
     """A metrics sample as a worker reported it: (name, type, help, labels, value)."""
     name, kind, help_text, labels, value = item
     if not (isinstance(name, str) and isinstance(kind, str) and isinstance(help_text, str)
@@ -132,7 +133,7 @@ class _Worker(ProcessProtocol):
         self.started = time.monotonic()
         self.ready = False
         self.paused = False
-        self.samples: list = []
+        self.samples: list[Sample] = []
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._log = _Lines(self._log_line)
         self._err = _Lines(self._err_line)
@@ -328,9 +329,9 @@ class Workers(Service):
         for worker in self.workers.values():
             worker.notify(line)
 
-    def samples(self) -> list:
+    def samples(self) -> list[Sample]:
         """The workers' latest metrics samples, plus their own gauges."""
-        out: list = [
+        out: list[Sample] = [
             ("eventstreams_worker_processes", "gauge", "Worker processes serving (besides the main process).",
              {}, sum(1 for w in self.workers.values() if w.ready)),
             ("eventstreams_worker_restarts_total", "counter", "Worker processes restarted after an exit.",
@@ -396,7 +397,7 @@ class _Adopted(Service):
 class _Reporter(Service):
     """Sends this process's metrics samples to the main process."""
 
-    def __init__(self, reactor: Any, collect: Callable[[], list], write: Callable[[bytes], None]) -> None:
+    def __init__(self, reactor: Any, collect: Callable[[], list[Sample]], write: Callable[[bytes], None]) -> None:
         from twisted.internet.task import LoopingCall
 
         self.collect, self.write = collect, write

@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from eventstreams import __version__
 from eventstreams.fastwrite import no_delay, writer_for
+from eventstreams.metrics import Sample
 from eventstreams.pacing import Pacer
 from eventstreams.transports import ITCPConnection
 
@@ -238,7 +239,7 @@ class IRCServer(Service):
 
     # -- metrics -------------------------------------------------------------
 
-    def samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+    def samples(self) -> list[Sample]:
         c = self.counters
         return [
             ("eventstreams_irc_clients", "gauge", "Connected IRC clients.", {}, len(self.clients)),

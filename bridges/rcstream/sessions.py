@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from eventstreams.metrics import Sample
 from eventstreams.pacing import Pacer
 
 from . import packets as P
@@ -555,7 +556,7 @@ class Bridge(Service):
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
 
-    def samples(self) -> list:
+    def samples(self) -> list[Sample]:
         status = self.status()
         return [
             ("eventstreams_rcstream_sessions", "gauge", "Open RCStream (Socket.IO) sessions.", {},
