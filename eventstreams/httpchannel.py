@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from .errors import ApiError
+from .metrics import Sample
 from .positions import MAX_ID_BYTES
 
 log = Logger()
@@ -92,8 +93,10 @@ class HeadBudget:
     """Connections of one listener that are waiting for or reading a
     request head: a deadline for each, a bound in all and per peer address."""
 
-    def __init__(self, clock: IReactorTime, deadline: float, max_pending: int, max_per_address: int) -> None:
+    def __init__(self, clock: IReactorTime, deadline: float, max_pending: int, max_per_address: int,
+                 listener: str = "api") -> None:
         self.clock = clock
+        self.listener = listener  # the label of its metrics
         self.deadline = deadline
         self.max_pending = max_pending  # 0: no bound
         self.max_per_address = max_per_address  # 0: no bound
@@ -103,6 +106,13 @@ class HeadBudget:
         self.evicted = 0  # cut to make room (over the total)
         self.timed_out = 0  # past the deadline
         self.log = Throttled(clock)
+
+    def samples(self) -> list[Sample]:
+        labels = {"listener": self.listener}
+        return [("eventstreams_request_heads_cut_total", "counter",
+                 "Connections cut while sending a request head: refused (over the per-address bound), "
+                 "evicted (the longest waiting, over the total) or timed_out.", {**labels, "reason": reason}, n)
+                for reason, n in (("refused", self.refused), ("evicted", self.evicted), ("timed_out", self.timed_out))]
 
     def start(self, channel: Any, address: str) -> bool:
         """Count a connection as waiting for a head; False: refuse it."""

@@ -216,12 +216,12 @@ def url(child: Listener, path: str, scheme: str) -> str:
     return f"{scheme}://{host}:{address.port}{path}"
 
 
-def head_budget(reactor: Any, deadline: float, service: ServiceConfig) -> HeadBudget:
+def head_budget(reactor: Any, deadline: float, service: ServiceConfig, listener: str) -> HeadBudget:
     """The request-head budget of one listener. Behind a proxy that names
     the client (client_ip_header) every connection comes from the proxy:
     only the total bound applies."""
     per_address = 0 if service.client_ip_header else service.max_pending_heads_per_ip
-    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address)
+    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address, listener)
 
 
 def pending_bound(configured: int) -> int:
@@ -237,13 +237,12 @@ def pending_bound(configured: int) -> int:
     return bound
 
 
-def api_site(resource: Any, service: ServiceConfig, reactor: Any) -> Site:
+def api_site(resource: Any, service: ServiceConfig, budget: HeadBudget) -> Site:
     """The public site: HTTP/1.1 connections with a request-head budget
     (eventstreams.httpchannel), one channel object per connection (no
     HTTP/2 negotiation wrapper; streams are HTTP/1.1)."""
     # ApiSite: stream requests log their own access lines
-    return guard(ApiSite(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
-                 max_body=service.max_body)
+    return guard(ApiSite(resource, requestFactory=ApiRequest), budget, max_body=service.max_body)
 
 
 class Core:
@@ -261,7 +260,8 @@ class Core:
         limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
                              table, index)
         self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)
-        self.site = api_site(self.api.resource(), service, reactor)
+        self.head_budget = head_budget(reactor, service.head_timeout, service, "api")
+        self.site = api_site(self.api.resource(), service, self.head_budget)
         self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
 
 
@@ -279,18 +279,19 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
     listeners: dict[str, Listener] = {}
     listeners["api"] = listener(reactor, service.listen, core.site)
 
+    bridges: list[IService] = []  # started after the log, stopped before it
+    metric_sources: list[Callable[[], list[Sample]]] = [core.head_budget.samples]  # more samples for /metrics
+
     intake = None
     if config.intake.listen:
         try:
             intake = Intake(config, backend, reactor)
         except SchemaError as e:
             raise ConfigError(config.path, "intake", "schemas", str(e)) from None
-        site = intake_site(intake.resource(), config.intake.max_body)
-        site = guard(site, head_budget(reactor, config.intake.head_timeout, service), max_body=config.intake.max_body)
+        budget = head_budget(reactor, config.intake.head_timeout, service, "intake")
+        site = guard(intake_site(intake.resource(), config.intake.max_body), budget, max_body=config.intake.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
-
-    bridges: list[IService] = []  # started after the log, stopped before it
-    metric_sources: list[Callable[[], list[Sample]]] = []  # more samples for /metrics
+        metric_sources.append(budget.samples)
 
     irc_config = read_irc_config(config)  # None: no [irc] section, the bridge is off
     if irc_config is not None:
@@ -306,9 +307,11 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
         bridge = rcstream_sessions.Bridge(rcstream, reactor)
         if rcstream.listen:  # a listener of its own (required with workers)
             # public like the API: the same request-head budget and body limit
+            budget = head_budget(reactor, service.head_timeout, service, "rcstream")
             site = api_site(rcstream_web.mount(Resource(), bridge, reactor, service.client_ip_header),
-                            service, reactor)
+                            service, budget)
             listeners["rcstream"] = listener(reactor, rcstream.listen, site)
+            metric_sources.append(budget.samples)
         else:
             site = listeners["api"].factory
             site.resource = rcstream_web.mount(site.resource, bridge, reactor,  # /socket.io/, /rcstream_status

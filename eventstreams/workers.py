@@ -431,7 +431,7 @@ def build_worker(config: Any, reactor: Any, index: int, listen_fd: int, table: O
     core.lifecycle.setServiceParent(top)
     control = _Control(core.backend, on_lost)
     transport = StandardIO(control, stdin=CONTROL_FD, stdout=REPORT_FD, reactor=reactor)  # type: ignore[call-arg]  # mypy reads stdio's Windows branch
-    _Reporter(reactor, lambda: collect(core.connections, core.hubs, None, config.streams),
+    _Reporter(reactor, lambda: collect(core.connections, core.hubs, None, config.streams) + core.head_budget.samples(),
               transport.write).setServiceParent(top)
     _Adopted(reactor, listen_fd, core.site).setServiceParent(top)  # last: serve once the log is open
     return top
