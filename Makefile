@@ -83,4 +83,4 @@ test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json tests/bro
 	exit $$status
 
 clean:
-	rm -rf $(VENV) _trial_temp* var tests/js/node_modules tests/browser/node_modules .cache/rcstream-py .cache/rcstream-js .cache/rcstream-clients.stamp
+	rm -rf $(VENV) _trial_temp* var .mypy_cache .ruff_cache tests/js/node_modules tests/browser/node_modules .cache/rcstream-py .cache/rcstream-js .cache/rcstream-clients.stamp
