@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: run test clean
+.PHONY: run test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,13 +38,25 @@ ARGS ?=
 run: $(VENV)/.installed
 	$(BIN)/twistd --nodaemon --pidfile= eventstreams -c etc/streams.ini $(ARGS)
 
+# ruff and mypy (configured in pyproject.toml), at zero findings. Ends with
+# "lint: passed" or "lint: failed", which .ci/run counts as one test.
+lint: $(VENV)/.installed-test
+	@status=0; \
+	$(BIN)/ruff check --quiet || status=1; \
+	$(BIN)/mypy || status=1; \
+	if [ $$status -eq 0 ]; then echo "lint: passed"; else echo "lint: failed"; fi; \
+	exit $$status
+
+# Lint first, then the suite; the suite runs even when lint fails (so one run
+# reports both) and `make test` fails if either did.
 # Starts a throw-away Apache Kafka broker (scripts/kafka) for tests/test_kafka.py
 # and stops it afterwards. Under CI=true a broker that does not start fails the run.
 # Two datacenters (tests/test_twodc.py): that broker is cluster A; a second
 # one-node cluster B and MirrorMaker 2 copying A's `dc.*` topics to B are
 # started beside it (EVENTSTREAMS_KAFKA_B) and stopped with it.
 test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json tests/browser/node_modules/.package-lock.json .cache/rcstream-clients.stamp
-	@export KAFKA_STATE=$${KAFKA_STATE:-/tmp/eventstreams-kafka-$$$$}; \
+	@lint=0; $(MAKE) --no-print-directory lint VENV=$(VENV) || lint=1; \
+	export KAFKA_STATE=$${KAFKA_STATE:-/tmp/eventstreams-kafka-$$$$}; \
 	if bootstrap=$$(scripts/kafka start); then \
 	    export EVENTSTREAMS_KAFKA=$${bootstrap#bootstrap.servers=}; \
 	elif [ "$${CI:-}" = true ]; then \
@@ -67,7 +79,8 @@ test: $(VENV)/.installed-test tests/js/node_modules/.package-lock.json tests/bro
 	scripts/kafka stop-mirror "$$KAFKA_STATE-mirror" || true; \
 	KAFKA_STATE=$$KAFKA_STATE-b scripts/kafka stop || true; \
 	scripts/kafka stop || true; \
+	[ $$status -ne 0 ] || status=$$lint; \
 	exit $$status
 
 clean:
-	rm -rf $(VENV) _trial_temp* var tests/js/node_modules tests/browser/node_modules .cache/rcstream-py .cache/rcstream-js .cache/rcstream-clients.stamp
+	rm -rf $(VENV) _trial_temp* var .mypy_cache .ruff_cache tests/js/node_modules tests/browser/node_modules .cache/rcstream-py .cache/rcstream-js .cache/rcstream-clients.stamp

@@ -112,7 +112,7 @@ class Server:
                                   kafka=KAFKA_SECTION.format(bootstrap=kafka) if kafka else ""))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.proc = subprocess.Popen(
-            ["taskset", "-c", "0" if workers == 1 else f"0-{os.cpu_count() - 1}", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
+            ["taskset", "-c", "0" if workers == 1 else f"0-{(os.cpu_count() or 1) - 1}", twistd, "-n", "--pidfile=", "--logfile", os.path.join(self.dir, "log"),
              "eventstreams", "-c", path] + [arg for item in sets for arg in ("--set", item)],
             cwd=ROOT,
         )

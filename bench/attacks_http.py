@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 SOURCES = [f"127.0.2.{i}" for i in range(1, 21)]
 DRIP_HEAD = b"GET /v2/stream/recentchange HTTP/1.1\r\nHost: bench\r\nX-Drip: " + b"a" * 4000 + b"\r\n\r\n"
@@ -51,7 +51,7 @@ async def _exchange(host: str, port: int, source: str, raw: bytes, responses: in
     return statuses or [0]
 
 
-def _run(main: Callable[[], Awaitable[dict]]) -> dict:
+def _run(main: Callable[[], Coroutine[Any, Any, dict]]) -> dict:
     return asyncio.run(main())
 
 

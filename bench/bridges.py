@@ -41,6 +41,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import __main__ as base
 from . import load
@@ -177,13 +178,14 @@ class Result:
 class Client(asyncio.Protocol):
     """What both kinds share: a ready future, counting, the sampled checks."""
 
+    transport: asyncio.Transport  # set by connection_made
+
     def __init__(self, result: Result, sample: bool):
         self.result = result
         self.sample = sample
         self.count = 0
         self.seqs: list = []
         self.ready = asyncio.get_running_loop().create_future()
-        self.transport = None
 
     def connection_lost(self, exc) -> None:
         if not self.ready.done():
@@ -398,6 +400,7 @@ async def run_worker(kind: str, host: str, port: int, count: int, sample_every: 
     async def connect(i: int) -> None:
         source = load.SOURCE_ADDRESSES[(worker + i) % len(load.SOURCE_ADDRESSES)]
         sample = i % sample_every == 0
+        factory: Callable[[], Client]
         try:
             if kind == "irc":
                 factory = lambda: IRCClient(result, sample, f"b{worker}x{i}")  # noqa: E731
@@ -448,7 +451,7 @@ class Stop:
         return self.event.is_set()
 
 
-def _worker_main(args: tuple, result_queue, ready_queue, stop, progress) -> None:
+def _worker_main(args: tuple[str, str, int, int, int, int], result_queue, ready_queue, stop, progress) -> None:
     import uvloop
 
     if len(os.sched_getaffinity(0)) > 1:

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 SOURCE_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 12)]
@@ -173,7 +174,7 @@ async def run_worker(host: str, port: int, path: str, count: int, sample_every: 
         try:
             if read:
                 _, client = await loop.create_connection(
-                    lambda: SSEClient(path, bool(sample), result), host, port, local_addr=(source, 0))
+                    partial(SSEClient, path, bool(sample), result), host, port, local_addr=(source, 0))
             else:
                 # A small receive window: the server, not this kernel, holds what it does not read.
                 sock = socket.socket()

@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThread
 
 from eventstreams.config import load
 from eventstreams.tap import build_service
+from eventstreams.transports import ITCPConnection
 
 CONFIG = """
 [eventstreams]
@@ -48,6 +49,8 @@ aliases = recentchange
 
 
 class FirstEvent(Protocol):
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self, last_id: str):
         self.last_id = last_id
         self.buffer = b""
@@ -123,8 +126,8 @@ async def main(args: argparse.Namespace) -> None:
     clients = []
     for _, port in daemons:
         client = FirstEvent(json.dumps([topic]))
-        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(ClientFactory.forProtocol(lambda: client))
-        client.dataReceived = lambda data, c=client: setattr(c, "buffer", c.buffer + data)  # type: ignore
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(ClientFactory.forProtocol(lambda: client))  # noqa: B023 (used at once)
+        client.dataReceived = lambda data, c=client: setattr(c, "buffer", c.buffer + data)  # type: ignore[method-assign,misc]  # only collect: the ids come from the buffer
         clients.append(client)
     await deferLater(reactor, 1, lambda: None)
     await deferToThread(produce, args.kafka, topic, args.records)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import os
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Iterable, Optional, TypeVar
 
 from . import values
@@ -266,11 +267,11 @@ def _build(
     if parser.defaults():
         raise ConfigError(path, parser.default_section, None, "unknown section")
     known = known_sections()
-    for section in parser.sections():
-        if section not in known and not section.startswith("stream:"):
-            raise ConfigError(path, section, None, "unknown section")
+    for name in parser.sections():
+        if name not in known and not name.startswith("stream:"):
+            raise ConfigError(path, name, None, "unknown section")
 
-    def section(name: str, cls: type[T], fields: dict[str, Callable]) -> T:
+    def section(name: str, cls: Callable[..., T], fields: dict[str, Callable]) -> T:
         given = dict(parser[name]) if parser.has_section(name) else {}
         return cls(**parse_values(path, name, given, fields))
 
@@ -349,7 +350,7 @@ def _build(
             raise ConfigError(path, name, None, str(e)) from None
         streams[stream_name] = section(
             name,
-            lambda **kw: StreamConfig(name=stream_name, **kw),  # type: ignore[arg-type]
+            partial(StreamConfig, name=stream_name),
             {
                 "topics": values.names,
                 "aliases": values.names,

@@ -66,12 +66,12 @@ def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
     return EmbeddedBackend(e.path, e.retention if writer else 0, e.partitions, reactor=reactor)
 
 
-def head_budget(reactor: Any, deadline: float, service: ServiceConfig) -> HeadBudget:
+def head_budget(reactor: Any, deadline: float, service: ServiceConfig, listener: str) -> HeadBudget:
     """The request-head budget of one listener. Behind a proxy that names
     the client (client_ip_header) every connection comes from the proxy:
     only the total bound applies."""
     per_address = 0 if service.client_ip_header else service.max_pending_heads_per_ip
-    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address)
+    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address, listener)
 
 
 def pending_bound(configured: int) -> int:
@@ -87,13 +87,12 @@ def pending_bound(configured: int) -> int:
     return bound
 
 
-def api_site(resource: Any, service: ServiceConfig, reactor: Any) -> Site:
+def api_site(resource: Any, service: ServiceConfig, budget: HeadBudget) -> Site:
     """The public site: HTTP/1.1 connections with a request-head budget
     (eventstreams.httpchannel), one channel object per connection (no
     HTTP/2 negotiation wrapper; streams are HTTP/1.1)."""
     # ApiSite: stream requests log their own access lines
-    return guard(ApiSite(resource, requestFactory=ApiRequest), head_budget(reactor, service.head_timeout, service),
-                 max_body=service.max_body)
+    return guard(ApiSite(resource, requestFactory=ApiRequest), budget, max_body=service.max_body)
 
 
 class Core:
@@ -111,7 +110,8 @@ class Core:
         limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
                              table, index)
         self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)
-        self.site = api_site(self.api.resource(), service, reactor)
+        self.head_budget = head_budget(reactor, service.head_timeout, service, "api")
+        self.site = api_site(self.api.resource(), service, self.head_budget)
         self.lifecycle = _Lifecycle(self.backend, self.connections, self.hubs)
 
 

@@ -234,7 +234,8 @@ class WindowStore:
             d = self.backend.append(topic, [(None, value)])
             if event_id is not None:
                 mine[event_id] = n
-                self._pending[(topic, event_id)] = shared = Deferred()
+                shared: Deferred = Deferred()
+                self._pending[(topic, event_id)] = shared
                 d.addBoth(self._settle, topic, event_id, shared, started)
             writes.append((n, d))
         results = await DeferredList([d for _, d in writes], consumeErrors=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, Optional, Sequence
 
+from .metrics import Sample
+
 NAME = "eventstreams_delivery_delay_seconds"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -68,10 +70,10 @@ class DeliveryDelays:
             histogram.counts[bisect_left(BUCKETS, delay)] += clients
             histogram.sum += delay * clients
 
-    def samples(self, stream_names: Sequence[str]) -> list[tuple]:
+    def samples(self, stream_names: Sequence[str]) -> list[Sample]:
         """Prometheus samples (cumulative buckets), every configured stream."""
         self.flush()
-        out: list[tuple] = []
+        out: list[Sample] = []
         help_text = "Seconds from an event's record timestamp to its write to a live client."
         for name in stream_names:
             histogram = self.streams.get(name) or _Histogram()

@@ -5,11 +5,16 @@ from typing import Optional
 
 
 class ApiError(Exception):
-    """An error answered as `{status, type, title, detail, method, uri}`."""
+    """An error answered as `{status, type, title, detail, method, uri}`
+    (and a Retry-After header when retry_after is set). Every error answer
+    of the API, the intake and the connection-level refusals is one, and
+    its body always names the request's method and URI; the intake answers
+    its outcomes (201, 202, 207) in the same shape."""
 
-    def __init__(self, status: int, type: str, title: str, detail: str):
+    def __init__(self, status: int, type: str, title: str, detail: str, retry_after: Optional[int] = None):
         super().__init__(detail)
         self.status, self.type, self.title, self.detail = status, type, title, detail
+        self.retry_after = retry_after
 
     def body(self, method: str, uri: str) -> dict:
         return {
@@ -31,6 +36,4 @@ def bad_last_event_id(detail: str) -> ApiError:
 
 
 def unavailable(detail: str, retry_after: Optional[int] = None) -> ApiError:
-    error = ApiError(503, "service_unavailable", "Service Unavailable", detail)
-    error.retry_after = retry_after  # type: ignore[attr-defined]
-    return error
+    return ApiError(503, "service_unavailable", "Service Unavailable", detail, retry_after)

@@ -28,11 +28,14 @@ from http import HTTPStatus
 from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from .errors import ApiError
+from .metrics import Sample
 from .positions import MAX_ID_BYTES
 
 log = Logger()
@@ -49,8 +52,7 @@ def reason(code: int) -> bytes:
         return http.RESPONSES.get(code, b"Unknown Status")
 
 
-def error_bytes(error: ApiError, method: str = "", uri: str = "",
-                retry_after: Optional[int] = None) -> bytes:
+def error_bytes(error: ApiError, method: str, uri: str) -> bytes:
     """A whole HTTP/1.1 error response that closes the connection, for
     refusals made before there is a request object to answer."""
     body = json.dumps(error.body(method, uri), separators=(",", ":")).encode("utf-8")
@@ -58,8 +60,8 @@ def error_bytes(error: ApiError, method: str = "", uri: str = "",
             b"Content-Type: application/json; charset=utf-8",
             b"Content-Length: %d" % len(body),
             b"Connection: close"]
-    if retry_after:
-        head.append(b"Retry-After: %d" % retry_after)
+    if error.retry_after:
+        head.append(b"Retry-After: %d" % error.retry_after)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
@@ -91,8 +93,10 @@ class HeadBudget:
     """Connections of one listener that are waiting for or reading a
     request head: a deadline for each, a bound in all and per peer address."""
 
-    def __init__(self, clock: IReactorTime, deadline: float, max_pending: int, max_per_address: int) -> None:
+    def __init__(self, clock: IReactorTime, deadline: float, max_pending: int, max_per_address: int,
+                 listener: str = "api") -> None:
         self.clock = clock
+        self.listener = listener  # the label of its metrics
         self.deadline = deadline
         self.max_pending = max_pending  # 0: no bound
         self.max_per_address = max_per_address  # 0: no bound
@@ -102,6 +106,13 @@ class HeadBudget:
         self.evicted = 0  # cut to make room (over the total)
         self.timed_out = 0  # past the deadline
         self.log = Throttled(clock)
+
+    def samples(self) -> list[Sample]:
+        labels = {"listener": self.listener}
+        return [("eventstreams_request_heads_cut_total", "counter",
+                 "Connections cut while sending a request head: refused (over the per-address bound), "
+                 "evicted (the longest waiting, over the total) or timed_out.", {**labels, "reason": reason}, n)
+                for reason, n in (("refused", self.refused), ("evicted", self.evicted), ("timed_out", self.timed_out))]
 
     def start(self, channel: Any, address: str) -> bool:
         """Count a connection as waiting for a head; False: refuse it."""
@@ -140,6 +151,7 @@ class BudgetedChannel(http.HTTPChannel):
     MAX_LENGTH = MAX_HEAD_BYTES  # one header line (LineReceiver's limit)
     totalHeadersSize = MAX_HEAD_BYTES  # checked here first, with a 431 (Twisted's gives a bare 400)
 
+    transport: ITransport  # (Twisted's Optional: set before any of this runs)
     _budget: Optional[HeadBudget] = None
     _head_timer: Any = None
     _head_bytes = 0
@@ -163,7 +175,7 @@ class BudgetedChannel(http.HTTPChannel):
             return
         if not budget.start(self, self._peer()):
             self.refuse(ApiError(503, "too_many_connections", "Service Unavailable",
-                                  "too many connections from this address are sending a request head"), 10)
+                                  "too many connections from this address are sending a request head", 10))
             return
         if budget.deadline:
             self._head_timer = budget.clock.callLater(budget.deadline, self._head_late)
@@ -193,7 +205,7 @@ class BudgetedChannel(http.HTTPChannel):
         else:
             self.refuse(None)
 
-    def refuse(self, error: Optional[ApiError], retry_after: Optional[int] = None) -> None:
+    def refuse(self, error: Optional[ApiError]) -> None:
         """Answer an error of the connection (no request to answer yet), or
         nothing, and close."""
         if self._refusing:
@@ -203,7 +215,7 @@ class BudgetedChannel(http.HTTPChannel):
         if error is not None:
             method = getattr(self, "_command", b"").decode("ascii", "replace")
             uri = getattr(self, "_path", b"").decode("utf-8", "replace")
-            self.transport.write(error_bytes(error, method, uri, retry_after))
+            self.transport.write(error_bytes(error, method, uri))
         self.setTimeout(None)
         self.persistent = False
         self.transport.loseConnection()
@@ -243,7 +255,7 @@ class BudgetedChannel(http.HTTPChannel):
         # bare "400 Bad Request": answer in the API's shape instead.
         self.refuse(ApiError(400, "bad_request", "Bad Request", "the request is not valid HTTP/1.1"))
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._head_received()
         super().connectionLost(reason)
 

@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 from klein import Klein
 from twisted.application.service import Service
@@ -59,8 +59,13 @@ class LimitedRequest(Request):
     too_large = False
     _received = 0
 
+    def _limit(self) -> int:
+        # Site.buildProtocol gives the channel its site (Twisted's types do
+        # not say so), and intake_site its limit.
+        return cast(Any, self.channel).site.max_body
+
     def gotLength(self, length: Optional[int]) -> None:
-        limit = self.channel.site.max_body
+        limit = self._limit()
         if length is not None and length > limit:
             self.too_large = True
             length = 0
@@ -70,8 +75,9 @@ class LimitedRequest(Request):
         if self.too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_body:
+        if self._received > self._limit():
             self.too_large = True
+            assert self.content is not None  # gotLength made it
             self.content.seek(0)
             self.content.truncate()
             return
@@ -135,7 +141,7 @@ class Intake(Service):
 
     def __init__(self, config: Config, backend: Backend, reactor: Any = None):
         if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+            from twisted.internet import reactor
         self.config = config
         self.backend = backend
         self.reactor = reactor
@@ -167,15 +173,16 @@ class Intake(Service):
 
     # -- answers ------------------------------------------------------------------
 
-    def _reply(self, request: IRequest, status: int, type: str, title: str, detail: str, **more: Any) -> bytes:
-        request.setResponseCode(status)
+    def _reply(self, request: IRequest, answer: ApiError, **fields: Any) -> bytes:
+        """Every answer, errors and outcomes alike, in the API's shape
+        (ApiError.body: with the request's method and URI), with its
+        Retry-After, and a POST's per-event fields."""
+        request.setResponseCode(answer.status)
         request.setHeader("content-type", "application/json; charset=utf-8")
-        retry_after = more.pop("retry_after", None)
-        if retry_after:
-            request.setHeader("retry-after", str(retry_after))
-        error = ApiError(status, type, title, detail)
-        body = error.body(request.method.decode("ascii", "replace"), request.uri.decode("utf-8", "replace"))
-        return strictjson.dumps({**body, **more})
+        if answer.retry_after:
+            request.setHeader("retry-after", str(answer.retry_after))
+        body = answer.body(request.method.decode("ascii", "replace"), request.uri.decode("utf-8", "replace"))
+        return strictjson.dumps({**body, **fields})
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Any) -> bytes:
@@ -186,24 +193,24 @@ class Intake(Service):
         if failure.check(HTTPException):
             e = failure.value
             if e.code == 404:
-                return self._reply(request, 404, "not_found", "Not Found",
-                                   "no such resource: events are posted to /v1/events")
+                return self._reply(request, ApiError(404, "not_found", "Not Found",
+                                                     "no such resource: events are posted to /v1/events"))
             if e.code == 405:
                 request.setHeader("allow", ", ".join(getattr(e, "valid_methods", None) or ["POST"]))
-                return self._reply(request, 405, "method_not_allowed", "Method Not Allowed",
-                                   "/v1/events takes POST only")
-            return self._reply(request, e.code, "http_error", e.name, e.description or e.name)
+                return self._reply(request, ApiError(405, "method_not_allowed", "Method Not Allowed",
+                                                     "/v1/events takes POST only"))
+            return self._reply(request, ApiError(e.code, "http_error", e.name, e.description or e.name))
         log.failure("intake request failed", failure)
-        return self._reply(request, 500, "internal_error", "Internal Server Error",
-                           "the request could not be handled; nothing is known to be stored")
+        return self._reply(request, ApiError(500, "internal_error", "Internal Server Error",
+                                             "the request could not be handled; nothing is known to be stored"))
 
     # -- POST /v1/events -----------------------------------------------------------
 
     @app.route("/v1/events", methods=["POST"])
     def post(self, request: IRequest) -> Any:
         if getattr(request, "too_large", False):
-            return self._reply(request, 413, "payload_too_large", "Payload Too Large",
-                               f"the body is larger than {self.config.intake.max_body} bytes")
+            return self._reply(request, ApiError(413, "payload_too_large", "Payload Too Large",
+                                                 f"the body is larger than {self.config.intake.max_body} bytes"))
         hasty = request.args.get(b"hasty", [b""])[0].lower() in (b"true", b"1")
         return ensureDeferred(self._post(request, request.content.read(), hasty))
 
@@ -216,14 +223,14 @@ class Intake(Service):
             except TimedOut:
                 pass
         if not self.store.ready:
-            return self._reply(request, 503, "log_unavailable", "Service Unavailable",
-                               "the intake is reading the recent event ids back from the log; "
-                               "nothing was stored", retry_after=RETRY_AFTER["starting"],
+            return self._reply(request, ApiError(503, "log_unavailable", "Service Unavailable",
+                                                 "the intake is reading the recent event ids back from the log; "
+                                                 "nothing was stored", RETRY_AFTER["starting"]),
                                accepted=0, stored=[], duplicate=[], invalid=[], error=[])
         try:
             prepared = await deferToThread(self._prepare, raw)
         except BadBody as e:
-            return self._reply(request, 400, "invalid_json", "Invalid JSON", f"the body is not JSON: {e}")
+            return self._reply(request, ApiError(400, "invalid_json", "Invalid JSON", f"the body is not JSON: {e}"))
         for item in prepared.invalid:
             self.counts.add(prepared.streams.get(item["index"], "-"), "invalid")
         writes = gatherResults(
@@ -235,8 +242,8 @@ class Intake(Service):
             writes.addCallback(lambda results: self._outcomes(prepared, results))
             writes.addErrback(lambda f: log.failure("hasty intake write failed", f))
             queued = sum(len(items) for items in prepared.by_topic.values())
-            return self._reply(request, 202, "queued", "Accepted",
-                               f"{queued} events are being written (hasty: their outcome is not reported)",
+            return self._reply(request, ApiError(202, "queued", "Accepted",
+                                                 f"{queued} events are being written (hasty: their outcome is not reported)"),
                                accepted=queued, invalid=prepared.invalid)
         try:
             results = await _within(writes, started + timeout - time.monotonic(), self.reactor)
@@ -287,16 +294,15 @@ class Intake(Service):
             detail = ("the log is full; " if kind == "log_full" else "the log cannot take writes now; ") + summary + (
                 "; some may have reached the log: sending them again is safe (duplicates are recognised)"
                 if unsure else "; sending them again is safe")
-            return self._reply(request, 503, kind, "Service Unavailable", detail,
-                               retry_after=RETRY_AFTER[kind], **fields)
+            return self._reply(request, ApiError(503, kind, "Service Unavailable", detail, RETRY_AFTER[kind]), **fields)
         if errors or invalid:
             if stored or duplicate:
                 if errors:
                     self._report(errors[0]["context"])
-                return self._reply(request, 207, "partial", "Multi-Status", summary, **fields)
-            return self._reply(request, 400, "invalid_events", "Invalid Events", summary, **fields)
+                return self._reply(request, ApiError(207, "partial", "Multi-Status", summary), **fields)
+            return self._reply(request, ApiError(400, "invalid_events", "Invalid Events", summary), **fields)
         kind = "duplicate" if duplicate and not stored else "accepted"
-        return self._reply(request, 201, kind, "Created", summary, **fields)
+        return self._reply(request, ApiError(201, kind, "Created", summary), **fields)
 
     def _report(self, context: str) -> None:
         if context != self._last_failure:  # once per distinct problem, not per POST

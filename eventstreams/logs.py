@@ -170,7 +170,7 @@ def _log_file(options: Any) -> Optional[IO[str]]:
         return sys.stdout
     from twisted.python.logfile import LogFile
 
-    return LogFile.fromFullPath(name if name and name != "-" else "twistd.log")  # type: ignore[return-value]
+    return LogFile.fromFullPath(name if name and name != "-" else "twistd.log")
 
 
 class LoggingRoot(MultiService):

@@ -1,14 +1,20 @@
-"""Prometheus text exposition of the daemon's counters and gauges."""
+"""Prometheus text exposition of the daemon's counters and gauges.
+
+Every part that counts something reports it as `Sample`s (a `samples()`
+method, or collect() below); this module imports nothing of theirs at run
+time, so any of them can use the type.
+"""
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from twisted.web.resource import Resource
 
-from .hub import Hubs
-from .intake import Counts
-from .sse import Connections
+if TYPE_CHECKING:
+    from .hub import Hubs
+    from .intake import Counts
+    from .sse import Connections
 
 Sample = tuple[str, str, str, dict[str, str], float]  # name, type, help, labels, value
 

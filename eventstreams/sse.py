@@ -13,6 +13,7 @@ from twisted.internet.task import LoopingCall
 
 from . import strictjson
 from .delay import DeliveryDelays
+from .errors import ApiError
 from .fastwrite import writer_for
 from .hub import Batch, Entry, Subscription
 
@@ -112,7 +113,7 @@ class ResponseSink:
     __slots__ = (
         "_write", "_transport", "_raw_write", "_finish", "ndjson", "id_updates", "connections", "streams",
         "client_ip", "subscription", "pending", "quiet", "closed", "started", "bytes_written", "counters",
-        "timer", "on_lost",
+        "timer", "on_lost", "uri",
     )
 
     def __init__(
@@ -142,6 +143,7 @@ class ResponseSink:
         self.counters = connections.counters
         self.timer: Optional[Any] = None  # max_lifetime's DelayedCall
         self.on_lost: Optional[Callable[[], None]] = None  # e.g. give back a limit slot
+        self.uri = ""  # the request's, for the body of an error event
 
     def begin(self) -> None:
         """The response head is set: write the stream's first bytes."""
@@ -231,7 +233,7 @@ class ResponseSink:
         """End the stream with `event: error` (EventSource then reconnects)."""
         if self.closed:
             return
-        body = {"status": status, "type": type, "title": "Stream Error", "detail": reason}
+        body = ApiError(status, type, "Stream Error", reason).body("GET", self.uri)  # streams are GETs
         if self.ndjson:
             self.write(strictjson.dumps({"error": body}) + b"\n")
         else:

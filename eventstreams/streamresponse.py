@@ -127,8 +127,8 @@ class StreamResponse:
             raise unavailable("the server is at its connection limit", 30)
         if admission == OVER_IP_LIMIT:
             error = ApiError(429, "too_many_requests", "Too Many Requests",
-                             f"at most {self.service.client_ip_connection_limit} concurrent connections per client address")
-            error.retry_after = 10  # type: ignore[attr-defined]
+                             f"at most {self.service.client_ip_connection_limit} concurrent connections per client address",
+                             retry_after=10)
             raise error
 
     async def answer_head(self) -> bytes:

@@ -17,14 +17,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .sse import ResponseSink
 
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+@implementer(IProtocol)
 class StreamConnection:
     """The protocol of a taken-over connection: the client sends nothing
     that matters any more (pipelined requests are dropped, as they would
@@ -35,6 +37,13 @@ class StreamConnection:
     def __init__(self, sink: ResponseSink, transport: Any):
         self.sink = sink
         self.transport = transport
+
+    def makeConnection(self, transport: Any) -> None:
+        """(IProtocol's: the connection is handed over already made.)"""
+        self.transport = transport
+
+    def connectionMade(self) -> None:
+        pass
 
     def dataReceived(self, data: bytes) -> None:
         pass
@@ -67,7 +76,7 @@ def take_over(request: Any, sink: ResponseSink, producer: IPushProducer) -> bool
     ):
         return False
     connection = StreamConnection(sink, transport)
-    channel.setTimeout(None)
+    request.channel.setTimeout(None)  # (`channel` is typed IProtocol by the test above)
     transport.unregisterProducer()
     transport.protocol = connection
     transport.registerProducer(producer, True)

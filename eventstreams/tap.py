@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,11 +22,13 @@ from .config import Config, ConfigError, load
 from .core import Core, api_site, head_budget, tune_gc
 from .demo import SAMPLE_EVENTS, DemoFeed
 from .feed import StreamFeed
+from .hub import Hubs
 from .httpchannel import guard
 from .intake import Intake, intake_site
 from .iplimit import SharedTable, capacity_for
 from .logs import root_for
 from .metrics import MetricsResource, Sample, collect
+from .sse import Connections
 from .validation import SchemaError
 from .systemd import Notifier, Notify
 from .workers import Workers, merge_samples
@@ -77,15 +80,30 @@ class Listener(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         if self._waitingForPort is None:
             super().privilegedStartService()
-            self._waitingForPort.addCallback(self._bound)
+            cast(Deferred, self._waitingForPort).addCallback(self._bound)  # (declared None; set by the call above)
 
     def _bound(self, port: Any) -> Any:
         self.port = port
         return port
 
 
-def listener(reactor: Any, endpoint: str, factory: Any) -> IService:
+def listener(reactor: Any, endpoint: str, factory: Any) -> Listener:
     return Listener(reactor, endpoint, factory)
+
+
+class Daemon(MultiService):
+    """The service tree of build_service, with the parts that tests, the
+    bridges and makeService reach (rcstream, workers and notify are set only
+    when configured)."""
+
+    listeners: dict[str, Listener]
+    connections: Connections
+    metric_sources: list[Callable[[], list[Sample]]]
+    hubs: Hubs
+    backend: Backend
+    rcstream: rcstream_sessions.Bridge
+    workers: Workers
+    notify: Notify
 
 
 # The key that configures each listener of build_service, for error messages.
@@ -98,10 +116,10 @@ LISTEN_KEYS = {
 }
 
 
-def listen_now(top: MultiService, config: Config) -> None:
+def listen_now(top: Daemon, config: Config) -> None:
     """Bind every listener before the runner starts its log, so that a port in
     use or an address that cannot be bound is one line naming its key."""
-    for role, child in top.listeners.items():  # type: ignore[attr-defined]
+    for role, child in top.listeners.items():
         try:
             child.privilegedStartService()
         except Exception as e:
@@ -126,12 +144,12 @@ def open_backend(backend: Backend, config: Config) -> None:
         raise config.error("embedded", "path", reason) from None
 
 
-def listener_line(top: MultiService) -> str:
+def listener_line(top: Daemon) -> str:
     """`EventStreams http://127.0.0.1:8092/v2/ui · intake … · IRC … · metrics …`:
     every listener by role, with a URL to click or connect to."""
     roles = {"api": ("EventStreams", "/v2/ui"), "intake": ("intake", "/v1/events"),
              "metrics": ("metrics", "/metrics"), "irc": ("IRC", ""), "rcstream": ("RCStream", "/rcstream_status")}
-    listeners = top.listeners  # type: ignore[attr-defined]
+    listeners = top.listeners
     parts = []
     for role, child in listeners.items():
         name, path = roles.get(role, (role, ""))
@@ -143,7 +161,7 @@ def listener_line(top: MultiService) -> str:
 
 def url(child: Listener, path: str, scheme: str) -> str:
     address = child.port.getHost() if child.port is not None else None
-    if not hasattr(address, "port"):  # unix: and the like: the endpoint says it best
+    if address is None or not hasattr(address, "port"):  # unix: and the like: the endpoint says it best
         return child.description
     host = address.host
     if host in ("", "0.0.0.0", "::"):
@@ -155,10 +173,10 @@ def url(child: Listener, path: str, scheme: str) -> str:
     return f"{scheme}://{host}:{address.port}{path}"
 
 
-def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = None) -> MultiService:
+def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = None) -> Daemon:
     """Everything the daemon runs, as one MultiService; `notifier` tells
     systemd when it is ready (see eventstreams.systemd)."""
-    top = MultiService()
+    top = Daemon()
     service = config.service
     table = None
     if service.workers > 1 and (service.max_connections or service.client_ip_connection_limit):
@@ -166,8 +184,11 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
     core = Core(config, reactor, table)
     backend, connections, hubs = core.backend, core.connections, core.hubs
 
-    listeners: dict[str, IService] = {}
+    listeners: dict[str, Listener] = {}
     listeners["api"] = listener(reactor, service.listen, core.site)
+
+    bridges: list[IService] = []  # started after the log, stopped before it
+    metric_sources: list[Callable[[], list[Sample]]] = [core.head_budget.samples]  # more samples for /metrics
 
     intake = None
     if config.intake.listen:
@@ -175,12 +196,10 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
             intake = Intake(config, backend, reactor)
         except SchemaError as e:
             raise ConfigError(config.path, "intake", "schemas", str(e)) from None
-        site = intake_site(intake.resource(), config.intake.max_body)
-        site = guard(site, head_budget(reactor, config.intake.head_timeout, service), max_body=site.max_body)
+        budget = head_budget(reactor, config.intake.head_timeout, service, "intake")
+        site = guard(intake_site(intake.resource(), config.intake.max_body), budget, max_body=config.intake.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
-
-    bridges: list[IService] = []  # started after the log, stopped before it
-    metric_sources: list[Callable[[], list[Sample]]] = []  # more samples for /metrics
+        metric_sources.append(budget.samples)
 
     irc_config = read_irc_config(config)  # None: no [irc] section, the bridge is off
     if irc_config is not None:
@@ -196,18 +215,20 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
         bridge = rcstream_sessions.Bridge(rcstream, reactor)
         if rcstream.listen:  # a listener of its own (required with workers)
             # public like the API: the same request-head budget and body limit
+            budget = head_budget(reactor, service.head_timeout, service, "rcstream")
             site = api_site(rcstream_web.mount(Resource(), bridge, reactor, service.client_ip_header),
-                            service, reactor)
+                            service, budget)
             listeners["rcstream"] = listener(reactor, rcstream.listen, site)
+            metric_sources.append(budget.samples)
         else:
-            site = listeners["api"].factory  # type: ignore[attr-defined]
+            site = listeners["api"].factory
             site.resource = rcstream_web.mount(site.resource, bridge, reactor,  # /socket.io/, /rcstream_status
                                                service.client_ip_header)
         bridges.append(bridge)  # the heartbeat timer; closes the sessions on stop
         bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor,
                                   on_batch=bridge.on_batch))
         metric_sources.append(bridge.samples)
-        top.rcstream = bridge  # type: ignore[attr-defined]  # for tests
+        top.rcstream = bridge  # for tests
 
     workers = None
     if service.workers > 1:
@@ -238,20 +259,20 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
         except OSError as e:
             raise config.error("demo", "file", f"cannot read {e.filename!r}: {e.strerror}") from None
         DemoFeed(backend, stream, config.demo.rate, config.demo.file, reactor).setServiceParent(top)
-    for child in bridges:
-        child.setServiceParent(top)
+    for part in bridges:
+        part.setServiceParent(top)
     if workers is not None:  # last: spawned once all is up, stopped before the rest
         workers.setServiceParent(top)
-        top.workers = workers  # type: ignore[attr-defined]
+        top.workers = workers
     if notifier is not None:  # the very last: READY=1 once all is up, STOPPING=1 first
-        top.notify = Notify(notifier, listeners.values(), reactor)  # type: ignore[attr-defined]
-        top.notify.setServiceParent(top)  # type: ignore[attr-defined]
+        top.notify = Notify(notifier, listeners.values(), reactor)
+        top.notify.setServiceParent(top)
 
-    top.listeners = listeners  # type: ignore[attr-defined]  # for tests and bridges
-    top.connections = connections  # type: ignore[attr-defined]
-    top.metric_sources = metric_sources  # type: ignore[attr-defined]
-    top.hubs = hubs  # type: ignore[attr-defined]
-    top.backend = backend  # type: ignore[attr-defined]
+    top.listeners = listeners  # for tests and bridges
+    top.connections = connections
+    top.metric_sources = metric_sources
+    top.hubs = hubs
+    top.backend = backend
     return top
 
 
@@ -265,7 +286,7 @@ def makeService(options: Options) -> MultiService:
         service = build_service(config, reactor, Notifier.from_environ())
         # Before the runner starts its log: a failure here is one line on stderr.
         listen_now(service, config)
-        open_backend(service.backend, config)  # type: ignore[attr-defined]
+        open_backend(service.backend, config)
         service.setServiceParent(root)
         reactor.callWhenRunning(ignore_sighup, reactor)  # after twistd set its handlers
         reactor.callWhenRunning(tune_gc)
@@ -275,4 +296,4 @@ def makeService(options: Options) -> MultiService:
         if config is not None:
             e.blame(config.set_by)
         sys.stderr.write(f"eventstreams: {e}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None

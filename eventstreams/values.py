@@ -9,7 +9,7 @@ import math
 import re
 from typing import Optional
 
-from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+from twisted.internet.endpoints import _parseServer
 
 
 def number(text: str) -> float:

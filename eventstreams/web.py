@@ -10,6 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from . import __version__, doc
 from .backends.base import Backend
@@ -132,9 +133,8 @@ class Api:
     def _error(self, request: IRequest, error: ApiError) -> bytes:
         key = (error.status, error.type)
         self.connections.counters.rejected[key] = self.connections.counters.rejected.get(key, 0) + 1
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after:
-            request.setHeader("retry-after", str(retry_after))
+        if error.retry_after:
+            request.setHeader("retry-after", str(error.retry_after))
         uri = request.uri.decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace")
         return self._json(request, error.body(method, uri), error.status)
@@ -209,7 +209,7 @@ class Api:
         return b""
 
     @app.route("/v2/stream/<string:names>", methods=["GET", "HEAD"])
-    def stream(self, request: IRequest, names: str) -> Deferred:
+    def stream(self, request: Request, names: str) -> Deferred:
         # The coroutine only sets the stream up and returns: an open stream
         # holds no coroutine frame (nor its context copy), only `done`.
         started = self.clock.seconds()

@@ -41,12 +41,12 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -57,6 +57,7 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from twisted.python.failure import Failure
 
 from zope.interface import implementer
 
@@ -66,7 +67,11 @@ from .backends.base import Record
 from .config import ConfigError, load
 from .core import Core, tune_gc
 from .iplimit import SharedTable
-from .metrics import collect
+from .metrics import Sample, collect
+
+if TYPE_CHECKING:
+    from twisted.internet.posixbase import PosixReactorBase
+    from twisted.internet.process import Process
 
 log = Logger()
 
@@ -77,19 +82,19 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 HEALTHY_AFTER = 60.0  # a worker that ran this long restarts the backoff
 MAX_LINE = 1 << 20  # a report line longer than this is dropped (bad input)
 
-def merge_samples(samples: list) -> list:
+def merge_samples(samples: list[Sample]) -> list[Sample]:
     """Sum the samples that name the same series (one per process) into one."""
-    merged: dict[tuple, list] = {}
+    merged: dict[tuple, Sample] = {}
     for name, kind, help_text, labels, value in samples:
         key = (name, tuple(sorted(labels.items())))
         if key in merged:
-            merged[key][4] += value
+            merged[key] = (name, kind, help_text, labels, merged[key][4] + value)
         else:
-            merged[key] = [name, kind, help_text, labels, value]
-    return [tuple(sample) for sample in merged.values()]
+            merged[key] = (name, kind, help_text, labels, value)
+    return list(merged.values())
 
 
-def _sample(item: Any) -> tuple:
+def _sample(item: Any) -> Sample:
     """A metrics sample as a worker reported it: (name, type, help, labels, value)."""
     name, kind, help_text, labels, value = item
     if not (isinstance(name, str) and isinstance(kind, str) and isinstance(help_text, str)
@@ -121,6 +126,7 @@ class _Lines:
 
 @implementer(IPushProducer)
 class _Worker(ProcessProtocol):
+    transport: Process  # (Twisted's Optional: spawnProcess sets it first)
     """One worker process as the supervisor sees it (and the producer of
     its control pipe's head notices)."""
 
@@ -131,7 +137,7 @@ class _Worker(ProcessProtocol):
         self.started = time.monotonic()
         self.ready = False
         self.paused = False
-        self.samples: list = []
+        self.samples: list[Sample] = []
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._log = _Lines(self._log_line)
         self._err = _Lines(self._err_line)
@@ -327,9 +333,9 @@ class Workers(Service):
         for worker in self.workers.values():
             worker.notify(line)
 
-    def samples(self) -> list:
+    def samples(self) -> list[Sample]:
         """The workers' latest metrics samples, plus their own gauges."""
-        out: list = [
+        out: list[Sample] = [
             ("eventstreams_worker_processes", "gauge", "Worker processes serving (besides the main process).",
              {}, sum(1 for w in self.workers.values() if w.ready)),
             ("eventstreams_worker_restarts_total", "counter", "Worker processes restarted after an exit.",
@@ -368,7 +374,7 @@ class _Control(Protocol):
         except (ValueError, KeyError, TypeError):
             log.warn("unreadable control line from the main process: {line!r}", line=line[:200])
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.on_lost()
 
 
@@ -395,7 +401,7 @@ class _Adopted(Service):
 class _Reporter(Service):
     """Sends this process's metrics samples to the main process."""
 
-    def __init__(self, reactor: Any, collect: Callable[[], list], write: Callable[[bytes], None]) -> None:
+    def __init__(self, reactor: Any, collect: Callable[[], list[Sample]], write: Callable[[bytes], None]) -> None:
         from twisted.internet.task import LoopingCall
 
         self.collect, self.write = collect, write
@@ -425,8 +431,8 @@ def build_worker(config: Any, reactor: Any, index: int, listen_fd: int, table: O
     top = MultiService()
     core.lifecycle.setServiceParent(top)
     control = _Control(core.backend, on_lost)
-    transport = StandardIO(control, stdin=CONTROL_FD, stdout=REPORT_FD, reactor=reactor)
-    _Reporter(reactor, lambda: collect(core.connections, core.hubs, None, config.streams),
+    transport = StandardIO(control, stdin=CONTROL_FD, stdout=REPORT_FD, reactor=reactor)  # type: ignore[call-arg]  # mypy reads stdio's Windows branch
+    _Reporter(reactor, lambda: collect(core.connections, core.hubs, None, config.streams) + core.head_budget.samples(),
               transport.write).setServiceParent(top)
     _Adopted(reactor, listen_fd, core.site).setServiceParent(top)  # last: serve once the log is open
     return top
@@ -451,8 +457,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         redirectStandardIO=False,
     )
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    # The default (epoll) reactor: its run() takes installSignalHandlers,
+    # which IReactorCore does not name.
+    reactor = cast("PosixReactorBase", installed)
     stopping: list[bool] = []
 
     def stop(why: str) -> None:

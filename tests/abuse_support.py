@@ -34,10 +34,14 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
-from .support import StreamClient, free_port, sleep, write_config
+from eventstreams.transports import ITCPConnection
+
+from .support import StreamClient, cancelling, free_port, sleep, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `twistd -n`, optionally under a lower open-files limit (RLIMIT_NOFILE).
@@ -56,6 +60,8 @@ PROBE_TIMEOUT = 10.0  # a probe that takes longer counts as unanswered
 class Raw(Protocol):
     """A connection whose bytes the test writes and reads as they are."""
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self) -> None:
         self.received = b""
         self.closed: defer.Deferred = defer.Deferred()
@@ -67,7 +73,7 @@ class Raw(Protocol):
         self.received += data
         self._check()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed_at = time.monotonic()
         self.closed.callback(None)
         self._check()
@@ -101,7 +107,7 @@ class Raw(Protocol):
                 d.errback(TimeoutError(f"timed out; received {self.received[-300:]!r}"))
 
         call = reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        d.addBoth(cancelling(call))
         return d
 
     def close(self) -> None:
@@ -128,7 +134,7 @@ class Response:
 def parse_responses(data: bytes, head_only: tuple[bool, ...] = ()) -> list[Response]:
     """The complete responses in data (Content-Length or chunked framing;
     head_only[i]: the i-th answers a HEAD, so it has no body)."""
-    found = []
+    found: list[Response] = []
     while True:
         head, sep, rest = data.partition(b"\r\n\r\n")
         if not sep:
@@ -195,6 +201,8 @@ async def get(port: int, path: str, headers: Optional[dict[str, str]] = None, so
 
 
 class _Child(ProcessProtocol):
+    transport: IProcessTransport  # (Twisted types it Optional)
+
     def __init__(self) -> None:
         self.output = b""
         self.ended: defer.Deferred = defer.Deferred()
@@ -351,7 +359,7 @@ class Window:
 class _TimedStream(StreamClient):
     """A stream client that hands each new event to on_event as it arrives."""
 
-    on_event: Callable[[dict], None] = staticmethod(lambda event: None)  # type: ignore[assignment]
+    on_event: Callable[[dict], None] = staticmethod(lambda event: None)
     _seen = 0
 
     def dataReceived(self, data: bytes) -> None:
@@ -383,7 +391,7 @@ class Healthy:
     async def start(cls, daemon: AbuseDaemon, **kwargs: Any) -> "Healthy":
         healthy = cls(daemon, **kwargs)
         stream = _TimedStream("/v2/stream/test", {})
-        stream.on_event = healthy._on_event  # type: ignore[method-assign]
+        stream.on_event = healthy._on_event
         await connect(daemon.port, HEALTHY, stream)
         await stream.head_received
         assert stream.status == 200, stream.status

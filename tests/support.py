@@ -12,11 +12,13 @@ from typing import Any, Callable, Optional
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from eventstreams.config import load
 from eventstreams.tap import build_service
+from eventstreams.transports import ITCPConnection
 
 BASE_CONFIG = """
 [eventstreams]
@@ -71,6 +73,7 @@ def write_config(directory: str, extra: str = "", prefix: str = "") -> str:
 def kafka_admin() -> Any:
     from confluent_kafka.admin import AdminClient
 
+    assert KAFKA, "a Kafka test without EVENTSTREAMS_KAFKA"
     return AdminClient({"bootstrap.servers": KAFKA})
 
 
@@ -184,6 +187,8 @@ class StreamClient(Protocol):
     """Sends one GET, parses the response head, de-chunks the body and splits
     SSE blocks (or NDJSON lines). The test can pause reading entirely."""
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self, path: str, headers: dict[str, str]):
         self.path = path
         self.request_headers = headers
@@ -282,7 +287,7 @@ class StreamClient(Protocol):
     def comments(self) -> list[str]:
         return [c for b in self.blocks for c in b["comments"]]
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
         self.closed.callback(None)
         self._check_waiters()
@@ -308,7 +313,7 @@ class StreamClient(Protocol):
                 d.errback(AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}"))
 
         call = reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        d.addBoth(cancelling(call))
         return d
 
     def wait_events(self, n: int, timeout: float = 10) -> Deferred:
@@ -335,6 +340,16 @@ async def open_stream(port: int, path: str, headers: Optional[dict[str, str]] = 
 
 def sleep(seconds: float) -> Deferred:
     return deferLater(reactor, seconds, lambda: None)
+
+
+def cancelling(call: Any) -> Callable[[Any], Any]:
+    """A pass-through callback that cancels `call` (a time-out) if it is still pending."""
+    def passthrough(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        return result
+
+    return passthrough
 
 
 def offsets_by_partition(events: list[dict]) -> dict[tuple[str, int], list[int]]:

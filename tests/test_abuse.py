@@ -93,7 +93,7 @@ class HeaderDrip(unittest.TestCase):
         statuses = sorted(a[0].status for a in answers if a)
         self.assertEqual(statuses.count(408), 5, statuses)
         self.assertEqual(statuses.count(503), 25, statuses)
-        for conn, answer in zip(drip.conns, answers):
+        for answer in answers:
             error_body(self, answer[0], answer[0].status)
         daemon.check_log(self)
 

@@ -12,12 +12,15 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python import log
+from twisted.python.failure import Failure
+
+from eventstreams.transports import ITCPConnection
 
 from .support import async_test, free_port, sleep, write_config
 from .test_daemon import REPO, Child, DaemonTestCase
@@ -31,6 +34,8 @@ CHANNELS = 20  # channels the bot has written to: each LIST answers all of them
 
 
 class _HTTP(Protocol):
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self, request: bytes) -> None:
         self.request = request
         self.data = b""
@@ -42,7 +47,7 @@ class _HTTP(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done.callback(self.data)
 
 
@@ -110,7 +115,7 @@ class IRCAbuseTestCase(DaemonTestCase):
                 f"print(json.dumps({function}('127.0.0.1', {self.irc}, *{args!r})))")
         process = reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code], env=dict(os.environ),
                                        path=REPO)
-        self.addCleanup(lambda: child.ended.called or process.signalProcess("KILL"))
+        self.addCleanup(lambda: None if child.ended.called else process.signalProcess("KILL"))
         return child
 
     def no_traceback(self) -> None:
@@ -123,7 +128,7 @@ class IRCAbuseTestCase(DaemonTestCase):
     async def irc_client(self, nick: str = "healthy") -> "TimedIRC":
         client = TimedIRC()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
         client.send(f"NICK {nick}", f"USER {nick} 0 * :A healthy bot")
         await client.wait_line(0, lambda line: " 376 " in line or " 422 " in line)
         return client
@@ -276,11 +281,13 @@ class NoNewline(IRCAbuseTestCase):
     async def flooder(self) -> "Flooder":
         sender = Flooder()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: sender))
-        self.addCleanup(lambda: sender.done or sender.transport.abortConnection())
+        self.addCleanup(lambda: None if sender.done else sender.transport.abortConnection())
         return sender
 
 
 class Flooder(Protocol):
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     done = False
     sent = 0
 
@@ -292,10 +299,10 @@ class Flooder(Protocol):
             self.sent += len(data)
             original(data)
 
-        self.transport.write = write
+        cast(Any, self.transport).write = write  # counts what goes out
         write(b"NICK nonl\r\nUSER nonl 0 * :x\r\n")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
 
 
@@ -309,12 +316,16 @@ class ConnectionFlood(IRCAbuseTestCase):
         quiet = await self.measure(client, 3)
         idle: list[RawIRC] = []
 
+        def abort(c: RawIRC) -> None:
+            if not c.done:
+                c.transport.abortConnection()
+
         async def open_idle() -> None:
             for _ in range(200):
                 c = RawIRC()
-                await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: c))
+                await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: c))  # noqa: B023 (used at once)
                 idle.append(c)
-                self.addCleanup(lambda c=c: c.done or c.transport.abortConnection())
+                self.addCleanup(abort, c)
 
         opening = defer.ensureDeferred(open_idle())
         attacked = await self.measure(client, 4)

@@ -14,12 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from bench.attacks_rcstream import _eio4
 
@@ -114,7 +114,11 @@ class Healthy:
             self.feed.stop()
         self.stop.set()
         self.ws.close()
-        await deferToThread(lambda: [t.join(10) for t in self.threads])
+        def join() -> None:
+            for t in self.threads:
+                t.join(10)
+
+        await deferToThread(join)
 
     def latencies(self, start: float, end: float) -> list[float]:
         """Delivery latency of the changes sent in [start, end); a change
@@ -139,8 +143,9 @@ class AbuseCase(RCStreamCase):
                 failure = event.get("log_failure")
                 self.failures.append(str(failure.getTraceback() if failure else event)[-2000:])
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        observer = cast(ILogObserver, observe)  # (any callable of an event is one)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     async def attack(self, d: Any, name: str, arg: Any) -> dict:
         """Run bench/attacks_rcstream.py's attack in a process of its own."""

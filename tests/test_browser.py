@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python import log
 
@@ -41,6 +42,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 class NodeScript(ProcessProtocol):
     """A Node script of tests/browser: JSON lines out, JSON lines in."""
+
+    transport: IProcessTransport  # (Twisted types it Optional)
 
     def __init__(self, name: str):
         self.name = name
@@ -98,6 +101,7 @@ class BrowserTestCase(StreamTestCase):
     def script(self, d: Daemon, name: str, *args: str, timeout: float = 100) -> NodeScript:
         """Start tests/browser/<name>; it is killed after `timeout` seconds and
         reaped (with its browser) before the daemon stops."""
+        assert self.node is not None  # (setUp fails without it)
         run = NodeScript(name)
         argv = [self.node, os.path.join(BROWSER_DIR, name), *args, "--timeout", str(timeout - 10)]
         env = {**os.environ, "CHROMIUM": CHROMIUM}
@@ -140,7 +144,8 @@ class BrowserTestCase(StreamTestCase):
     async def outcome(self, run: NodeScript) -> dict:
         await run.ended
         self.assertEqual(run.code, 0, run.describe())
-        self.assertIsNotNone(run.result, run.describe())
+        if run.result is None:
+            self.fail(run.describe())
         return run.result
 
 

@@ -16,7 +16,7 @@ import shutil
 import time
 from datetime import timedelta
 from importlib.metadata import distribution
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional, cast
 
 import requests
 from twisted.internet import reactor, tcp
@@ -51,7 +51,8 @@ def legacy_sseclient() -> Any:
     package `sseclient/` of sseclient-py shadows it for `import sseclient`, so
     it is loaded from its own file under another name."""
     path = distribution("sseclient").locate_file("sseclient.py")
-    spec = importlib.util.spec_from_file_location("sseclient_0_0_27", path)
+    spec = importlib.util.spec_from_file_location("sseclient_0_0_27", str(path))
+    assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.__version__ == "0.0.27", module.__version__
@@ -126,7 +127,8 @@ def read_sseclient_py(
     headers = {"Accept": "text/event-stream", **(headers or {})}
     with requests.get(url, stream=True, headers=headers, timeout=READ_TIMEOUT) as response:
         response.raise_for_status()
-        client = sseclient.SSEClient(Body(response, wire or Wire()))
+        # (its stub asks for an Iterator; it iterates the source and closes it)
+        client = sseclient.SSEClient(cast(Iterator[bytes], Body(response, wire or Wire())))
         messages = []
         for event in client.events():
             messages.append(Message(event.event, event.id, event.data))
@@ -142,9 +144,9 @@ class RecordingSession(requests.Session):
         super().__init__()
         self.sent_ids: list[Optional[str]] = []
 
-    def request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         self.sent_ids.append((kwargs.get("headers") or {}).get("Last-Event-Id"))
-        return super().request(method, url, **kwargs)
+        return super().request(method, url, *args, **kwargs)
 
 
 def read_requests_sse(
@@ -196,15 +198,19 @@ class ClientTestCase(StreamTestCase):
     def setUp(self) -> None:
         self._running: list[Deferred] = []
 
-    async def daemon(self, *overrides: str, extra: str = "") -> Daemon:
-        d = await super().daemon(*overrides, extra=extra)
+    async def daemon(self, *overrides: str, extra: str = "", partitions: dict | None = None) -> Daemon:
+        d = await super().daemon(*overrides, extra=extra, partitions=partitions)
         self.addCleanup(self._settle, d)  # runs before the daemon stops
         return d
 
     def _track(self, d: Deferred) -> Deferred:
         ended: Deferred = Deferred()
         self._running.append(ended)
-        d.addBoth(lambda result: (ended.callback(None), result)[1])
+        def end(result: Any) -> Any:
+            ended.callback(None)
+            return result
+
+        d.addBoth(end)
         return d
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
@@ -262,6 +268,7 @@ class ClientTestCase(StreamTestCase):
         for m in messages:
             meta = m.json["meta"]
             expected[(meta["topic"], meta["partition"])] = meta["offset"] + 1
+            assert m.id is not None, m
             self.assertEqual(positions(m.id), expected, m)
 
 

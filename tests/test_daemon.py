@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
@@ -32,6 +33,8 @@ START_TIMEOUT = 15.0
 
 class Child(ProcessProtocol):
     """Collects a child's output and how it ended."""
+
+    transport: IProcessTransport  # (Twisted types it Optional)
 
     def __init__(self) -> None:
         self.out = b""

@@ -68,7 +68,7 @@ class DemoTestCase(unittest.TestCase):
         """A started feed whose first tick (at START) has been written."""
         feed = DemoFeed(self.backend, stream, rate, path, self.clock)
         feed.startService()
-        self.addCleanup(lambda: feed.running and feed.stopService())
+        self.addCleanup(lambda: feed.stopService() if feed.running else None)
         await self.until(lambda: feed.events, "the sample file to load")
         await self.settle(feed)
         return feed
@@ -84,7 +84,7 @@ class DemoTestCase(unittest.TestCase):
 
     async def stored(self, topic: str) -> list[dict]:
         records = await self.backend.read({(topic, 0): 0}, 100000)
-        return [json.loads(r.value) for r in records if r.topic == topic]
+        return [json.loads(r.value or b"") for r in records if r.topic == topic]
 
     async def all_stored(self) -> list[dict]:
         return await self.stored(EQIAD) + await self.stored(CODFW)
@@ -106,7 +106,7 @@ class Restamping(DemoTestCase):
         feed = DemoFeed(self.backend, RC, 10, self.write_file([sample(0)]), reactor)
         before = time.time()
         feed.startService()
-        self.addCleanup(lambda: feed.running and feed.stopService())
+        self.addCleanup(lambda: feed.stopService() if feed.running else None)
         await self.until(lambda: feed.written >= 1, "a real-time write")
         feed.stopService()
         after = time.time()

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import Any, cast
 
 import requests
+from requests.adapters import HTTPAdapter
 from twisted.internet.utils import getProcessOutputAndValue
 
 from .support import async_test, rc_event
@@ -25,8 +27,9 @@ SECURITY_HEADERS = ("content-security-policy", "x-content-security-policy", "x-w
 def open_and_hold(url: str) -> requests.Response:
     """A stream response whose first bytes have arrived (the caller closes it)."""
     response = requests.get(url, stream=True, timeout=READ_TIMEOUT)
-    response.body = response.iter_content(chunk_size=None)  # kept: dropping it closes the response
-    next(response.body)  # ":ok"
+    body = response.iter_content(chunk_size=None)
+    next(body)  # ":ok"
+    cast(Any, response).body = body  # kept: dropping it closes the response
     return response
 
 
@@ -45,7 +48,7 @@ def head_then_get(base: str) -> tuple[requests.Response, requests.Response, int]
     with requests.Session() as session:
         head = session.head(base + "/v2/stream/test", timeout=READ_TIMEOUT)
         info = session.get(base + "/_info", timeout=READ_TIMEOUT)
-        connections = len(session.adapters["http://"].poolmanager.pools)
+        connections = len(cast(HTTPAdapter, session.adapters["http://"]).poolmanager.pools)
         return head, info, connections
 
 

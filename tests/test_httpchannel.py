@@ -54,6 +54,18 @@ class Budgeted(unittest.TestCase):
         self.assertEqual(self.budget.pending, {})
         self.assertEqual(self.budget.timed_out, 1)
 
+    def test_cut_heads_are_counted_as_metrics_samples_by_listener_and_reason(self):
+        budget = HeadBudget(self.clock, deadline=10, max_pending=3, max_per_address=2, listener="intake")
+        zero = {("refused", 0), ("evicted", 0), ("timed_out", 0)}
+        self.assertEqual({(labels["reason"], n) for _, _, _, labels, n in budget.samples()}, zero)
+        channel, transport = self.connect()
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        counted = {(name, kind, labels["listener"], labels["reason"], n) for name, kind, _, labels, n in self.budget.samples()}
+        self.assertIn(("eventstreams_request_heads_cut_total", "counter", "api", "timed_out", 1), counted)
+        self.assertIn(("eventstreams_request_heads_cut_total", "counter", "api", "refused", 0), counted)
+        self.assertEqual({labels["listener"] for _, _, _, labels, _ in budget.samples()}, {"intake"})
+
     def test_a_whole_head_is_answered_and_the_next_one_has_a_deadline_again(self):
         channel, transport = self.connect()
         channel.dataReceived(REQUEST)

@@ -8,9 +8,12 @@ import uuid
 from datetime import datetime, timezone
 
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
+
+from eventstreams.transports import ITCPConnection
 
 from .test_stream import StreamTestCase
 from .support import RC_TOPICS, Daemon, async_test, rc_event, sleep
@@ -52,6 +55,8 @@ class ChunkedBody:
 class RawResponse(Protocol):
     """Collects everything the server sends until it closes."""
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self, request: bytes):
         self.request = request
         self.data = b""
@@ -63,7 +68,7 @@ class RawResponse(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed.callback(self.data)
 
 

@@ -11,12 +11,13 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from typing import cast
 
 import treq
 from twisted.internet import reactor
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
 from eventstreams import strictjson
@@ -50,8 +51,9 @@ class Collector:
 
     def __init__(self, case) -> None:
         self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)  # (any callable of an event is one)
+        globalLogPublisher.addObserver(observer)
+        case.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def critical(self) -> list[dict]:
         return [e for e in self.events if getattr(e.get("log_level"), "name", "") == "critical"]
@@ -560,11 +562,12 @@ class Killed(DaemonTestCase):
         data = json.dumps(batch).encode()
         url = f"http://127.0.0.1:{ports['intake']}/v1/events"
         pool = HTTPConnectionPool(reactor, persistent=False)
+        headers: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
 
         for attempt in range(3):  # kill mid-write: each time after a little longer
             child = self.spawn(*args)
             await self.wait_listening(child, ports["intake"])
-            posted = treq.post(url, data=data, headers={"Content-Type": "application/json"}, pool=pool)
+            posted = treq.post(url, data=data, headers=headers, pool=pool)
             posted.addErrback(lambda f: None)  # the connection dies with the daemon
             await sleep(0.05 + 0.15 * attempt)
             child.transport.signalProcess("KILL")
@@ -574,7 +577,7 @@ class Killed(DaemonTestCase):
         await self.wait_listening(child, ports["intake"])
         deadline = time.monotonic() + 60
         while True:
-            response = await treq.post(url, data=data, headers={"Content-Type": "application/json"}, pool=pool)
+            response = await treq.post(url, data=data, headers=headers, pool=pool)
             body = json.loads(await response.content())
             if response.code != 503 or time.monotonic() > deadline:
                 break

@@ -11,10 +11,13 @@ from typing import Any, Callable
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
-from .support import Daemon, async_test, rc_event, sleep
+from eventstreams.transports import ITCPConnection
+
+from .support import Daemon, async_test, cancelling, rc_event, sleep
 from .test_stream import StreamTestCase
 
 IRC = ("irc.listen=tcp:0:interface=127.0.0.1",)
@@ -38,6 +41,8 @@ def golden(name: str) -> tuple[dict, str, str]:
 class RawIRC(Protocol):
     """Lines as the server sent them (CRLF-split bytes, decoded)."""
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self) -> None:
         self.buffer = b""
         self.lines: list[str] = []
@@ -51,7 +56,7 @@ class RawIRC(Protocol):
         self.lines += [line.decode("utf-8") for line in complete]
         self._check()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
         self.closed.callback(None)
         self._check()
@@ -79,7 +84,7 @@ class RawIRC(Protocol):
                 d.errback(AssertionError(f"timed out; got {self.lines[-10:]!r}"))
 
         call = reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        d.addBoth(cancelling(call))
         return d
 
     def wait_line(self, start: int, test: Callable[[str], bool], timeout: float = 10) -> Deferred:
@@ -337,7 +342,7 @@ class IRCStreamReplies(IRCTestCase):
         client = RawIRC()
         endpoint = (TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint)(reactor, self.host, d.ports["irc"])
         await endpoint.connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
         return client
 
     async def exchange(self, client: RawIRC, *lines: str) -> list[str]:

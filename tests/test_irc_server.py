@@ -24,9 +24,12 @@ BOT = ":rc-pmtpa!rc-pmtpa@irc.wikimedia.org"
 class Client:
     """One protocol instance over a StringTransport."""
 
-    def __init__(self, server: IRCServer):
-        self.protocol = server.factory.buildProtocol(None)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 4242))
+    def __init__(self, server: IRCServer, transport: StringTransport | None = None):
+        protocol = server.factory.buildProtocol(None)
+        assert protocol is not None, "the server is not running"
+        self.protocol = protocol
+        self.transport = transport if transport is not None else StringTransport(
+            peerAddress=IPv4Address("TCP", "10.0.0.7", 4242))
         self.protocol.makeConnection(self.transport)
 
     def send(self, *lines: str) -> None:
@@ -445,16 +448,14 @@ class Batches(ServerTestCase):
     batch, the same bytes object for every member."""
 
     def recorded(self, *channels: str) -> tuple[Client, RecordingTransport]:
-        client = Client.__new__(Client)
-        client.protocol = self.server.factory.buildProtocol(None)
-        client.transport = RecordingTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 4242))
-        client.protocol.makeConnection(client.transport)
+        transport = RecordingTransport(peerAddress=IPv4Address("TCP", "10.0.0.7", 4242))
+        client = Client(self.server, transport)
         client.register()
         for channel in channels:
             client.send(f"JOIN {channel}")
         client.lines()
-        client.transport.writes.clear()
-        return client, client.transport
+        transport.writes.clear()
+        return client, transport
 
     def test_one_write_per_member_per_channel_per_batch(self):
         self.server.broadcast("#de.wikipedia", "creates the channel")
@@ -551,11 +552,7 @@ class Limits(ServerTestCase):
                                  max_clients=4, max_clients_per_address=2, registration_timeout=30)
 
     def at(self, host: str) -> Client:
-        client = Client.__new__(Client)
-        client.protocol = self.server.factory.buildProtocol(None)
-        client.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 4242))
-        client.protocol.makeConnection(client.transport)
-        return client
+        return Client(self.server, StringTransport(peerAddress=IPv4Address("TCP", host, 4242)))
 
     def test_commands_beyond_the_burst_wait_for_tokens_and_all_run(self):
         client = self.client()
@@ -605,11 +602,11 @@ class Limits(ServerTestCase):
         self.assertEqual(client.lines(), [":irc.wikimedia.org PONG irc.wikimedia.org a"])
 
     def test_connections_per_address_and_in_all_are_capped(self):
-        a1, a2, a3 = self.at("10.0.0.1"), self.at("10.0.0.1"), self.at("10.0.0.1")
+        a1, _, a3 = self.at("10.0.0.1"), self.at("10.0.0.1"), self.at("10.0.0.1")
         self.assertEqual(a3.lines(), ["ERROR :Closing Link: (Too many connections from your address)"])
         self.assertTrue(a3.transport.disconnecting)
         self.assertEqual((a1.lines(), a1.transport.disconnecting), ([], False))
-        b1, b2, c1 = self.at("10.0.0.2"), self.at("10.0.0.2"), self.at("10.0.0.3")
+        _, _, c1 = self.at("10.0.0.2"), self.at("10.0.0.2"), self.at("10.0.0.3")
         self.assertEqual(c1.lines(), ["ERROR :Closing Link: (Server is full, try later)"])
         self.assertEqual(len(self.server.clients), 4)
         samples = {name: value for name, _, _, _, value in self.server.samples()}
@@ -635,7 +632,7 @@ class Limits(ServerTestCase):
 
 class IPv6Hosts(ServerTestCase):
     def at(self, host: str) -> Client:
-        return Limits.at(self, host)
+        return Client(self.server, StringTransport(peerAddress=IPv4Address("TCP", host, 4242)))
 
     def test_a_host_starting_with_a_colon_is_shown_with_a_zero(self):
         client = self.at("::1")

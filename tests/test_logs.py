@@ -65,7 +65,7 @@ class JSONFormat(unittest.TestCase):
         out = Lines()
         log = Logger(namespace="x", observer=LogPublisher(JSONLines(out)))
         try:
-            1 / 0
+            _ = 1 / 0
         except ZeroDivisionError:
             log.failure("request failed")
         record = json.loads(out.text)

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+from typing import Any, Callable
 
 import treq
 from twisted.internet import reactor
@@ -36,7 +37,7 @@ def mixed_events() -> tuple[list[dict], list[dict]]:
 
 
 class RCStreamCase(StreamTestCase):
-    overrides = ("rcstream.stream=recentchange", "rcstream.poll_timeout=1")
+    overrides: tuple[str, ...] = ("rcstream.stream=recentchange", "rcstream.poll_timeout=1")
 
     async def wait_subscribed(self, d, sessions: int = 1, timeout: float = 60) -> None:
         bridge = d.service.rcstream
@@ -247,7 +248,8 @@ def ws_frames(port: int, path: str, wanted: int, timeout: float = 10) -> list[tu
         key = base64.b64encode(os.urandom(16)).decode()
         s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        data, frames = b"", []
+        data = b""
+        frames: list[tuple[int, bool, str]] = []  # (opcode, fin, text)
         head = None
         while sum(1 for f in frames if f[0] == 1) < wanted:
             try:
@@ -340,19 +342,22 @@ class SlowWebSocket(RCStreamCase):
         await sleep(1.2)  # autobahn's close handshake timer (1 s) runs out
 
 
+async def installed(install: Callable[[], Any]) -> Any:
+    """What `install` makes (a client's environment), or a skip when it
+    cannot be had (a failure under CI)."""
+    try:
+        return await deferToThread(install)
+    except rcstream_clients.Unavailable as e:
+        if os.environ.get("CI") == "true":
+            raise
+        raise unittest.SkipTest(str(e)) from None
+
+
 class RealClients(RCStreamCase):
     """Each client subscribes to `*.wikipedia.org`, gets exactly the matching
     changes of a mixed batch fed to the log, and the change objects match."""
 
     timeout = 180
-
-    async def client(self, install, *argv_tail) -> list:
-        try:
-            return await deferToThread(install)
-        except rcstream_clients.Unavailable as e:
-            if os.environ.get("CI") == "true":
-                raise
-            raise unittest.SkipTest(str(e))
 
     async def check(self, d, argv: list[str], cwd=None, ordered: bool = True) -> list[dict]:
         events, expected = mixed_events()
@@ -373,19 +378,19 @@ class RealClients(RCStreamCase):
         return lines
 
     async def sio09(self, transport: str) -> list[dict]:
-        python = await self.client(lambda: rcstream_clients.python_env("sio09"))
+        python = await installed(lambda: rcstream_clients.python_env("sio09"))
         d = await self.daemon()
         script = str(rcstream_clients.CLIENTS / "client_sio09.py")
         return await self.check(d, [str(python), script, str(d.ports["api"]), transport, '"*.wikipedia.org"', "3", "30"])
 
     async def node(self, version: str, transport: str) -> list[dict]:
-        modules = await self.client(rcstream_clients.node_modules)
+        modules = await installed(rcstream_clients.node_modules)
         d = await self.daemon()
         return await self.check(d, ["node", "client.js", version, d.url(""), transport, '["*.wikipedia.org"]', "3", "30"],
                                 cwd=str(modules))
 
     async def sio5(self, transports: str) -> list[dict]:
-        python = await self.client(lambda: rcstream_clients.python_env("sio5"))
+        python = await installed(lambda: rcstream_clients.python_env("sio5"))
         d = await self.daemon()
         script = str(rcstream_clients.CLIENTS / "client_sio5.py")
         return await self.check(d, [str(python), script, d.url(""), transports, '"*.wikipedia.org"', "3", "30"],
@@ -489,7 +494,6 @@ class LegacyClientsHostileText(RCStreamCase):
     declared lengths matter; each must arrive, equal to what was fed."""
 
     timeout = 180
-    client = RealClients.client
 
     async def check(self, d, argv: list[str], cwd=None, ordered: bool = True) -> list[dict]:
         events = hostile_events()
@@ -511,20 +515,20 @@ class LegacyClientsHostileText(RCStreamCase):
         return lines
 
     async def sio09(self, transport: str) -> list[dict]:
-        python = await self.client(lambda: rcstream_clients.python_env("sio09"))
+        python = await installed(lambda: rcstream_clients.python_env("sio09"))
         d = await self.daemon()
         script = str(rcstream_clients.CLIENTS / "client_sio09.py")
         return await self.check(d, [str(python), script, str(d.ports["api"]), transport, '"*.wikipedia.org"', "10",
                                     "30"])
 
     async def node(self, version: str, transport: str) -> list[dict]:
-        modules = await self.client(rcstream_clients.node_modules)
+        modules = await installed(rcstream_clients.node_modules)
         d = await self.daemon()
         return await self.check(d, ["node", "client.js", version, d.url(""), transport, '["*.wikipedia.org"]', "10",
                                     "30"], cwd=str(modules))
 
     async def sio4(self, transports: str) -> list[dict]:
-        python = await self.client(lambda: rcstream_clients.python_env("sio4"))
+        python = await installed(lambda: rcstream_clients.python_env("sio4"))
         d = await self.daemon()
         script = str(rcstream_clients.CLIENTS / "client_sio5.py")
         return await self.check(d, [str(python), script, d.url(""), transports, '"*.wikipedia.org"', "10", "30"],

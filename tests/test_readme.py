@@ -163,7 +163,7 @@ class Daemon:
         """The listener line, once the daemon has logged it."""
         deadline = time.monotonic() + START
         while time.monotonic() < deadline:
-            line = next((l for l in self.output.splitlines() if "EventStreams http" in l), None)
+            line = next((ln for ln in self.output.splitlines() if "EventStreams http" in ln), None)
             if line is not None:
                 return line
             if self.process.poll() is not None:

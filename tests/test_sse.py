@@ -1,11 +1,14 @@
 """SSE and NDJSON framing, byte for byte, and record decoding."""
 from __future__ import annotations
 
+import json
+
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventstreams.backends.base import Record
 from eventstreams.hub import Entry, decode_checked, decode_record
-from eventstreams.sse import comment_frame, error_frame, event_frame, id_frame, ndjson_line
+from eventstreams.sse import Connections, ResponseSink, comment_frame, error_frame, event_frame, id_frame, ndjson_line
 
 TPS = (("eqiad.rc", 0), ("codfw.rc", 0))
 
@@ -13,7 +16,7 @@ TPS = (("eqiad.rc", 0), ("codfw.rc", 0))
 def entry(value: bytes, key: bytes | None = None) -> Entry:
     record = Record("eqiad.rc", 0, 41, 1700000000122, key, value)
     event, data = decode_record(record)
-    return Entry(7, record, event, data, TPS, ((42, 1700000000123), (5, None)))
+    return Entry(7, record, event, data, TPS, ((42, (1700000000123, 0)), (5, None)))
 
 
 class Framing(SynchronousTestCase):
@@ -61,6 +64,24 @@ class Framing(SynchronousTestCase):
             b'event: error\nid: [{"topic":"t","partition":0,"offset":1}]\ndata: {"status":500,"detail":"\xc3\xa9"}\n\n',
         )
         self.assertEqual(error_frame(None, {}), b"event: error\ndata: {}\n\n")
+
+
+class Failing(SynchronousTestCase):
+    def failed(self, ndjson: bool) -> dict:
+        out: list[bytes] = []
+        sink = ResponseSink(out.append, lambda: None, ndjson, False, Connections(Clock(), 15), ("s",), "127.0.0.1")
+        sink.uri = "/v2/stream/s?since=2024-01-01"
+        sink.begin()
+        sink.fail("the event log could not be read: gone")
+        last = b"".join(out).rstrip(b"\n").split(b"\n")[-1]
+        return json.loads(last)["error"] if ndjson else json.loads(last.removeprefix(b"data: "))
+
+    def test_a_failed_stream_says_why_in_the_api_error_shape_with_method_and_uri(self):
+        expected = {"status": 500, "type": "internal_error", "title": "Stream Error",
+                    "detail": "the event log could not be read: gone", "method": "get",
+                    "uri": "/v2/stream/s?since=2024-01-01"}
+        self.assertEqual(self.failed(ndjson=False), expected)
+        self.assertEqual(self.failed(ndjson=True), expected)
 
 
 class Decoding(SynchronousTestCase):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any, cast
 
 from twisted.trial import unittest
 
@@ -56,7 +57,7 @@ class ParseStreamRequest(unittest.SynchronousTestCase):
     def test_the_request_is_frozen(self):
         wanted = self.parse("recentchange")
         with self.assertRaises(dataclasses.FrozenInstanceError):
-            wanted.since = 5  # type: ignore[misc]
+            wanted.since = 5
 
     def test_unknown_streams_are_named_in_the_error(self):
         error = self.error("recentchange,nope,other")
@@ -144,7 +145,7 @@ class StreamResponseAdmission(unittest.SynchronousTestCase):
         from eventstreams.streamresponse import StreamResponse
 
         return StreamResponse(DummyRequest([b"v2", b"stream", b"s"]), self.wanted, ip, service=self.service,
-                              backend=None, hubs=None, connections=self.connections, clock=self.clock,
+                              backend=cast(Any, None), hubs=cast(Any, None), connections=self.connections, clock=self.clock,
                               limits=self.limits, common_headers=lambda request: None)
 
     def test_a_slot_is_held_from_admission_to_the_sinks_loss(self):

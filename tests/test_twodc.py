@@ -71,7 +71,7 @@ def produce(bootstrap: str, records: list[tuple[str, int, int, dict]]) -> None:
     errors: list[Any] = []
     for topic, partition, timestamp, event in records:
         producer.produce(topic, json.dumps(event).encode(), partition=partition, timestamp=timestamp,
-                         on_delivery=lambda e, m: e and errors.append(e))
+                         on_delivery=lambda e, m: errors.extend([e] if e else []))
     assert producer.flush(30) == 0 and not errors, errors
 
 
@@ -151,6 +151,7 @@ class TwoDatacenters(unittest.TestCase):
 
     async def mirrored(self, prefix: str, records: list[tuple[str, int, int, dict]]) -> None:
         """Wait until B holds copies of all these records."""
+        assert KAFKA_B, "setUp skips without a cluster B"
         ends: dict[tuple[str, int], int] = {}
         for topic, p, _, _ in records:
             ends[(topic, p)] = ends.get((topic, p), LOCAL_ONLY) + 1
@@ -166,7 +167,7 @@ class TwoDatacenters(unittest.TestCase):
         where = {e["id"]: (t, p) for t, p, _, e in produced}
         seen: dict[tuple[str, int], list[int]] = {}
         for e in events:
-            seen.setdefault(where.get(e.get("id"), ("?", -1)), []).append(e.get("id"))
+            seen.setdefault(where.get(e.get("id"), ("?", -1)), []).append(e["id"])
         return seen
 
     @async_test
@@ -195,7 +196,8 @@ class TwoDatacenters(unittest.TestCase):
             # Read at least into the third burst, then cut the client right
             # after the 2nd record of a millisecond: the id it resumes with
             # stands inside that millisecond.
-            await client.wait_for(lambda: len(client.events) >= already + 2 * len(batch) // 4 + 2, timeout=30)
+            want = already + 2 * len(batch) // 4 + 2
+            await client.wait_for(lambda c=client, n=want: len(c.events) >= n, timeout=30)
             blocks = [blk for blk in client.blocks if blk.get("event") == "message"]
             cut = next((i for i in range(already + len(batch) // 4, len(blocks))
                         if json.loads(blocks[i]["data"])["id"] % BURST == 1), None)

@@ -345,9 +345,11 @@ class WorkerDaemon(DaemonTestCase):
 
     def served_by(self, child: Child, client: Any) -> int:
         inode = server_socket_inode(self.ports["eventstreams"], client.transport.getHost().port)
-        self.assertIsNotNone(inode)
+        if inode is None:
+            self.fail("the connection's server socket was not found")
         pid = holder({child.transport.pid} | self.workers_of(child), inode)
-        self.assertIsNotNone(pid, "no process of the daemon holds the connection")
+        if pid is None:
+            self.fail("no process of the daemon holds the connection")
         return pid
 
     async def stream_on_new_process(self, child: Child, seen: set[int], headers: Optional[dict] = None,
@@ -389,7 +391,8 @@ class WorkerDaemon(DaemonTestCase):
         workers = self.workers_of(child)
         self.assertEqual(len(workers), 2)
         # Clients spread over the processes; keep one on each of the three.
-        clients, pids = [], set()
+        clients: list[Any] = []
+        pids: set[int] = set()
         while len(pids) < 3:
             client, pid = await self.stream_on_new_process(child, pids)
             clients.append(client)

@@ -43,14 +43,17 @@ from typing import Any, Callable, Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eventstreams import __version__
 from eventstreams.fastwrite import no_delay, writer_for
+from eventstreams.metrics import Sample
 from eventstreams.pacing import Pacer
+from eventstreams.transports import ITCPConnection
 
 from .config import IRCConfig
 from .flood import TokenBucket
@@ -236,7 +239,7 @@ class IRCServer(Service):
 
     # -- metrics -------------------------------------------------------------
 
-    def samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+    def samples(self) -> list[Sample]:
         c = self.counters
         return [
             ("eventstreams_irc_clients", "gauge", "Connected IRC clients.", {}, len(self.clients)),
@@ -267,6 +270,8 @@ class _ClientFactory(Factory):
 
 @implementer(IPushProducer)
 class IRCClient(Protocol):
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self, server: IRCServer):
         self.server = server
         self.config = server.config
@@ -320,7 +325,7 @@ class IRCClient(Protocol):
         no_delay(self.transport)
         self.transport.registerProducer(self, True)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         for call in (self._abort, self._deadline, self._wakeup):
             if call is not None and call.active():
                 call.cancel()
@@ -597,7 +602,7 @@ class IRCClient(Protocol):
         self.reply(RPL.TOPICWHOTIME, channel.name, self.server.bot, str(channel.created), trailing=False)
 
     def _names(self, channel: Channel) -> None:
-        names = ([self.nick] if channel in self.channels else []) + ["@" + self.config.botname]
+        names = ([self.nick] if channel in self.channels and self.nick is not None else []) + ["@" + self.config.botname]
         self.reply(RPL.NAMREPLY, "=", channel.name, " ".join(names))
         self.reply(RPL.ENDOFNAMES, channel.name, "End of /NAMES list")
 

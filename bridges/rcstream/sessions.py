@@ -30,13 +30,14 @@ import secrets
 from collections import OrderedDict, deque
 from fnmatch import translate
 from itertools import islice
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from eventstreams.metrics import Sample
 from eventstreams.pacing import Pacer
 
 from . import packets as P
@@ -244,6 +245,9 @@ class Session:
         self.matchers = {}
 
 
+AnySession = TypeVar("AnySession", bound=Session)
+
+
 class Sio09Session(Session):
     """Socket.IO 0.9: `1::` on open, `2::` heartbeats, `5::/rc:{…}` events."""
 
@@ -433,7 +437,7 @@ class Bridge(Service):
             return FULL_FOR_ADDRESS
         return None
 
-    def create(self, factory: Callable[["Bridge", str], Session], address: str = "") -> Optional[Session]:
+    def create(self, factory: Callable[["Bridge", str], AnySession], address: str = "") -> Optional[AnySession]:
         """A new session, or None when the session caps are reached (the
         handshake was let through by refusal() first)."""
         if self._full(address) is not None:
@@ -503,12 +507,14 @@ class Bridge(Service):
         """StreamFeed's batch callback: the changes wait for the next flush."""
         changes = self._pending
         for event, _ in events:
-            meta = event.get("meta") if isinstance(event.get("meta"), dict) else {}
-            if meta.get("domain") == "canary":
+            raw_meta = event.get("meta")
+            meta: dict = raw_meta if isinstance(raw_meta, dict) else {}
+            domain = meta.get("domain")
+            if domain == "canary":
                 continue
             server_name = event.get("server_name")
             if not isinstance(server_name, str):
-                server_name = meta.get("domain") if isinstance(meta.get("domain"), str) else ""
+                server_name = domain if isinstance(domain, str) else ""
             changes.append((server_name, event))
         if changes:
             self._pacer.request()
@@ -546,7 +552,7 @@ class Bridge(Service):
     def status_json(self) -> bytes:
         return json.dumps(self.status(), separators=(",", ":")).encode()
 
-    def samples(self) -> list:
+    def samples(self) -> list[Sample]:
         status = self.status()
         return [
             ("eventstreams_rcstream_sessions", "gauge", "Open RCStream (Socket.IO) sessions.", {},

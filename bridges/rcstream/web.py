@@ -6,17 +6,18 @@ poll_timeout, a noop; a newer GET releases the older one with a noop.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 from urllib.parse import parse_qs
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from eventstreams.fastwrite import no_delay, writer_for
+from eventstreams.transports import ITCPConnection
 from eventstreams.web import client_ip
 
 from . import packets as P
@@ -100,12 +101,13 @@ class PollTransport:
                  jsonp: Optional[str] = None, binary: bool = False):
         self.request, self.session, self.jsonp, self.binary = request, session, jsonp, binary
         self.ready = True
-        self._timer = clock.callLater(timeout, self._expire)
+        self._timer: Optional[IDelayedCall] = clock.callLater(timeout, self._expire)
         request.notifyFinish().addBoth(self._gone)
 
     def deliver(self, packets: list[str]) -> None:
         if self.jsonp is not None:
-            body, kind = P.jsonp_body(self.jsonp, packets), b"text/javascript; charset=UTF-8"
+            body: str | bytes = P.jsonp_body(self.jsonp, packets)
+            kind = b"text/javascript; charset=UTF-8"
         else:
             body, kind = payload(self.session, packets, self.binary)
         self._finish(body, kind)
@@ -278,11 +280,11 @@ class EioResource(_TransportResource):
             normalise_origin(request)
             return self.websocket.render(request)  # the session is created once open
         if sid is None:
-            session = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)),
+            created = self.bridge.create(lambda bridge, sid: EioSession(bridge, sid, int(version)),
                                          self.address(request))
-            if session is None:
+            if created is None:
                 return self._error(request, 3, "Too many sessions", 503)
-            return reply(request, session.encode(session.opening(["websocket"])))  # type: ignore[attr-defined]  # an EioSession
+            return reply(request, created.encode(created.opening(["websocket"])))
         session = self.bridge.sessions.get(sid)
         if session is None or session.generation is not P.EIO.get(int(version)):
             return self._error(request, 1, "Session ID unknown")
@@ -307,6 +309,7 @@ class SocketProtocol(WebSocketServerProtocol):
     sendMessage.
     """
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
     bridge: Bridge
     ip_header: Optional[str] = None
     address = ""
@@ -350,7 +353,7 @@ class SocketProtocol(WebSocketServerProtocol):
                 self.sendClose()
                 return
             self.session = created
-            for packet in created.opening([]):  # type: ignore[attr-defined]
+            for packet in created.opening([]):
                 self.sendMessage(packet.encode())
             created.attach(self)
             return
@@ -463,7 +466,8 @@ class SocketIOResource(Resource):
     def __init__(self, bridge: Bridge, clock: IReactorTime, ip_header: Optional[str] = None):
         super().__init__()
         factory = WebSocketServerFactory()
-        factory.protocol = type("BridgeSocketProtocol", (SocketProtocol,), {"bridge": bridge, "ip_header": ip_header})
+        factory.protocol = cast("type[SocketProtocol]", type("BridgeSocketProtocol", (SocketProtocol,),
+                                                            {"bridge": bridge, "ip_header": ip_header}))
         limit = bridge.config.max_message  # more: closed with 1009 (message too big), not buffered
         factory.setProtocolOptions(autoFragmentSize=0, maxMessagePayloadSize=limit, maxFramePayloadSize=limit,
                                   failByDrop=False)  # a client over a limit gets a close frame saying why

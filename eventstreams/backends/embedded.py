@@ -144,7 +144,7 @@ class EmbeddedBackend:
         if retention < 0:
             raise ValueError(f"retention must be 0 (forever) or more, not {retention}")
         if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+            from twisted.internet import reactor
         self.path = path
         self.retention = retention
         self.partitions_per_topic = partitions

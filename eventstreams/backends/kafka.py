@@ -71,7 +71,7 @@ class LibrdkafkaLog(logging.Logger):
         self.reactor = reactor
         self._seen: dict[str, float] = {}
 
-    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
         text = msg % args if args else str(msg)
         key = re.sub(r"\(after \d+ms[^)]*\)", "", text)
         now = time.monotonic()
@@ -443,7 +443,7 @@ class KafkaBackend:
                 else:
                     self.reactor.callFromThread(d.callback, to_record(message))
 
-            kwargs = {"timestamp": timestamp} if timestamp is not None else {}
+            kwargs: dict[str, Any] = {"timestamp": timestamp} if timestamp is not None else {}
             try:
                 producer.produce(topic, value, key, on_delivery=delivered, **kwargs)
             except (KafkaException, BufferError) as e:
