@@ -290,6 +290,9 @@ def run_scenario(args: argparse.Namespace) -> None:
         r = results["load"]
         cpu2 = server.cpu()
         report("load: connected (200) / failed", f"{r.connected} / {r.failed}")
+        report("refused or cut: non-200 / closed unanswered",
+               f"{sum(v for k, v in r.statuses.items() if k != 200)} {dict(sorted(r.statuses.items()))} / "
+               f"{r.unanswered}")
         if args.scenario == "storm":
             report("resumed with Last-Event-ID (200)", f"{r.resumed} / {r.connected}")
             report("reconnect to response head p50 / p99 / max",
