@@ -1,6 +1,6 @@
 """Attacks on the RCStream bridge (issue 12), as blocking functions of the
 standard library only: the abuse benchmark runs them in processes of their
-own, the abuse tests (tests/test_abuse_rcstream.py) in a subprocess.
+own, the abuse tests (tests/test_abuse.py) in a subprocess.
 
 Each returns a dict of counts. `headers` (e.g. {"X-Forwarded-For": "10.0.0.7"})
 lets a run pose as another address when the daemon trusts

@@ -180,7 +180,45 @@ def rc_event(n: int, wiki: str = "enwiki", type: str = "edit", bot: bool = False
     }
 
 
-class StreamClient(Protocol):
+class Waiters:
+    """Deferreds that fire when a predicate over a protocol's state holds:
+    the protocol calls `_check_waiters()` whenever that state changes (and
+    sets `self._waiters = []`); `_timed_out()` says what it got so far."""
+
+    _waiters: list[tuple[Callable[[], bool], Deferred]]
+    wait_timeout = 10.0
+
+    def _check_waiters(self) -> None:
+        for item in list(self._waiters):
+            predicate, d = item
+            if predicate():
+                self._waiters.remove(item)
+                d.callback(self)
+
+    def _timed_out(self) -> Exception:
+        return AssertionError("timed out")
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> Deferred:
+        """Fires with the protocol when predicate() holds; fails after
+        `timeout` seconds (default `wait_timeout`)."""
+        d: Deferred = Deferred()
+        if predicate():
+            d.callback(self)
+            return d
+        item = (predicate, d)
+        self._waiters.append(item)
+
+        def expire() -> None:
+            if not d.called:
+                self._waiters.remove(item)
+                d.errback(self._timed_out())
+
+        call = reactor.callLater(self.wait_timeout if timeout is None else timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+
+class StreamClient(Waiters, Protocol):
     """Sends one GET, parses the response head, de-chunks the body and splits
     SSE blocks (or NDJSON lines). The test can pause reading entirely."""
 
@@ -287,29 +325,8 @@ class StreamClient(Protocol):
         self.closed.callback(None)
         self._check_waiters()
 
-    def _check_waiters(self) -> None:
-        for item in list(self._waiters):
-            predicate, d = item
-            if predicate():
-                self._waiters.remove(item)
-                d.callback(self)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
-        """Fires when predicate() holds; fails after timeout seconds."""
-        d: Deferred = Deferred()
-        if predicate():
-            d.callback(self)
-            return d
-        self._waiters.append((predicate, d))
-
-        def expire() -> None:
-            if not d.called:
-                self._waiters.remove((predicate, d))
-                d.errback(AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}"))
-
-        call = reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
+    def _timed_out(self) -> Exception:
+        return AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}")
 
     def wait_events(self, n: int, timeout: float = 10) -> Deferred:
         return self.wait_for(lambda: len(self.events) >= n, timeout)
