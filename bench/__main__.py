@@ -339,6 +339,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a configuration override for the server (repeatable), e.g. eventstreams.fan_out_interval=0.1")
     parser.add_argument("--rate", type=float, default=0, help="events per second (default: the scenario's)")
+    parser.add_argument("--attacks", default="", metavar="NAME,...",
+                        help="abuse: only the attacks whose names contain one of these (e.g. drip,IRC); default all")
     parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
     args = parser.parse_args()
     args.seconds = min(args.seconds, 60)

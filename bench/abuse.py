@@ -39,8 +39,8 @@ RATE = bridges.RATE  # 30 events/s
 
 # The bridges' per-address caps as shipped (etc/streams.ini): the attacks
 # must meet them. Healthy clients come from load.SOURCE_ADDRESSES
-# (127.0.0.2-11), the attackers from 127.0.0.1 (IRC, RCStream) and
-# 127.0.2.x (HTTP), so the caps tell them apart; only when N/10 bridge
+# (127.0.0.2-11), the attackers from 127.0.3.x (IRC, RCStream, ATTACKERS)
+# and 127.0.2.x (HTTP), so the caps tell them apart; only when N/10 bridge
 # clients would put more than a cap on one healthy address is that cap
 # raised to fit them (reported).
 CAPS = {"irc": {"max_clients": 10000, "max_clients_per_address": 50},
@@ -133,6 +133,12 @@ class Probe(threading.Thread):
 # -- attacks (processes on core 1) -------------------------------------------------------
 
 
+# The bridges' attackers, one address each: one attack's share of a
+# per-address cap (the handshake flood's of max_handshakes_per_second) would
+# otherwise refuse another before it began.
+ATTACKERS = {"irc": "127.0.3.1", "patterns": "127.0.3.2", "message": "127.0.3.3", "handshakes": "127.0.3.4"}
+
+
 def attack_list(server: Any, seconds: float) -> list[tuple[str, str, str, tuple]]:
     """(name, module, function, args) of every attack."""
     api, irc = server.port, server.irc
@@ -141,10 +147,13 @@ def attack_list(server: Any, seconds: float) -> list[tuple[str, str, str, tuple]
         ("HEAD pipelining", "bench.attacks_http", "run_head_pipelining", ("127.0.0.1", api, seconds)),
         ("huge Last-Event-ID", "bench.attacks_http", "run_huge_last_event_id", ("127.0.0.1", api, seconds)),
         ("bad paths", "bench.attacks_http", "run_bad_paths", ("127.0.0.1", api, seconds)),
-        ("IRC flood", "bench.attacks_irc", "run_irc_flood", ("127.0.0.1", irc, seconds)),
-        ("subscription patterns", "bench.attacks_rcstream", "run_pattern_attack", ("127.0.0.1", api, seconds)),
-        ("200 MB WebSocket message", "bench.attacks_rcstream", "run_big_ws_message", ("127.0.0.1", api, 200 << 20)),
-        ("handshake flood", "bench.attacks_rcstream", "run_handshake_flood", ("127.0.0.1", api, seconds)),
+        ("IRC flood", "bench.attacks_irc", "run_irc_flood", ("127.0.0.1", irc, seconds, 10, ATTACKERS["irc"])),
+        ("subscription patterns", "bench.attacks_rcstream", "run_pattern_attack",
+         ("127.0.0.1", api, seconds, 10, 60_000, 2.0, None, ATTACKERS["patterns"])),
+        ("200 MB WebSocket message", "bench.attacks_rcstream", "run_big_ws_message",
+         ("127.0.0.1", api, 200 << 20, 1 << 20, None, ATTACKERS["message"])),
+        ("handshake flood", "bench.attacks_rcstream", "run_handshake_flood",
+         ("127.0.0.1", api, seconds, 100, None, ATTACKERS["handshakes"])),
     ]
 
 
@@ -227,6 +236,10 @@ def run(args: Any) -> None:
         start = time.time()
         publisher.start()
         attacks = attack_list(server, seconds)
+        wanted = [w.strip().lower() for w in getattr(args, "attacks", "").split(",") if w.strip()]
+        if wanted:
+            attacks = [a for a in attacks if any(w in a[0].lower() for w in wanted)]
+            print(f"# only these attacks: {', '.join(a[0] for a in attacks)}", flush=True)
         skipped = sorted({m for _, m, _, _ in attacks if not available(m)})
         for module in skipped:
             print(f"# note: {module.replace('.', '/')}.py is missing: its attacks are skipped", flush=True)
