@@ -182,7 +182,12 @@ class Server:
 
     def wait_connected(self, n: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.connected() < n:
+        while time.monotonic() < deadline:
+            try:
+                if self.connected() >= n:
+                    return
+            except OSError:  # the metrics listener is slow to answer during a ramp: ask again
+                pass
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -290,6 +295,9 @@ def run_scenario(args: argparse.Namespace) -> None:
         r = results["load"]
         cpu2 = server.cpu()
         report("load: connected (200) / failed", f"{r.connected} / {r.failed}")
+        report("refused or cut: non-200 / closed unanswered",
+               f"{sum(v for k, v in r.statuses.items() if k != 200)} {dict(sorted(r.statuses.items()))} / "
+               f"{r.unanswered}")
         if args.scenario == "storm":
             report("resumed with Last-Event-ID (200)", f"{r.resumed} / {r.connected}")
             report("reconnect to response head p50 / p99 / max",
@@ -336,6 +344,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a configuration override for the server (repeatable), e.g. eventstreams.fan_out_interval=0.1")
     parser.add_argument("--rate", type=float, default=0, help="events per second (default: the scenario's)")
+    parser.add_argument("--attacks", default="", metavar="NAME,...",
+                        help="abuse: only the attacks whose names contain one of these (e.g. drip,IRC); default all")
     parser.add_argument("--connect-rate", type=float, default=0, help="new connections per second (0 = as fast as possible)")
     args = parser.parse_args()
     args.seconds = min(args.seconds, 60)

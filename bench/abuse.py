@@ -1,7 +1,7 @@
 """`python -m bench abuse`: every attack at once against healthy clients (issue 12).
 
 One daemon (twistd, embedded log, core 0) with the IRC and RCStream
-bridges; healthy clients on core 1: N SSE streams, N/10 IRC clients and
+bridges and their per-address caps as shipped (CAPS, below); healthy clients on core 1: N SSE streams, N/10 IRC clients and
 N/10 Socket.IO 0.9 WebSocket clients (`--clients N`, default 1,000), fed
 30 events/s through the intake, and a /_info probe every 0.5 s. The run has
 three phases of one publisher: quiet (`--seconds`), all attacks at once
@@ -36,6 +36,33 @@ from . import bridges, load
 
 AFTER = 10.0  # seconds published after the attacks, before the end
 RATE = bridges.RATE  # 30 events/s
+
+# The bridges' per-address caps as shipped (etc/streams.ini): the attacks
+# must meet them. Healthy clients come from load.SOURCE_ADDRESSES
+# (127.0.0.2-11), the attackers from 127.0.3.x (IRC, RCStream, ATTACKERS)
+# and 127.0.2.x (HTTP), so the caps tell them apart; only when N/10 bridge
+# clients would put more than a cap on one healthy address is that cap
+# raised to fit them (reported).
+CAPS = {"irc": {"max_clients": 10000, "max_clients_per_address": 50},
+        "rcstream": {"max_sessions": 10000, "max_sessions_per_address": 100, "max_handshakes_per_second": 10}}
+
+
+def sections(bridge_count: int) -> tuple[str, list[str]]:
+    """The [irc] and [rcstream] sections with the shipped caps; the caps
+    raised for the healthy clients (if any)."""
+    per_address = -(-bridge_count // len(load.SOURCE_ADDRESSES))
+    text = (bridges.IRC_SECTION + bridges.RCSTREAM_SECTION).replace(
+        "# every load client comes from loopback: no per-address caps (issue 12's)\n", "")
+    raised = []
+    for section, caps in CAPS.items():
+        for key, value in caps.items():
+            if key != "max_clients" and key != "max_sessions" and per_address > value:
+                raised.append(f"{section}.{key}={per_address}")
+                value = per_address
+            old = f"\n{key} = 0\n"
+            assert old in text, key
+            text = text.replace(old, f"\n{key} = {value}\n", 1)
+    return text, raised
 
 
 class Stamped(list):
@@ -106,6 +133,12 @@ class Probe(threading.Thread):
 # -- attacks (processes on core 1) -------------------------------------------------------
 
 
+# The bridges' attackers, one address each: one attack's share of a
+# per-address cap (the handshake flood's of max_handshakes_per_second) would
+# otherwise refuse another before it began.
+ATTACKERS = {"irc": "127.0.3.1", "patterns": "127.0.3.2", "message": "127.0.3.3", "handshakes": "127.0.3.4"}
+
+
 def attack_list(server: Any, seconds: float) -> list[tuple[str, str, str, tuple]]:
     """(name, module, function, args) of every attack."""
     api, irc = server.port, server.irc
@@ -114,10 +147,13 @@ def attack_list(server: Any, seconds: float) -> list[tuple[str, str, str, tuple]
         ("HEAD pipelining", "bench.attacks_http", "run_head_pipelining", ("127.0.0.1", api, seconds)),
         ("huge Last-Event-ID", "bench.attacks_http", "run_huge_last_event_id", ("127.0.0.1", api, seconds)),
         ("bad paths", "bench.attacks_http", "run_bad_paths", ("127.0.0.1", api, seconds)),
-        ("IRC flood", "bench.attacks_irc", "run_irc_flood", ("127.0.0.1", irc, seconds)),
-        ("subscription patterns", "bench.attacks_rcstream", "run_pattern_attack", ("127.0.0.1", api, seconds)),
-        ("200 MB WebSocket message", "bench.attacks_rcstream", "run_big_ws_message", ("127.0.0.1", api, 200 << 20)),
-        ("handshake flood", "bench.attacks_rcstream", "run_handshake_flood", ("127.0.0.1", api, seconds)),
+        ("IRC flood", "bench.attacks_irc", "run_irc_flood", ("127.0.0.1", irc, seconds, 10, ATTACKERS["irc"])),
+        ("subscription patterns", "bench.attacks_rcstream", "run_pattern_attack",
+         ("127.0.0.1", api, seconds, 10, 60_000, 2.0, None, ATTACKERS["patterns"])),
+        ("200 MB WebSocket message", "bench.attacks_rcstream", "run_big_ws_message",
+         ("127.0.0.1", api, 200 << 20, 1 << 20, None, ATTACKERS["message"])),
+        ("handshake flood", "bench.attacks_rcstream", "run_handshake_flood",
+         ("127.0.0.1", api, seconds, 100, None, ATTACKERS["handshakes"])),
     ]
 
 
@@ -157,7 +193,11 @@ def run(args: Any) -> None:
     seconds = args.seconds
     sse_count = args.clients
     bridge_count = max(1, args.clients // 10)
-    server = bridges.BridgeServer(bridges.IRC_SECTION + bridges.RCSTREAM_SECTION)
+    section, raised = sections(bridge_count)
+    for item in raised:
+        print(f"# note: {item}, so that {bridge_count} healthy clients over {len(load.SOURCE_ADDRESSES)} "
+              "addresses fit", flush=True)
+    server = bridges.BridgeServer(section)
     procs: list = []
     try:
         publisher = bridges.MarkedPublisher(server, RATE, 2 * seconds + AFTER)
@@ -196,6 +236,10 @@ def run(args: Any) -> None:
         start = time.time()
         publisher.start()
         attacks = attack_list(server, seconds)
+        wanted = [w.strip().lower() for w in getattr(args, "attacks", "").split(",") if w.strip()]
+        if wanted:
+            attacks = [a for a in attacks if any(w in a[0].lower() for w in wanted)]
+            print(f"# only these attacks: {', '.join(a[0] for a in attacks)}", flush=True)
         skipped = sorted({m for _, m, _, _ in attacks if not available(m)})
         for module in skipped:
             print(f"# note: {module.replace('.', '/')}.py is missing: its attacks are skipped", flush=True)
@@ -285,10 +329,14 @@ def run(args: Any) -> None:
         losses = (expected_frames - sse_r.frames) + sse_r.gaps
         for kind, r in bridge_results.items():
             complete = sum(1 for c in r.counts if c == published)
-            report(f"{kind}: clients with every event / connected", f"{complete} / {r.connected}")
+            report(f"{kind}: clients with every event / connected / failed",
+                   f"{complete} / {r.connected} / {r.failed}")
+            losses += bridge_count - r.connected  # a healthy client refused (a cap hit it) lost everything
             report(f"{kind}: missing / duplicates (sampled)", f"{r.missing} / {r.duplicates}")
             losses += sum(max(0, published - c) for c in r.counts) + r.missing
         report("losses (must be 0)", losses)
+        report("refused by caps (attackers): IRC / RCStream", f"{int(server.metric('eventstreams_irc_refused_total'))} / "
+               f"{int(server.metric('eventstreams_rcstream_refused_total'))}")
         for name, summary in attack_results.items():
             report(f"attack: {name}", summary)
         for name, module, _, _ in attacks:

@@ -38,12 +38,13 @@ class _Attacker(asyncio.Protocol):
             self.lost.set_result(None)
 
 
-async def _one(host: str, port: int, deadline: float, counts: dict[str, int]) -> None:
+async def _one(host: str, port: int, deadline: float, counts: dict[str, int], source: str = "") -> None:
     loop = asyncio.get_running_loop()
     while loop.time() < deadline:
         try:
             _, attacker = await asyncio.wait_for(
-                loop.create_connection(_Attacker, host, port), max(0.1, deadline - loop.time()))
+                loop.create_connection(_Attacker, host, port, local_addr=(source, 0) if source else None),
+                max(0.1, deadline - loop.time()))
         except (OSError, asyncio.TimeoutError):
             counts["connect_failed"] += 1
             await asyncio.sleep(WRITE_INTERVAL)
@@ -67,15 +68,16 @@ async def _one(host: str, port: int, deadline: float, counts: dict[str, int]) ->
             transport.abort()
 
 
-async def irc_flood(host: str, port: int, seconds: float, clients: int = 10) -> dict[str, int]:
-    """Run the flood for `seconds`; returns counts: connections made,
-    connect_failed, bytes_sent, closed_by_server (connections the server ended)."""
+async def irc_flood(host: str, port: int, seconds: float, clients: int = 10, source: str = "") -> dict[str, int]:
+    """Run the flood for `seconds` (from the local address `source` if
+    given); returns counts: connections made, connect_failed, bytes_sent,
+    closed_by_server (connections the server ended)."""
     counts = {"connections": 0, "connect_failed": 0, "bytes_sent": 0, "closed_by_server": 0}
     deadline = asyncio.get_running_loop().time() + seconds
-    await asyncio.gather(*(_one(host, port, deadline, counts) for _ in range(clients)))
+    await asyncio.gather(*(_one(host, port, deadline, counts, source) for _ in range(clients)))
     return counts
 
 
-def run_irc_flood(host: str, port: int, seconds: float, clients: int = 10) -> dict[str, int]:
+def run_irc_flood(host: str, port: int, seconds: float, clients: int = 10, source: str = "") -> dict[str, int]:
     """irc_flood in an event loop of its own (blocking; safe in a thread)."""
-    return asyncio.run(irc_flood(host, port, seconds, clients))
+    return asyncio.run(irc_flood(host, port, seconds, clients, source))

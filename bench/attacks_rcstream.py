@@ -1,6 +1,6 @@
 """Attacks on the RCStream bridge (issue 12), as blocking functions of the
 standard library only: the abuse benchmark runs them in processes of their
-own, the abuse tests (tests/test_abuse_rcstream.py) in a subprocess.
+own, the abuse tests (tests/test_abuse.py) in a subprocess.
 
 Each returns a dict of counts. `headers` (e.g. {"X-Forwarded-For": "10.0.0.7"})
 lets a run pose as another address when the daemon trusts
@@ -40,11 +40,18 @@ def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
+def _connect(host: str, port: int, timeout: float, source: str = "") -> socket.socket:
+    """A TCP connection, from the local address `source` if given (another
+    loopback address is another client to per-address limits)."""
+    return socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
+
+
 class _WebSocket:
     """A bare RFC 6455 client: enough to send text and read what comes back."""
 
-    def __init__(self, host: str, port: int, path: str, headers: Headers = None, timeout: float = 10):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, path: str, headers: Headers = None, timeout: float = 10,
+                 source: str = ""):
+        self.sock = _connect(host, port, timeout, source)
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
                            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
@@ -97,9 +104,9 @@ class _WebSocket:
             pass
 
 
-def _eio4(host: str, port: int, headers: Headers) -> _WebSocket:
+def _eio4(host: str, port: int, headers: Headers, source: str = "") -> _WebSocket:
     """An Engine.IO 4 WebSocket connected to `/rc`."""
-    ws = _WebSocket(host, port, "/socket.io/?EIO=4&transport=websocket", headers)
+    ws = _WebSocket(host, port, "/socket.io/?EIO=4&transport=websocket", headers, source=source)
     opened = ws.recv()
     if opened is None or not opened.startswith("0"):
         raise ConnectionError(f"no open packet: {opened!r} (close {ws.close_code})")
@@ -108,7 +115,7 @@ def _eio4(host: str, port: int, headers: Headers) -> _WebSocket:
 
 
 def run_pattern_attack(host: str, port: int, seconds: float, patterns: int = 10, length: int = 60_000,
-                       interval: float = 2.0, headers: Headers = None) -> dict:
+                       interval: float = 2.0, headers: Headers = None, source: str = "") -> dict:
     """Issue 12 item 2: every `interval`, swap the subscriptions of an EIO4
     WebSocket for `patterns` new patterns of `length` characters (`a*`
     repeated: expensive for fnmatch to translate and compile). A socket the
@@ -118,7 +125,7 @@ def run_pattern_attack(host: str, port: int, seconds: float, patterns: int = 10,
     deadline, n = time.monotonic() + seconds, 0
     while time.monotonic() < deadline:
         try:
-            ws = _eio4(host, port, headers)
+            ws = _eio4(host, port, headers, source)
         except OSError:
             counts["refused"] += 1
             time.sleep(0.2)
@@ -152,11 +159,12 @@ def run_pattern_attack(host: str, port: int, seconds: float, patterns: int = 10,
     return counts
 
 
-def run_big_ws_message(host: str, port: int, size: int, fragment: int = 1 << 20, headers: Headers = None) -> dict:
+def run_big_ws_message(host: str, port: int, size: int, fragment: int = 1 << 20, headers: Headers = None,
+                       source: str = "") -> dict:
     """Issue 12 item 3: one text message of `size` bytes in fragments of
     `fragment` bytes on an EIO4 WebSocket. Returns the bytes the server took
     before it closed the connection, and its close code."""
-    ws = _eio4(host, port, headers)
+    ws = _eio4(host, port, headers, source)
     sent, chunk = 0, b"x" * fragment
     try:
         while sent < size:
@@ -176,7 +184,8 @@ def run_big_ws_message(host: str, port: int, size: int, fragment: int = 1 << 20,
     return {"sent": sent, "complete": sent >= size, "close_code": ws.close_code}
 
 
-def run_handshake_flood(host: str, port: int, seconds: float, batch: int = 100, headers: Headers = None) -> dict:
+def run_handshake_flood(host: str, port: int, seconds: float, batch: int = 100, headers: Headers = None,
+                        source: str = "") -> dict:
     """Issue 12 item 4: `GET /socket.io/1/` handshakes pipelined `batch` at a
     time over one keep-alive connection (a new one when the server closes it).
     Counts the answers by status."""
@@ -186,7 +195,7 @@ def run_handshake_flood(host: str, port: int, seconds: float, batch: int = 100, 
     sock, data = None, b""
     while time.monotonic() < deadline:
         if sock is None:
-            sock, data = socket.create_connection((host, port), timeout=10), b""
+            sock, data = _connect(host, port, 10, source), b""
             counts["connections"] += 1
         try:
             sock.sendall(request * batch)

@@ -27,7 +27,8 @@ STALLED_DRAIN = 10.0  # S6: seconds the stalled clients read at the end
 @dataclass
 class WorkerResult:
     connected: int = 0
-    failed: int = 0
+    failed: int = 0  # connect() failed
+    unanswered: int = 0  # closed by the server before a response head (e.g. cut by a head budget)
     statuses: dict = field(default_factory=dict)
     frames: int = 0
     latencies: list = field(default_factory=list)
@@ -154,6 +155,7 @@ class SSEClient(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if not self.connected.done():
+            self.result.unanswered += 1
             self.connected.set_result(None)
 
 

@@ -93,8 +93,8 @@ class ServiceConfig:
         "style-src 'self'; script-src 'self'; frame-ancestors 'none'"
     )
     head_timeout: float = 10.0  # seconds for a whole request head, not reset per byte
-    max_pending_heads: int = 1000  # connections still sending a head, in all (the oldest is cut)
-    max_pending_heads_per_ip: int = 100  # ... per peer address (new ones refused); 0: no bound
+    max_pending_heads: int = 1000  # connections waiting for a head, in all (the longest partial head is cut)
+    max_pending_heads_per_ip: int = 100  # partial heads per peer address (more refused); 0: no bound
     max_body: int = 1024 * 1024  # request body on the public listener (RCStream polling): 413 beyond
 
 

@@ -71,7 +71,8 @@ def head_budget(reactor: Any, deadline: float, service: ServiceConfig, listener:
     the client (client_ip_header) every connection comes from the proxy:
     only the total bound applies."""
     per_address = 0 if service.client_ip_header else service.max_pending_heads_per_ip
-    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address, listener)
+    return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address,
+                      max_waiting=waiting_bound(), listener=listener)
 
 
 def pending_bound(configured: int) -> int:
@@ -85,6 +86,13 @@ def pending_bound(configured: int) -> int:
         return configured
     log.info("max_pending_heads: {bound} (a quarter of the open-files limit {soft})", bound=bound, soft=soft)
     return bound
+
+
+def waiting_bound() -> int:
+    """Connections waiting for a head however young (a burst not read yet)
+    may take half the open-files limit before the oldest is cut."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 0 if soft == resource.RLIM_INFINITY else max(1, soft // 2)
 
 
 def api_site(resource: Any, service: ServiceConfig, budget: HeadBudget) -> Site:

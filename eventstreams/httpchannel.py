@@ -7,18 +7,22 @@ client against the per-address stream limit only once its head is parsed,
 so a client sending a byte every few seconds holds a connection (a file
 descriptor) forever; enough of them and accept() fails for everyone. Here a
 head has a total deadline from the moment the connection waits for it (not
-reset per byte), and connections still sending a head are counted in all
-and per peer address: over the per-address bound a new connection is
-refused at once; over the total the one that has waited longest is cut, so
-a client whose head arrives in one go always gets in.
+reset per byte), and connections still waiting for a head are counted in
+all, those that have sent part of one also per peer address: an address
+over its bound has new connections refused at once; over the total, the
+connection that has held a partial head longest is cut, else the oldest
+that has had a second to send anything. A burst of connections the reactor
+has not read yet is let in (up to half the open-files limit), so a client
+whose head arrives in one go always gets in.
 
 Every refusal is a JSON error in the API's documented shape with the
 standard reason phrase, and logs at most one line (fewer under a flood).
 Of twisted.web's channel this overrides one private method,
-`_respondToBadRequestAndDisconnect` (its bare 400 for a malformed request),
-reads the request line it parsed (`_command`, `_path`, with getattr) for
-the error's method and uri, and sets the public line limits `MAX_LENGTH`
-and `totalHeadersSize`.
+`_respondToBadRequestAndDisconnect` (its bare 400 for a malformed request
+or a head over `totalHeadersSize`), reads the request line it parsed
+(`_command`, `_path`) and its head size (`_receivedHeaderSize`), with
+getattr, and sets the public line limits `MAX_LENGTH` and
+`totalHeadersSize`.
 """
 from __future__ import annotations
 
@@ -91,21 +95,33 @@ class Throttled:
 
 class HeadBudget:
     """Connections of one listener that are waiting for or reading a
-    request head: a deadline for each, a bound in all and per peer address."""
+    request head: a deadline for each, a bound in all and, on those that
+    have sent part of a head, per peer address.
+
+    A connection accepted but not read yet is no evidence of a slow client
+    (a burst of connects outruns any reactor), so it is never refused or cut
+    for a bound in its first `grace` seconds, unless `max_waiting` (half the
+    open-files limit) are waiting: then the oldest goes whatever its age.
+    One timer serves every deadline: connections wait in the order they
+    started, so the next to expire is always the first."""
 
     def __init__(self, clock: IReactorTime, deadline: float, max_pending: int, max_per_address: int,
-                 listener: str = "api") -> None:
+                 grace: float = 1.0, max_waiting: int = 0, listener: str = "api") -> None:
         self.clock = clock
         self.listener = listener  # the label of its metrics
         self.deadline = deadline
         self.max_pending = max_pending  # 0: no bound
         self.max_per_address = max_per_address  # 0: no bound
-        self.pending: OrderedDict[Any, str] = OrderedDict()  # channel → peer, oldest first
-        self.per_address: dict[str, int] = {}
+        self.grace = grace
+        self.max_waiting = max_waiting or 2 * max_pending  # 0 (and max_pending 0): no bound
+        self.pending: OrderedDict[Any, float] = OrderedDict()  # channel → when it began to wait, oldest first
+        self.partial: OrderedDict[Any, str] = OrderedDict()  # of those, the ones that sent part of a head → peer
+        self.per_address: dict[str, int] = {}  # partial heads per peer address
         self.refused = 0  # over the per-address bound
         self.evicted = 0  # cut to make room (over the total)
         self.timed_out = 0  # past the deadline
         self.log = Throttled(clock)
+        self._timer: Any = None
 
     def samples(self) -> list[Sample]:
         labels = {"listener": self.listener}
@@ -115,26 +131,76 @@ class HeadBudget:
                 for reason, n in (("refused", self.refused), ("evicted", self.evicted), ("timed_out", self.timed_out))]
 
     def start(self, channel: Any, address: str) -> bool:
-        """Count a connection as waiting for a head; False: refuse it."""
-        if self.max_per_address and self.per_address.get(address, 0) >= self.max_per_address:
-            self.refused += 1
-            self.log.info("refused a connection from {address}: {n} connections of it are still sending "
-                          "a request head", address=address, n=self.max_per_address)
+        """Count a connection as waiting for a head; False: refuse it (its
+        address already has its bound of partial heads)."""
+        if self._over_address(address):
             return False
-        if self.max_pending:
-            while len(self.pending) >= self.max_pending:
-                oldest = next(iter(self.pending))
-                self.evicted += 1
-                self.log.info("closed the connection that waited longest for its request head: "
-                              "{n} connections are sending one", n=len(self.pending))
-                oldest.head_refused(408, "request_timeout", "the request head was not sent in time")
-                self.done(oldest)  # (head_refused did; the loop must end whatever it did)
-        self.pending[channel] = address
+        if self.max_pending and len(self.pending) >= self.max_pending:
+            self._make_room()
+        self.pending[channel] = self.clock.seconds()
+        if self.deadline and self._timer is None:
+            self._timer = self.clock.callLater(self.deadline, self._expire)
+        return True
+
+    def begun(self, channel: Any, address: str) -> bool:
+        """A waiting connection has sent part of its head; False: refuse it."""
+        if channel in self.partial or channel not in self.pending:
+            return True
+        if self._over_address(address):
+            return False
+        self.partial[channel] = address
         self.per_address[address] = self.per_address.get(address, 0) + 1
         return True
 
+    def is_partial(self, channel: Any) -> bool:
+        return channel in self.partial
+
+    def _over_address(self, address: str) -> bool:
+        if not self.max_per_address or self.per_address.get(address, 0) < self.max_per_address:
+            return False
+        self.refused += 1
+        self.log.info("refused a connection from {address}: {n} connections of it are still sending "
+                      "a request head", address=address, n=self.max_per_address)
+        return True
+
+    def _make_room(self) -> None:
+        """Cut the connection that has held a partial head longest, else the
+        oldest past its grace, else (over max_waiting) the oldest."""
+        now = self.clock.seconds()
+        while len(self.pending) >= self.max_pending:
+            if self.partial:
+                victim = next(iter(self.partial))
+            else:
+                victim, started = next(iter(self.pending.items()))
+                if now - started < self.grace and not (self.max_waiting and len(self.pending) >= self.max_waiting):
+                    return  # a burst the reactor has not read yet: let it in
+            self.evicted += 1
+            self.log.info("closed the connection that waited longest for its request head: "
+                          "{n} connections are sending one", n=len(self.pending))
+            victim.head_refused(408, "request_timeout", "the request head was not sent in time")
+            self.done(victim)  # (head_refused did; the loop must end whatever it did)
+
+    def _expire(self) -> None:
+        """Cut every connection past the deadline; wait for the next one."""
+        self._timer = None
+        now = self.clock.seconds()
+        while self.pending:
+            channel, started = next(iter(self.pending.items()))
+            if started + self.deadline > now + 1e-6:
+                self._timer = self.clock.callLater(started + self.deadline - now, self._expire)
+                return
+            self.timed_out += 1
+            self.log.info("closed a connection from {address}: no complete request head within {s} s",
+                          address=channel.peer(), s=self.deadline)
+            channel.head_refused(408, "request_timeout", "the request head was not sent in time")
+            self.done(channel)
+
     def done(self, channel: Any) -> None:
-        address = self.pending.pop(channel, None)
+        if self.pending.pop(channel, None) is None:
+            return
+        if not self.pending:
+            self.stop()
+        address = self.partial.pop(channel, None)
         if address is None:
             return
         count = self.per_address[address] - 1
@@ -143,64 +209,57 @@ class HeadBudget:
         else:
             del self.per_address[address]
 
+    def stop(self) -> None:
+        """No timer while nothing waits (none left behind a listener)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
 
 class BudgetedChannel(http.HTTPChannel):
     """HTTPChannel whose request heads live within the site's HeadBudget
-    (`site.head_budget`) and whose refusals are JSON errors."""
+    (`site.head_budget`) and whose refusals are JSON errors. It keeps no
+    state of its own beyond `_refusing`: idle streams are many, and each
+    attribute is paid per client."""
 
     MAX_LENGTH = MAX_HEAD_BYTES  # one header line (LineReceiver's limit)
-    totalHeadersSize = MAX_HEAD_BYTES  # checked here first, with a 431 (Twisted's gives a bare 400)
+    totalHeadersSize = MAX_HEAD_BYTES  # over it: a 431 (Twisted's answer is a bare 400)
 
     transport: ITransport  # (Twisted's Optional: set before any of this runs)
-    _budget: Optional[HeadBudget] = None
-    _head_timer: Any = None
-    _head_bytes = 0
-    _head_begun = False  # a byte of the awaited head has arrived
     _refusing = False
+
+    @property
+    def _budget(self) -> Optional[HeadBudget]:
+        return getattr(self.factory, "head_budget", None)
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._budget = getattr(self.factory, "head_budget", None)
         self._await_head()
 
-    def _peer(self) -> str:
+    def peer(self) -> str:
         return getattr(self.transport.getPeer(), "host", None) or "local"
 
     def _await_head(self) -> None:
         """The connection now waits for a request head: the deadline starts."""
-        self._head_bytes = 0
-        self._head_begun = False
         budget = self._budget
-        if budget is None or self._head_timer is not None:
-            return
-        if not budget.start(self, self._peer()):
-            self.refuse(ApiError(503, "too_many_connections", "Service Unavailable",
-                                  "too many connections from this address are sending a request head", 10))
-            return
-        if budget.deadline:
-            self._head_timer = budget.clock.callLater(budget.deadline, self._head_late)
+        if budget is not None and self not in budget.pending and not budget.start(self, self.peer()):
+            self._refuse_address()
+
+    def _refuse_address(self) -> None:
+        self.refuse(ApiError(503, "too_many_connections", "Service Unavailable",
+                             "too many connections from this address are sending a request head", 10))
 
     def _head_received(self) -> None:
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
-        if self._budget is not None:
-            self._budget.done(self)
-
-    def _head_late(self) -> None:
-        self._head_timer = None
-        if self._budget is not None:
-            self._budget.timed_out += 1
-            self._budget.log.info("closed a connection from {address}: no complete request head within {s} s",
-                                  address=self._peer(), s=self._budget.deadline)
-        self.head_refused(408, "request_timeout", "the request head was not sent in time")
+        budget = self._budget
+        if budget is not None:
+            budget.done(self)
 
     def head_refused(self, status: int, type: str, detail: str) -> None:
         """Cut a connection waiting for a head: with an answer once the head
         has begun; an idle keep-alive connection is only closed (a client
         reusing it would read an unsolicited answer as the next one's)."""
-        if self._head_begun:
+        budget = self._budget
+        if budget is not None and budget.is_partial(self):
             self.refuse(ApiError(status, type, reason(status).decode(), detail))
         else:
             self.refuse(None)
@@ -223,21 +282,22 @@ class BudgetedChannel(http.HTTPChannel):
     # -- twisted.web's parser ---------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._refusing:
-            self._head_begun = True  # (while a request is handled, the flag is not read)
-            super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        self._head_begun = True
-        self._head_bytes += len(line) + 2
-        if self._head_bytes > MAX_HEAD_BYTES:
-            self.lineLengthExceeded(line)
+        if self._refusing:
             return
-        super().lineReceived(line)
+        # Bytes of an awaited head: the connection counts against its
+        # address until the head is whole (at once, if these hold it).
+        budget = self._budget
+        if budget is not None and self in budget.pending and not budget.begun(self, self.peer()):
+            self._refuse_address()
+            return
+        super().dataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        self._too_large()
+
+    def _too_large(self) -> None:
         self.refuse(ApiError(431, "request_header_fields_too_large", "Request Header Fields Too Large",
-                              f"the request head is larger than {MAX_HEAD_BYTES} bytes"))
+                             f"the request head is larger than {MAX_HEAD_BYTES} bytes"))
 
     def allHeadersReceived(self) -> None:
         self._head_received()
@@ -251,8 +311,12 @@ class BudgetedChannel(http.HTTPChannel):
         super().requestDone(request)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        # twisted.web's answer to a malformed request line or header is a
-        # bare "400 Bad Request": answer in the API's shape instead.
+        # twisted.web's answer to a malformed request line or header, or to
+        # a head over totalHeadersSize, is a bare "400 Bad Request": answer
+        # in the API's shape instead.
+        if getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize:
+            self._too_large()
+            return
         self.refuse(ApiError(400, "bad_request", "Bad Request", "the request is not valid HTTP/1.1"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

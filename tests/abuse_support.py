@@ -13,7 +13,7 @@ Latency is compared as a ratio of the same client's figures in the same
 test (quiet, then under attack), never against an absolute time; waits have
 deadlines, not fixed sleeps.
 
-Used by tests/test_abuse.py and meant for the bridges' abuse tests too:
+Used by tests/test_abuse.py; the HTTP attacks are measured so:
 
     daemon = await AbuseDaemon.start(self, extra=...)
     healthy = await Healthy.start(daemon)
@@ -22,26 +22,40 @@ Used by tests/test_abuse.py and meant for the bridges' abuse tests too:
     during = await healthy.measure(5)
     check_healthy(self, quiet, during)
     daemon.check_log(self)
+
+The sections at the end hold the IRC and RCStream cases' harnesses (a
+daemon with the bridge, a healthy client of that protocol, the attack from
+bench/attacks_*.py in a process of its own).
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import statistics
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error, reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.python.failure import Failure
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python import log
 
-from eventstreams.transports import ITCPConnection
+from bench.attacks_rcstream import _eio4
 
-from .support import StreamClient, cancelling, free_port, sleep, write_config
+from .rcstream_clients import ROOT
+from .support import StreamClient, Waiters, free_port, rc_event, sleep, write_config
+from .test_daemon import Child, DaemonTestCase
+from .test_irc import RawIRC
+from .test_rcstream import RCStreamCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `twistd -n`, optionally under a lower open-files limit (RLIMIT_NOFILE).
@@ -57,10 +71,10 @@ PROBE_TIMEOUT = 10.0  # a probe that takes longer counts as unanswered
 # -- raw HTTP ------------------------------------------------------------------
 
 
-class Raw(Protocol):
+class Raw(Waiters, Protocol):
     """A connection whose bytes the test writes and reads as they are."""
 
-    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+    wait_timeout = PROBE_TIMEOUT
 
     def __init__(self) -> None:
         self.received = b""
@@ -71,12 +85,12 @@ class Raw(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
-        self._check()
+        self._check_waiters()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connectionLost(self, reason: Any) -> None:
         self.closed_at = time.monotonic()
         self.closed.callback(None)
-        self._check()
+        self._check_waiters()
 
     @property
     def is_closed(self) -> bool:
@@ -86,29 +100,8 @@ class Raw(Protocol):
         if not self.is_closed:
             self.transport.write(data)
 
-    def _check(self) -> None:
-        for item in list(self._waiters):
-            if item[0]():
-                self._waiters.remove(item)
-                item[1].callback(self)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = PROBE_TIMEOUT) -> defer.Deferred:
-        """Fires with self when predicate() holds, with TimeoutError after timeout seconds."""
-        d: defer.Deferred = defer.Deferred()
-        if predicate():
-            d.callback(self)
-            return d
-        item = (predicate, d)
-        self._waiters.append(item)
-
-        def expire() -> None:
-            if not d.called:
-                self._waiters.remove(item)
-                d.errback(TimeoutError(f"timed out; received {self.received[-300:]!r}"))
-
-        call = reactor.callLater(timeout, expire)
-        d.addBoth(cancelling(call))
-        return d
+    def _timed_out(self) -> Exception:
+        return TimeoutError(f"timed out; received {self.received[-300:]!r}")
 
     def close(self) -> None:
         if not self.is_closed:
@@ -134,7 +127,7 @@ class Response:
 def parse_responses(data: bytes, head_only: tuple[bool, ...] = ()) -> list[Response]:
     """The complete responses in data (Content-Length or chunked framing;
     head_only[i]: the i-th answers a HEAD, so it has no body)."""
-    found: list[Response] = []
+    found = []
     while True:
         head, sep, rest = data.partition(b"\r\n\r\n")
         if not sep:
@@ -201,8 +194,6 @@ async def get(port: int, path: str, headers: Optional[dict[str, str]] = None, so
 
 
 class _Child(ProcessProtocol):
-    transport: IProcessTransport  # (Twisted types it Optional)
-
     def __init__(self) -> None:
         self.output = b""
         self.ended: defer.Deferred = defer.Deferred()
@@ -359,7 +350,7 @@ class Window:
 class _TimedStream(StreamClient):
     """A stream client that hands each new event to on_event as it arrives."""
 
-    on_event: Callable[[dict], None] = staticmethod(lambda event: None)
+    on_event: Callable[[dict], None] = staticmethod(lambda event: None)  # type: ignore[assignment]
     _seen = 0
 
     def dataReceived(self, data: bytes) -> None:
@@ -391,7 +382,7 @@ class Healthy:
     async def start(cls, daemon: AbuseDaemon, **kwargs: Any) -> "Healthy":
         healthy = cls(daemon, **kwargs)
         stream = _TimedStream("/v2/stream/test", {})
-        stream.on_event = healthy._on_event
+        stream.on_event = healthy._on_event  # type: ignore[method-assign]
         await connect(daemon.port, HEALTHY, stream)
         await stream.head_received
         assert stream.status == 200, stream.status
@@ -478,3 +469,359 @@ def check_healthy(case: Any, quiet: Window, during: Window, factor: float = 20.0
     case.assertTrue(during.latencies, f"the healthy stream received nothing\n{where}")
     case.assertLessEqual(during.p50, factor * max(quiet.p50, 0.02), f"stream latency\n{where}")
     case.assertLessEqual(during.probe_p50, factor * max(quiet.probe_p50, 0.02), f"/_info latency\n{where}")
+
+# -- IRC (the [irc] bridge's listener) ------------------------------------------------
+#
+# The daemon in a child process (test_daemon.DaemonTestCase); attacks from
+# bench/attacks_irc.py in a process of their own; a healthy IRC client in a
+# channel and /_info probes, measured quiet and then under attack.
+
+IRC_PROBE_TIMEOUT = 5.0  # a probe not answered within this is a failure (the reactor stalled)
+IRC_RATIO = 20  # generous: the machine is shared and noisy
+IRC_FLOOR = 0.005  # seconds; quiet latencies below this are timer noise
+IRC_MAX_GROWTH = 50 * 2**20  # bytes of RSS an attack may add (before the fix: 90-230 MiB)
+IRC_CHANNELS = 20  # channels the bot has written to: each LIST answers all of them
+
+
+async def http_call(port: int, method: str, path: str, body: bytes = b"", timeout: float = IRC_PROBE_TIMEOUT) -> tuple[int, bytes]:
+    """One request (Connection: close); TimeoutError when not answered in time."""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    found = await request(port, head + body, timeout=timeout)
+    if not found:
+        raise TimeoutError(f"{method} {path} not answered")
+    return found[0].status, found[0].body
+
+
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def irc_event(n: int, host: str = "en.wikipedia.org") -> dict:
+    return {"$schema": "/mediawiki/recentchange/1.0.0", "meta": {"stream": "mediawiki.recentchange", "domain": host},
+            "type": "edit", "namespace": 0, "title": f"T{n}", "user": "U", "bot": False,
+            "server_name": host, "comment": f"sent:{time.time():.6f}"}
+
+
+class IRCAbuseTestCase(DaemonTestCase):
+    timeout = 120
+
+    async def start(self, *sets: str) -> Child:
+        self.api, self.intake, metrics, self.irc = free_port(), free_port(), free_port(), free_port()
+        directory = os.path.abspath(self.mktemp())
+        path = write_config(directory, f"\n[irc]\nlisten = tcp:{self.irc}:interface=127.0.0.1\n")
+        overrides = ["--set", f"eventstreams.listen=tcp:{self.api}:interface=127.0.0.1",
+                     "--set", f"intake.listen=tcp:{self.intake}:interface=127.0.0.1",
+                     "--set", f"metrics.listen=tcp:{metrics}:interface=127.0.0.1",
+                     "--set", "intake.max_body=4M"]
+        for item in sets:
+            overrides += ["--set", item]
+        self.child = self.spawn("-c", path, *overrides)
+        await self.wait_listening(self.child, self.api)
+        await self.wait_listening(self.child, self.irc)
+        self.addCleanup(self.no_traceback)
+        return self.child
+
+    def attack(self, function: str, *args: Any) -> Child:
+        """bench.attacks_irc.FUNCTION(host, port, *args) in a process of its own
+        (not in this one: the attack must not slow the healthy clients' side);
+        its counts are the child's output (JSON)."""
+        child = Child()
+        code = (f"import json; from bench.attacks_irc import {function}; "
+                f"print(json.dumps({function}('127.0.0.1', {self.irc}, *{args!r})))")
+        process = reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code], env=dict(os.environ),
+                                       path=REPO)
+        self.addCleanup(lambda: child.ended.called or process.signalProcess("KILL"))
+        return child
+
+    def no_traceback(self) -> None:
+        self.assertNotIn("Traceback", self.child.output, self.child.output[-3000:])
+
+    async def post(self, events: list[dict]) -> None:
+        status, body = await http_call(self.intake, "POST", "/v1/events", json.dumps(events).encode(), timeout=30)
+        self.assertEqual(status, 201, body)
+
+    async def irc_client(self, nick: str = "healthy") -> "TimedIRC":
+        client = TimedIRC()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: client))
+        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        client.send(f"NICK {nick}", f"USER {nick} 0 * :A healthy bot")
+        await client.wait_line(0, lambda line: " 376 " in line or " 422 " in line)
+        return client
+
+    async def healthy_in_channel(self) -> "TimedIRC":
+        """Channels for LIST to answer, and a client in #en.wikipedia."""
+        await self.post([irc_event(0, f"w{n}.wikipedia.org") for n in range(IRC_CHANNELS - 1)] + [irc_event(0)])
+        client = await self.irc_client()
+        deadline = time.monotonic() + 10
+        while True:
+            start = len(client.lines)
+            client.send("JOIN #en.wikipedia")
+            await client.wait_line(start, lambda line: " 366 " in line or " 403 " in line)
+            if any(" 366 " in line for line in client.lines[start:]):
+                return client
+            self.assertLess(time.monotonic(), deadline, "the channel never appeared")
+            await sleep(0.1)
+
+    async def measure(self, client: "TimedIRC", seconds: float) -> dict[str, Any]:
+        """For `seconds`: /_info probes one after another, a bot line posted
+        every 0.1 s, the daemon's RSS sampled; latencies and the peak RSS."""
+        pid = self.child.transport.pid
+        probes: list[float] = []
+        failures: list[str] = []
+        peak = rss_of(pid)
+        stop = time.monotonic() + seconds
+        start_line = len(client.lines)
+        posted = 0
+
+        async def probe() -> None:
+            while time.monotonic() < stop:
+                began = time.monotonic()
+                try:
+                    status, _ = await http_call(self.api, "GET", "/_info")
+                    self.assertEqual(status, 200)
+                    probes.append(time.monotonic() - began)
+                except (TimeoutError, error.ConnectError) as e:
+                    failures.append(str(e))
+                await sleep(0.02)
+
+        async def publish() -> None:
+            nonlocal posted
+            while time.monotonic() < stop:
+                try:
+                    await self.post([irc_event(posted)])
+                except TimeoutError as e:
+                    failures.append(f"intake: {e}")
+                    continue
+                posted += 1
+                await sleep(0.1)
+
+        async def memory() -> None:
+            nonlocal peak
+            while time.monotonic() < stop:
+                peak = max(peak, rss_of(pid))
+                await sleep(0.1)
+
+        cpu = cpu_seconds(pid)
+        await defer.gatherResults([defer.ensureDeferred(f()) for f in (probe, publish, memory)],
+                                  consumeErrors=True)
+        log.msg(f"daemon CPU: {(cpu_seconds(pid) - cpu) / seconds:.0%} of a core, RSS peak {peak / 2**20:.0f} MiB, "
+                f"failures {failures}")
+        self.assertEqual(failures, [], "the daemon stopped answering")
+        await client.wait_for(lambda: sum("PRIVMSG" in line for line in client.lines[start_line:]) >= posted,
+                              timeout=IRC_PROBE_TIMEOUT)
+        return {"probes": probes, "failures": failures, "peak": peak, "lines": line_latencies(client, start_line),
+                "posted": posted}
+
+    def assertHealthy(self, quiet: dict[str, Any], attacked: dict[str, Any]) -> None:
+        log.msg(format="%(test)s: /_info median %(q).1f -> %(a).1f ms, IRC line median %(ql).1f -> %(al).1f ms, "
+                "RSS peak %(qr).0f -> %(ar).0f MiB", test=self.id(),
+                q=statistics.median(quiet["probes"]) * 1000, a=statistics.median(attacked["probes"]) * 1000,
+                ql=statistics.median(quiet["lines"]) * 1000, al=statistics.median(attacked["lines"]) * 1000,
+                qr=quiet["peak"] / 2**20, ar=attacked["peak"] / 2**20)
+        for key, what in (("probes", "/_info"), ("lines", "IRC line")):
+            before = max(statistics.median(quiet[key]), IRC_FLOOR)
+            during = statistics.median(attacked[key])
+            self.assertLess(during, IRC_RATIO * before,
+                            f"{what} latency during the attack {during * 1000:.1f} ms, quiet {before * 1000:.1f} ms")
+        self.assertEqual(len(attacked["lines"]), attacked["posted"], "the healthy IRC client lost lines")
+        growth = attacked["peak"] - quiet["peak"]
+        self.assertLess(growth, IRC_MAX_GROWTH, f"RSS grew by {growth / 2**20:.0f} MiB during the attack")
+
+
+def line_latencies(client: "TimedIRC", start: int) -> list[float]:
+    """Per bot line: when it arrived minus when its event was posted."""
+    return [client.arrivals[i] - float(line.rsplit("sent:", 1)[1].split("\x03")[0])
+            for i, line in enumerate(client.lines[start:], start) if "PRIVMSG" in line and "sent:" in line]
+
+
+class TimedIRC(RawIRC):
+    """RawIRC that also records when each line arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[float] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        before = len(self.lines)
+        now = time.time()
+        self.buffer += data
+        *complete, self.buffer = self.buffer.split(b"\r\n")
+        self.lines += [line.decode("utf-8") for line in complete]
+        self.arrivals += [now] * (len(self.lines) - before)
+        self._check_waiters()
+
+
+# -- RCStream (Socket.IO / Engine.IO) -----------------------------------------------
+#
+# The daemon in this process (test_rcstream.RCStreamCase), the attack in a
+# subprocess (bench/attacks_rcstream.py), and beside it a healthy Engine.IO 4
+# WebSocket client subscribed to `*` and a /_info prober, in threads.
+
+RC_RATIO = 20  # how much worse than quiet the healthy client may fare under attack
+RC_FLOOR = 0.05  # the least baseline: quiet loopback figures of a few ms make ratios noise
+MiB = 1 << 20
+
+
+def own_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def p90(values: list[float]) -> float:
+    values = sorted(values)
+    return values[int(len(values) * 0.9)] if values else 0.0
+
+
+class RCStreamHealthy:
+    """A feed of one change every 0.1 s, an EIO4 WebSocket client of `*`
+    and a `/_info` prober (threads: they see the reactor from outside), and
+    RSS samples. Phases are marked by time; figures are taken per phase."""
+
+    def __init__(self, d: Any):
+        self.d = d
+        self.sent: dict[int, float] = {}
+        self.received: dict[int, float] = {}
+        self.probes: list[tuple[float, float]] = []  # (start, latency)
+        self.rss: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.n = 0
+        self.ws = _eio4("127.0.0.1", d.ports["api"], None)
+        self.ws.send('42/rc,1["subscribe","*"]')
+        self.feed = LoopingCall(self._append)
+        self.threads = [threading.Thread(target=self._client, daemon=True),
+                        threading.Thread(target=self._probe, daemon=True)]
+
+    async def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+        bridge = self.d.service.rcstream
+        for _ in range(200):
+            if any(s.subscriptions for s in bridge.sessions.values()):
+                break
+            await sleep(0.05)
+        self.feed.start(0.1)
+
+    def _append(self) -> None:
+        self.n += 1
+        self.sent[self.n] = time.monotonic()
+        ensureDeferred(self.d.append(self.d.rc[0], [rc_event(self.n)]))
+
+    def _client(self) -> None:
+        self.ws.sock.settimeout(1)
+        while not self.stop.is_set():
+            try:
+                text = self.ws.recv()
+            except OSError:
+                continue
+            if text is None:
+                return
+            if text.startswith('42/rc,["change",'):
+                self.received[json.loads(text[len("42/rc,"):])[1]["id"]] = time.monotonic()
+
+    def _probe(self) -> None:
+        port = self.d.ports["api"]
+        while not self.stop.is_set():
+            start = time.monotonic()
+            self.rss.append((start, own_rss()))
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                connection.request("GET", "/_info")
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except OSError:
+                ok = False
+            finally:
+                connection.close()
+            self.probes.append((start, time.monotonic() - start if ok else float("inf")))
+            self.stop.wait(0.1)
+
+    async def close(self) -> None:
+        if self.feed.running:
+            self.feed.stop()
+        self.stop.set()
+        self.ws.close()
+        await deferToThread(lambda: [t.join(10) for t in self.threads])
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """Delivery latency of the changes sent in [start, end); a change
+        not received counts as infinitely late."""
+        return [self.received.get(n, float("inf")) - t for n, t in self.sent.items() if start <= t < end]
+
+    def probe_latencies(self, start: float, end: float) -> list[float]:
+        return [latency for t, latency in self.probes if start <= t < end]
+
+    def peak_rss(self, start: float, end: float) -> int:
+        return max((value for t, value in self.rss if start <= t < end), default=0)
+
+
+class RCStreamAbuseCase(RCStreamCase):
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.failures: list[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_failure") is not None or event.get("isError"):
+                failure = event.get("log_failure")
+                self.failures.append(str(failure.getTraceback() if failure else event)[-2000:])
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    async def attack(self, d: Any, name: str, arg: Any) -> dict:
+        """Run bench/attacks_rcstream.py's attack in a process of its own."""
+        argv = [sys.executable, "-m", "bench.attacks_rcstream", name, "127.0.0.1", str(d.ports["api"]), str(arg)]
+        result = await deferToThread(subprocess.run, argv, cwd=str(ROOT), capture_output=True, text=True,
+                                     timeout=180)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        return json.loads(result.stdout)
+
+    async def healthy(self, d: Any, quiet: float = 3.0) -> tuple[RCStreamHealthy, float]:
+        """A started healthy client and the start of its `quiet` seconds of baseline."""
+        h = await deferToThread(RCStreamHealthy, d)
+        self.addCleanup(lambda: ensureDeferred(h.close()))
+        await h.start()
+        quiet_start = time.monotonic()
+        await sleep(quiet)
+        return h, quiet_start
+
+    async def check(self, h: RCStreamHealthy, quiet_start: float, start: float, rss_slack: int) -> dict:
+        """The healthy client's experience from `start` on against its quiet
+        baseline before it; returns the figures (for the failure message)."""
+        await sleep(max(1.5, start + 4 - time.monotonic()))  # the last changes of the attack arrive
+        end = time.monotonic() - 1
+        quiet_changes, changes = h.latencies(quiet_start, start), h.latencies(start, end)
+        quiet_info, info = h.probe_latencies(quiet_start, start), h.probe_latencies(start, end)
+        baseline = max(p90(quiet_changes), p90(quiet_info), RC_FLOOR)
+        figures = {
+            "baseline_s": round(baseline, 3),
+            "changes_quiet": len(quiet_changes), "changes_attack": len(changes),
+            "change_max_s": round(max(changes, default=0), 3),
+            "info_probes": len(info), "info_max_s": round(max(info, default=0), 3),
+            "rss_quiet_MiB": h.peak_rss(quiet_start, start) // MiB,
+            "rss_attack_MiB": h.peak_rss(start, end + 1) // MiB,
+        }
+        self.assertGreater(len(quiet_changes), 5, figures)
+        self.assertLess(max(quiet_changes), float("inf"), figures)
+        self.assertGreater(len(changes), 5, figures)
+        self.assertLessEqual(max(changes), RC_RATIO * baseline, figures)  # includes: none lost
+        self.assertGreater(len(info), 3, figures)
+        self.assertLessEqual(max(info), RC_RATIO * baseline, figures)
+        self.assertLess(h.peak_rss(start, end + 1) - h.peak_rss(quiet_start, start), rss_slack, figures)
+        self.assertEqual(self.failures, [])
+        return figures

@@ -12,13 +12,11 @@ from typing import Any, Callable, Optional
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 
 from eventstreams.config import load
 from eventstreams.tap import build_service
-from eventstreams.transports import ITCPConnection
 
 BASE_CONFIG = """
 [eventstreams]
@@ -73,7 +71,6 @@ def write_config(directory: str, extra: str = "", prefix: str = "") -> str:
 def kafka_admin() -> Any:
     from confluent_kafka.admin import AdminClient
 
-    assert KAFKA, "a Kafka test without EVENTSTREAMS_KAFKA"
     return AdminClient({"bootstrap.servers": KAFKA})
 
 
@@ -183,11 +180,47 @@ def rc_event(n: int, wiki: str = "enwiki", type: str = "edit", bot: bool = False
     }
 
 
-class StreamClient(Protocol):
+class Waiters:
+    """Deferreds that fire when a predicate over a protocol's state holds:
+    the protocol calls `_check_waiters()` whenever that state changes (and
+    sets `self._waiters = []`); `_timed_out()` says what it got so far."""
+
+    _waiters: list[tuple[Callable[[], bool], Deferred]]
+    wait_timeout = 10.0
+
+    def _check_waiters(self) -> None:
+        for item in list(self._waiters):
+            predicate, d = item
+            if predicate():
+                self._waiters.remove(item)
+                d.callback(self)
+
+    def _timed_out(self) -> Exception:
+        return AssertionError("timed out")
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> Deferred:
+        """Fires with the protocol when predicate() holds; fails after
+        `timeout` seconds (default `wait_timeout`)."""
+        d: Deferred = Deferred()
+        if predicate():
+            d.callback(self)
+            return d
+        item = (predicate, d)
+        self._waiters.append(item)
+
+        def expire() -> None:
+            if not d.called:
+                self._waiters.remove(item)
+                d.errback(self._timed_out())
+
+        call = reactor.callLater(self.wait_timeout if timeout is None else timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+
+class StreamClient(Waiters, Protocol):
     """Sends one GET, parses the response head, de-chunks the body and splits
     SSE blocks (or NDJSON lines). The test can pause reading entirely."""
-
-    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
 
     def __init__(self, path: str, headers: dict[str, str]):
         self.path = path
@@ -287,34 +320,13 @@ class StreamClient(Protocol):
     def comments(self) -> list[str]:
         return [c for b in self.blocks for c in b["comments"]]
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connectionLost(self, reason: Any) -> None:
         self.done = True
         self.closed.callback(None)
         self._check_waiters()
 
-    def _check_waiters(self) -> None:
-        for item in list(self._waiters):
-            predicate, d = item
-            if predicate():
-                self._waiters.remove(item)
-                d.callback(self)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
-        """Fires when predicate() holds; fails after timeout seconds."""
-        d: Deferred = Deferred()
-        if predicate():
-            d.callback(self)
-            return d
-        self._waiters.append((predicate, d))
-
-        def expire() -> None:
-            if not d.called:
-                self._waiters.remove((predicate, d))
-                d.errback(AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}"))
-
-        call = reactor.callLater(timeout, expire)
-        d.addBoth(cancelling(call))
-        return d
+    def _timed_out(self) -> Exception:
+        return AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}")
 
     def wait_events(self, n: int, timeout: float = 10) -> Deferred:
         return self.wait_for(lambda: len(self.events) >= n, timeout)
@@ -340,16 +352,6 @@ async def open_stream(port: int, path: str, headers: Optional[dict[str, str]] = 
 
 def sleep(seconds: float) -> Deferred:
     return deferLater(reactor, seconds, lambda: None)
-
-
-def cancelling(call: Any) -> Callable[[Any], Any]:
-    """A pass-through callback that cancels `call` (a time-out) if it is still pending."""
-    def passthrough(result: Any) -> Any:
-        if call.active():
-            call.cancel()
-        return result
-
-    return passthrough
 
 
 def offsets_by_partition(events: list[dict]) -> dict[tuple[str, int], list[int]]:

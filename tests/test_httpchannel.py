@@ -93,8 +93,9 @@ class Budgeted(unittest.TestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_over_the_per_address_bound_a_new_connection_is_refused(self):
-        self.connect()
-        self.connect()
+        for _ in range(2):
+            channel, _ = self.connect()
+            channel.dataReceived(b"GET / HT")  # a partial head counts against the address
         channel, transport = self.connect()
         self.assertTrue(transport.disconnecting)
         status, body = self.answer(transport)
@@ -104,16 +105,65 @@ class Budgeted(unittest.TestCase):
         _, other = self.connect("192.0.2.2")  # another address still gets in
         self.assertFalse(other.disconnecting)
 
-    def test_over_the_total_the_oldest_waiting_connection_is_cut(self):
+    def test_over_the_per_address_bound_a_connection_starting_a_head_is_refused(self):
+        connections = [self.connect() for _ in range(3)]  # not read yet: none counts
+        self.assertFalse(any(t.disconnecting for _, t in connections))
+        for channel, _ in connections:
+            channel.dataReceived(b"GET / HT")
+        self.assertEqual([t.disconnecting for _, t in connections], [False, False, True])
+        self.assertEqual(self.answer(connections[2][1])[0], b"HTTP/1.1 503 Service Unavailable")
+
+    def test_a_burst_not_read_yet_is_let_in_and_served(self):
+        # More connections than either bound, accepted before any is read.
+        connections = [self.connect() for _ in range(5)]
+        for channel, transport in connections:
+            self.assertFalse(transport.disconnecting)
+            channel.dataReceived(REQUEST)
+            self.assertIn(b"hello", transport.value())
+        self.assertEqual(self.budget.evicted + self.budget.refused, 0)
+
+    def test_over_the_total_the_oldest_partial_head_is_cut(self):
+        idle, idle_transport = self.connect("192.0.2.1")
+        partial, partial_transport = self.connect("192.0.2.2")
+        partial.dataReceived(b"GET / HT")
+        self.connect("192.0.2.3")
+        newest, newest_transport = self.connect("192.0.2.4")
+        self.assertTrue(partial_transport.disconnecting)
+        self.assertEqual(self.answer(partial_transport)[0], b"HTTP/1.1 408 Request Timeout")
+        self.assertFalse(idle_transport.disconnecting)
+        self.assertFalse(newest_transport.disconnecting)
+        self.assertEqual(len(self.budget.pending), 3)
+        self.assertEqual(self.budget.evicted, 1)
+
+    def test_over_the_total_the_oldest_past_its_grace_is_cut(self):
         oldest, oldest_transport = self.connect("192.0.2.1")
+        self.clock.advance(self.budget.grace)
         self.connect("192.0.2.2")
         self.connect("192.0.2.3")
         newest, newest_transport = self.connect("192.0.2.4")
         self.assertTrue(oldest_transport.disconnecting)
+        self.assertEqual(oldest_transport.value(), b"")  # it sent nothing: closed without an answer
         self.assertFalse(newest_transport.disconnecting)
-        self.assertEqual(len(self.budget.pending), 3)
         self.assertNotIn(oldest, self.budget.pending)
         self.assertEqual(self.budget.evicted, 1)
+
+    def test_over_twice_the_total_the_oldest_is_cut_however_young(self):
+        # (the open-files limit: a burst may not take more than half of it)
+        connections = [self.connect(f"192.0.2.{n}") for n in range(7)]
+        self.assertEqual([t.disconnecting for _, t in connections], [True] + [False] * 6)
+        self.assertEqual(len(self.budget.pending), 6)
+
+    def test_one_timer_serves_every_deadline_and_none_is_left(self):
+        first, first_transport = self.connect("192.0.2.1")
+        self.clock.advance(4)
+        second, second_transport = self.connect("192.0.2.2")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1 + 2)  # the budget's, and twisted.web's idle timers
+        self.clock.advance(6)
+        self.assertEqual((first_transport.disconnecting, second_transport.disconnecting), (True, False))
+        self.clock.advance(4)
+        self.assertTrue(second_transport.disconnecting)
+        self.assertEqual(self.budget.timed_out, 2)
+        self.assertIsNone(self.budget._timer)
 
     def test_a_head_over_the_limit_gets_a_431(self):
         channel, transport = self.connect()

@@ -6,18 +6,15 @@ import json
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 
-from eventstreams.transports import ITCPConnection
-
-from .support import Daemon, async_test, cancelling, rc_event, sleep
+from .support import Daemon, Waiters, async_test, rc_event, sleep
 from .test_stream import StreamTestCase
 
 IRC = ("irc.listen=tcp:0:interface=127.0.0.1",)
@@ -38,10 +35,8 @@ def golden(name: str) -> tuple[dict, str, str]:
     return event, channel, line
 
 
-class RawIRC(Protocol):
+class RawIRC(Waiters, Protocol):
     """Lines as the server sent them (CRLF-split bytes, decoded)."""
-
-    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -54,40 +49,20 @@ class RawIRC(Protocol):
         self.buffer += data
         *complete, self.buffer = self.buffer.split(b"\r\n")
         self.lines += [line.decode("utf-8") for line in complete]
-        self._check()
+        self._check_waiters()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connectionLost(self, reason: Any) -> None:
         self.done = True
         self.closed.callback(None)
-        self._check()
+        self._check_waiters()
 
     def send(self, *lines: str) -> None:
         self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
 
-    def _check(self) -> None:
-        for item in list(self._waiters):
-            if item[0]():
-                self._waiters.remove(item)
-                item[1].callback(self)
+    def _timed_out(self) -> Exception:
+        return AssertionError(f"timed out; got {self.lines[-10:]!r}")
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
-        d: Deferred = Deferred()
-        if predicate():
-            d.callback(self)
-            return d
-        item = (predicate, d)
-        self._waiters.append(item)
-
-        def expire() -> None:
-            if not d.called:
-                self._waiters.remove(item)
-                d.errback(AssertionError(f"timed out; got {self.lines[-10:]!r}"))
-
-        call = reactor.callLater(timeout, expire)
-        d.addBoth(cancelling(call))
-        return d
-
-    def wait_line(self, start: int, test: Callable[[str], bool], timeout: float = 10) -> Deferred:
+    def wait_line(self, start: int, test: Callable[[str], bool], timeout: Optional[float] = None) -> Deferred:
         """Fires when a line after index start passes test."""
         return self.wait_for(lambda: any(test(line) for line in self.lines[start:]), timeout)
 
@@ -342,7 +317,7 @@ class IRCStreamReplies(IRCTestCase):
         client = RawIRC()
         endpoint = (TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint)(reactor, self.host, d.ports["irc"])
         await endpoint.connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
+        self.addCleanup(lambda: client.done or client.transport.abortConnection())
         return client
 
     async def exchange(self, client: RawIRC, *lines: str) -> list[str]:
