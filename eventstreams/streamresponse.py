@@ -154,9 +154,11 @@ class StreamResponse:
 
         def finish() -> None:
             if not done.called:
-                # Close the connection too: some old clients read below the
-                # chunked framing and would never see the response end.
-                request.persistent = False
+                # Close the connection too (the head says so): some old
+                # clients read below the chunked framing and would never see
+                # the response end. twisted.web asks the channel.
+                if request.channel is not None:
+                    request.channel.persistent = False
                 done.callback(b"")
 
         sink = self.sink = ResponseSink(

@@ -652,3 +652,39 @@ class ServiceRoutes(StreamTestCase):
         self.assertIn("eventstreams_events_delivered_total 2", text)
         self.assertIn("eventstreams_hubs 1", text)
         self.assertIn("eventstreams_connections_total 1", text)
+
+
+class OverTLS(StreamTestCase):
+    """A TLS connection keeps twisted.web's path (it is not taken over)."""
+
+    @async_test
+    async def test_a_stream_that_ends_closes_its_connection(self):
+        # `Connection: close` is in the head: a client that waits for the
+        # close (rather than the last chunk) must not wait forever.
+        import socket
+        import ssl
+
+        import twisted.test
+        from twisted.internet.threads import deferToThread
+
+        pem = os.path.join(os.path.dirname(twisted.test.__file__), "server.pem")
+        d = await self.daemon("eventstreams.max_lifetime=0.3",
+                              f"eventstreams.listen=ssl:0:interface=127.0.0.1:privateKey={pem}")
+
+        def read_until_closed() -> bytes:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", d.ports["api"]), timeout=10) as raw:
+                with context.wrap_socket(raw) as tls:
+                    tls.sendall(b"GET /v2/stream/recentchange HTTP/1.1\r\nHost: x\r\n\r\n")
+                    body = b""
+                    try:
+                        while chunk := tls.recv(65536):
+                            body += chunk
+                    except TimeoutError:
+                        return body + b"<timed out>"
+                    return body
+
+        body = await deferToThread(read_until_closed)
+        self.assertIn(b"connection: close", body.lower())
+        self.assertTrue(body.endswith(b"0\r\n\r\n"), body[-60:])
