@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, TypeVar
 
-from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+from . import compat
 
 T = TypeVar("T")
 
@@ -256,7 +256,7 @@ def _endpoint(text: str) -> str:
     if not text:
         raise ValueError("expected a Twisted endpoint string such as tcp:8092")
     try:
-        kind, args, _ = _parseServer(text, None)
+        kind, args = compat.parse_endpoint(text)
     except Exception as e:  # the endpoint parser raises many kinds
         raise ValueError(f"not a valid endpoint string {text!r}: {e}") from None
     if kind in ("TCP", "SSL") and args and isinstance(args[0], int) and not 0 <= args[0] <= 65535:

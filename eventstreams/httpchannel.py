@@ -16,9 +16,9 @@ Every refusal is a JSON error in the API's documented shape with the
 standard reason phrase, and logs at most one line (fewer under a flood).
 Of twisted.web's channel this overrides one private method,
 `_respondToBadRequestAndDisconnect` (its bare 400 for a malformed request),
-reads the request line it parsed (`_command`, `_path`, with getattr) for
-the error's method and uri, and sets the public line limits `MAX_LENGTH`
-and `totalHeadersSize`.
+reads the request line it parsed for the error's method and uri (both
+through eventstreams.compat, which checks them), and sets the public line
+limits `MAX_LENGTH` and `totalHeadersSize`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, server
 
+from . import compat
 from .errors import ApiError
 from .positions import MAX_ID_BYTES
 
@@ -201,8 +202,7 @@ class BudgetedChannel(http.HTTPChannel):
         self._refusing = True
         self._head_received()
         if error is not None:
-            method = getattr(self, "_command", b"").decode("ascii", "replace")
-            uri = getattr(self, "_path", b"").decode("utf-8", "replace")
+            method, uri = compat.request_line(self)
             self.transport.write(error_bytes(error, method, uri, retry_after))
         self.setTimeout(None)
         self.persistent = False

@@ -10,7 +10,9 @@ the transport directly (eventstreams.fastwrite) and ends the response
 itself. The HTTP objects are then unreachable and freed.
 
 Only plain TCP connections are taken over (TLS and test transports keep the
-twisted.web path, which behaves the same, with more memory per client).
+twisted.web path, which behaves the same, with more memory per client), and
+only while Twisted's Connection still reads the protocol we swap in
+(eventstreams.compat checks it at import).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 
+from . import compat
 from .sse import ResponseSink
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -57,8 +60,9 @@ def take_over(request: Any, sink: ResponseSink, producer: IPushProducer) -> bool
     channel = getattr(request, "channel", None)
     transport = getattr(channel, "transport", None)
     if (
-        not getattr(request, "chunked", False)
-        or sink._transport is not transport  # its frames must already go to the socket
+        not compat.PROTOCOL_SWAP
+        or not getattr(request, "chunked", False)
+        or sink._transport is not transport  # its frames must already go to the socket  # its frames must already go to the socket
         or not isinstance(transport, tcp.Connection)
         or transport.protocol is not channel
         or transport.producer is not channel
@@ -69,7 +73,7 @@ def take_over(request: Any, sink: ResponseSink, producer: IPushProducer) -> bool
     connection = StreamConnection(sink, transport)
     channel.setTimeout(None)
     transport.unregisterProducer()
-    transport.protocol = connection
+    compat.swap_protocol(transport, connection)
     transport.registerProducer(producer, True)
     transport.startReading()  # HTTPChannel may have paused it; we must see EOF
     sink.detach(connection.finish)
