@@ -90,12 +90,6 @@ WRITE_THROUGH = WRITE_THROUGH_MISSING is None
 PROTOCOL_SWAP = PROTOCOL_SWAP_MISSING is None
 
 
-def send_buffer_empty(transport: Any) -> bool:
-    """Whether a tcp.Connection has nothing queued (so a send() now keeps order).
-    Only called when WRITE_THROUGH."""
-    return not transport._tempDataBuffer and len(transport.dataBuffer) == transport.offset
-
-
 def swap_protocol(transport: Any, protocol: Any) -> None:
     """Make protocol the receiver of a tcp.Connection's reads and its loss.
     Only called when PROTOCOL_SWAP."""

@@ -24,13 +24,15 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
         return transport.write
     sock = transport.socket
     buffered = transport.write
-    empty = compat.send_buffer_empty
 
     def write(data: bytes) -> None:
         if (
             transport.connected
             and not transport.disconnecting
-            and empty(transport)
+            # Twisted's private send buffers, inline (the hot path): both
+            # empty means nothing is queued. compat.WRITE_THROUGH vouches.
+            and not transport._tempDataBuffer
+            and len(transport.dataBuffer) == transport.offset
         ):
             try:
                 sent = sock.send(data)

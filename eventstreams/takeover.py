@@ -62,7 +62,7 @@ def take_over(request: Any, sink: ResponseSink, producer: IPushProducer) -> bool
     if (
         not compat.PROTOCOL_SWAP
         or not getattr(request, "chunked", False)
-        or sink._transport is not transport  # its frames must already go to the socket  # its frames must already go to the socket
+        or sink._transport is not transport  # its frames must already go to the socket
         or not isinstance(transport, tcp.Connection)
         or transport.protocol is not channel
         or transport.producer is not channel

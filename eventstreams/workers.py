@@ -210,8 +210,8 @@ class Workers(Service):
 
     def startService(self) -> None:
         super().startService()
-        # The port exists once the listener started (a failure stops start-up).
-        # (a port that cannot be bound has already stopped start-up, loudly)
+        # The port exists once the listener started (a failure has already
+        # stopped start-up, loudly: nothing to do here).
         self.listener.bound().addCallbacks(self._listening, lambda failure: None)
 
     def _listening(self, port: Any) -> Any:
