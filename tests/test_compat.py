@@ -7,13 +7,15 @@ import socket
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOfferAccept
-from twisted.internet import tcp
+from twisted.internet import defer, error, reactor, tcp
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web import http
 
 from eventstreams import compat, fastwrite
 from eventstreams.config import _endpoint
+from eventstreams.tap import Listener
 
 
 class Internals(unittest.TestCase):
@@ -84,3 +86,22 @@ class PublicPaths(unittest.TestCase):
         self.assertEqual(_endpoint("unix:/run/x.sock"), "unix:/run/x.sock")
         with self.assertRaises(ValueError):
             _endpoint("nosuchkind:1")
+
+    @defer.inlineCallbacks
+    def test_a_listener_binds_at_once_on_public_api_and_reports_a_port_in_use_there(self):
+        first = Listener(reactor, "tcp:0:interface=127.0.0.1", Factory.forProtocol(Protocol))
+        waiting = first.bound()  # asked before binding: fires once bound
+        first.privilegedStartService()
+        port = yield waiting
+        self.assertIs(port, first.port)
+        self.assertIs((yield first.bound()), port)  # asked after
+        first.startService()  # the runner's start: no second bind
+        taken = port.getHost().port
+        second = Listener(reactor, f"tcp:{taken}:interface=127.0.0.1", Factory.forProtocol(Protocol))
+        with self.assertRaises(error.CannotListenError):
+            second.privilegedStartService()
+        yield self.assertFailure(second.bound(), error.CannotListenError)
+        yield first.stopService()
+        again = Listener(reactor, f"tcp:{taken}:interface=127.0.0.1", Factory.forProtocol(Protocol))
+        again.privilegedStartService()  # stopped listening: the port is free
+        yield again.stopService()
