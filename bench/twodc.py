@@ -118,7 +118,7 @@ async def main(args: argparse.Namespace) -> None:
             f.write(CONFIG.format(bootstrap=bootstrap, topic=topic))
         service = build_service(load(path, ()), reactor)
         service.startService()
-        port = (await service.listeners["api"]._waitingForPort).getHost().port
+        port = (await service.listeners["api"].bound()).getHost().port
         daemons.append((service, port))
     # Every event's id from daemon A. Both daemons follow the topic before
     # the records come, so resumes are served from their rings.

@@ -63,7 +63,8 @@ def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
 
     e = config.embedded
     # Worker processes only read the file: retention is the writer's job.
-    return EmbeddedBackend(e.path, e.retention if writer else 0, e.partitions, reactor=reactor)
+    return EmbeddedBackend(e.path, e.retention if writer else 0, e.partitions, reactor=reactor,
+                           read_only=not writer)
 
 
 def head_budget(reactor: Any, deadline: float, service: ServiceConfig, listener: str) -> HeadBudget:

@@ -5,7 +5,8 @@ and removing the socket from epoll around each one: two epoll_ctl calls per
 event per client, which dominated fan-out CPU. When nothing is queued on the
 connection, sending at once costs one send() and no epoll change; whatever
 the kernel does not take goes through the normal buffered path, so ordering,
-flow control and producer pausing stay Twisted's.
+flow control and producer pausing stay Twisted's. Reading the send buffers
+is private to Twisted: eventstreams.compat checks it at import.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from typing import Any, Callable
 
 from twisted.internet import tcp
 
+from . import compat
+
 
 def writer_for(transport: Any) -> Callable[[bytes], None]:
     """A write function for transport: write-through when it is a plain TCP
     connection (not TLS, not a test transport), else transport.write."""
-    if not isinstance(transport, tcp.Connection) or not hasattr(transport, "socket"):
+    if not compat.WRITE_THROUGH or not isinstance(transport, tcp.Connection) or not hasattr(transport, "socket"):
         return transport.write
     sock = transport.socket
     buffered = transport.write
@@ -26,6 +29,8 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
         if (
             transport.connected
             and not transport.disconnecting
+            # Twisted's private send buffers, inline (the hot path): both
+            # empty means nothing is queued. compat.WRITE_THROUGH vouches.
             and not transport._tempDataBuffer
             and len(transport.dataBuffer) == transport.offset
         ):

@@ -22,25 +22,22 @@ log = Logger()
 
 
 class StreamFeed(Service):
-    """Calls on_event(event, entry) for every event of a stream, from now on;
-    or, when given, on_batch([(event, entry), …]) once per hub batch instead,
-    so that a bridge can format each event once and write once per client
-    per batch."""
+    """Calls on_batch([(event, entry), …]) once per hub batch of a stream's
+    events, from now on, so that a bridge can format each event once and
+    write once per client per batch."""
 
     def __init__(
         self,
         backend: Backend,
         hubs: Hubs,
         stream: StreamConfig,
-        on_event: Callable[[dict, Entry], None],
+        on_batch: Callable[[list[tuple[dict, Entry]]], None],
         clock: IReactorTime,
         retry: float = 5.0,
-        on_batch: Optional[Callable[[list[tuple[dict, Entry]]], None]] = None,
     ):
         self.backend = backend
         self.hubs = hubs
         self.stream = stream
-        self.on_event = on_event
         self.on_batch = on_batch
         self.clock = clock
         self.retry = retry
@@ -83,13 +80,6 @@ class StreamFeed(Service):
 
     def send_batch(self, batch: Batch) -> None:
         events = [(entry.event, entry) for entry in batch.matched if entry.event is not None]
-        if self.on_batch is None:
-            for event, entry in events:  # a failing event costs only itself
-                try:
-                    self.on_event(event, entry)
-                except Exception:
-                    log.failure("{stream}: a bridge failed on an event", stream=self.stream.name)
-            return
         if not events:
             return
         try:

@@ -19,10 +19,10 @@ Every refusal is a JSON error in the API's documented shape with the
 standard reason phrase, and logs at most one line (fewer under a flood).
 Of twisted.web's channel this overrides one private method,
 `_respondToBadRequestAndDisconnect` (its bare 400 for a malformed request
-or a head over `totalHeadersSize`), reads the request line it parsed
-(`_command`, `_path`) and its head size (`_receivedHeaderSize`), with
-getattr, and sets the public line limits `MAX_LENGTH` and
-`totalHeadersSize`.
+or a head over `totalHeadersSize`), reads the request line it parsed for
+the error's method and uri (through eventstreams.compat, which checks
+them) and its head size (`_receivedHeaderSize`, with getattr), and sets the
+public line limits `MAX_LENGTH` and `totalHeadersSize`.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
+from . import compat
 from .errors import ApiError
 from .metrics import Sample
 from .positions import MAX_ID_BYTES
@@ -272,8 +273,7 @@ class BudgetedChannel(http.HTTPChannel):
         self._refusing = True
         self._head_received()
         if error is not None:
-            method = getattr(self, "_command", b"").decode("ascii", "replace")
-            uri = getattr(self, "_path", b"").decode("utf-8", "replace")
+            method, uri = compat.request_line(self)
             self.transport.write(error_bytes(error, method, uri))
         self.setTimeout(None)
         self.persistent = False

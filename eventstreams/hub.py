@@ -573,7 +573,20 @@ class Hub:
             for sub in list(subs):  # the fan-out itself: keep it lean
                 if not sub.closed:
                     sub.last = last
-                    sub.sink.send_batch(batch)
+                    try:
+                        sub.sink.send_batch(batch)
+                    except Exception:
+                        self._sink_raised(sub)
+
+    def _sink_raised(self, sub: Subscription) -> None:
+        """A sink raised mid-pass (a bug in it): its client is ended, so the
+        error is logged once, and the pass goes on for the others."""
+        log.failure("a sink raised during fan-out; ending its client ({sink!r})", sink=sub.sink)
+        sub.cancel()
+        try:
+            sub.sink.fail("internal error")
+        except Exception:
+            log.failure("the sink also raised while ending its client ({sink!r})", sink=sub.sink)
 
     def _push(self, entry: Entry) -> None:
         size = self.ring_size

@@ -88,7 +88,7 @@ class Notify(Service):
         super().startService()
         if self.notifier.watchdog_usec > 0:
             self.ping.start(self.notifier.watchdog_usec / 2e6, now=True)
-        ports = [listener._waitingForPort for listener in self.listeners]
+        ports = [listener.bound() for listener in self.listeners]
         gatherResults(ports, consumeErrors=True).addCallbacks(self._bound, self._failed)
 
     def _bound(self, ports: list[Any]) -> None:

@@ -10,7 +10,9 @@ the transport directly (eventstreams.fastwrite) and ends the response
 itself. The HTTP objects are then unreachable and freed.
 
 Only plain TCP connections are taken over (TLS and test transports keep the
-twisted.web path, which behaves the same, with more memory per client).
+twisted.web path, which behaves the same, with more memory per client), and
+only while Twisted's Connection still reads the protocol we swap in
+(eventstreams.compat checks it at import).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import compat
 from .sse import ResponseSink
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -66,7 +69,8 @@ def take_over(request: Any, sink: ResponseSink, producer: IPushProducer) -> bool
     channel = getattr(request, "channel", None)
     transport = getattr(channel, "transport", None)
     if (
-        not getattr(request, "chunked", False)
+        not compat.PROTOCOL_SWAP
+        or not getattr(request, "chunked", False)
         or sink.transport is not transport  # its frames must already go to the socket
         or not isinstance(transport, tcp.Connection)
         or transport.protocol is not channel
@@ -78,7 +82,7 @@ def take_over(request: Any, sink: ResponseSink, producer: IPushProducer) -> bool
     connection = StreamConnection(sink, transport)
     request.channel.setTimeout(None)  # (`channel` is typed IProtocol by the test above)
     transport.unregisterProducer()
-    transport.protocol = connection
+    compat.swap_protocol(transport, connection)
     transport.registerProducer(producer, True)
     transport.startReading()  # HTTPChannel may have paused it; we must see EOF
     sink.detach(connection.finish)

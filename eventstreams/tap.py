@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Optional
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -66,25 +66,58 @@ def ignore_sighup(reactor: Any) -> None:
         log.info, "SIGHUP: nothing to reopen or reload (restart to apply a new configuration)"))
 
 
-class Listener(StreamServerEndpointService):
-    """A listener that binds once: makeService binds it (see listen_now), and
-    the runner's own privilegedStartService is then a no-op."""
-
-    _raiseSynchronously = True  # a port in use stops start-up
+class Listener(Service):
+    """An endpoint and its factory that bind once: makeService binds it (see
+    listen_now; a port in use raises there and stops start-up), and the
+    runner's own privilegedStartService is then a no-op. What
+    StreamServerEndpointService does, on public API only (it needs its
+    private _raiseSynchronously and _waitingForPort for this)."""
 
     def __init__(self, reactor: Any, endpoint: str, factory: Any) -> None:
-        super().__init__(serverFromString(reactor, endpoint), factory)
+        self.endpoint = serverFromString(reactor, endpoint)
+        self.factory = factory
         self.description = endpoint
         self.port: Any = None  # the IListeningPort once bound
+        self._listening: Optional[Deferred[Any]] = None
+        self._result: Any = None  # the port or the Failure, once settled
+        self._waiters: list[Deferred[Any]] = []
 
     def privilegedStartService(self) -> None:
-        if self._waitingForPort is None:
-            super().privilegedStartService()
-            cast(Deferred, self._waitingForPort).addCallback(self._bound)  # (declared None; set by the call above)
+        if self._listening is not None:
+            return
+        super().privilegedStartService()
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addBoth(self._settled)
+        if isinstance(self._result, Failure):
+            self._result.raiseException()
 
-    def _bound(self, port: Any) -> Any:
-        self.port = port
-        return port
+    def startService(self) -> None:
+        super().startService()
+        self.privilegedStartService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._listening is not None and not self._listening.called:
+            self._listening.cancel()
+        if self.port is None:
+            return succeed(None)
+        return maybeDeferred(self.port.stopListening)
+
+    def _settled(self, result: Any) -> None:
+        self._result = result
+        if not isinstance(result, Failure):
+            self.port = result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(result)  # (a Failure errbacks it)
+
+    def bound(self) -> Deferred[Any]:
+        """Fires with the listening port once bound, or fails as binding did."""
+        if self._result is not None:
+            return succeed(self._result) if not isinstance(self._result, Failure) else fail(self._result)
+        waiter: Deferred[Any] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
 
 def listener(reactor: Any, endpoint: str, factory: Any) -> Listener:
@@ -206,8 +239,7 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
         irc = IRCServer(irc_config, reactor)
         listeners["irc"] = listener(reactor, irc_config.listen, irc.factory)
         bridges.append(irc)  # the keepalive timer; closes the clients on stop
-        bridges.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_event, reactor,
-                                  on_batch=irc.on_batch))
+        bridges.append(StreamFeed(backend, hubs, config.streams[irc_config.stream], irc.on_batch, reactor))
         metric_sources.append(irc.samples)
 
     rcstream = rcstream_config.parse(config)  # None: no [rcstream] section, the bridge is off
@@ -225,8 +257,7 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
             site.resource = rcstream_web.mount(site.resource, bridge, reactor,  # /socket.io/, /rcstream_status
                                                service.client_ip_header)
         bridges.append(bridge)  # the heartbeat timer; closes the sessions on stop
-        bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_event, reactor,
-                                  on_batch=bridge.on_batch))
+        bridges.append(StreamFeed(backend, hubs, config.streams[rcstream.stream], bridge.on_batch, reactor))
         metric_sources.append(bridge.samples)
         top.rcstream = bridge  # for tests
 

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Optional
 
-from twisted.internet.endpoints import _parseServer
+from . import compat
 
 
 def number(text: str) -> float:
@@ -133,7 +133,7 @@ def endpoint(text: str) -> str:
     if not text:
         raise ValueError("expected a Twisted endpoint string such as tcp:8092")
     try:
-        kind, args, _ = _parseServer(text, None)
+        kind, args = compat.parse_endpoint(text)
     except Exception as e:  # the endpoint parser raises many kinds
         raise ValueError(f"not a valid endpoint string {text!r}: {e}") from None
     if kind in ("TCP", "SSL") and args and isinstance(args[0], int) and not 0 <= args[0] <= 65535:

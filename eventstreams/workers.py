@@ -208,7 +208,7 @@ class Workers(Service):
     def __init__(self, config: Any, reactor: Any, listener: Any, table: Optional[SharedTable]) -> None:
         self.config = config
         self.reactor = reactor
-        self.listener = listener  # the API's StreamServerEndpointService
+        self.listener = listener  # the API's tap.Listener
         self.table = table
         self.count = config.service.workers - 1
         self.workers: dict[int, _Worker] = {}
@@ -221,8 +221,9 @@ class Workers(Service):
 
     def startService(self) -> None:
         super().startService()
-        # The port exists once the listener started (a failure stops start-up).
-        self.listener._waitingForPort.addCallback(self._listening)
+        # The port exists once the listener started (a failure has already
+        # stopped start-up, loudly: nothing to do here).
+        self.listener.bound().addCallbacks(self._listening, lambda failure: None)
 
     def _listening(self, port: Any) -> Any:
         self._listen_fd = port.fileno()

@@ -138,7 +138,7 @@ class Daemon:
             await deferToThread(create_topics, {t: n for t, n in topics.items() if n})
         self.service.startService()
         for name, listener in self.service.listeners.items():
-            port = await listener._waitingForPort
+            port = await listener.bound()
             self.ports[name] = port.getHost().port
         return self
 

@@ -626,3 +626,35 @@ class EmbeddedBackendTests(unittest.TestCase):
         self.assertEqual(stored[0].offset, 3)
         yield sleep(0.2)
         self.assertEqual(got.offsets(("t", 0)), [0, 1, 2, 3])
+
+
+class ReadOnlyOpen(unittest.TestCase):
+    """A worker process's backend (read_only) next to the writing process."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_read_only_start_does_not_wait_for_the_write_lock(self):
+        path = os.path.join(self.mktemp(), "events.sqlite")
+        writer = EmbeddedBackend(path, 0)
+        writer.start()
+        self.addCleanup(writer.stop)
+        yield writer.append("t", [(None, b"v0")], timestamp=1000)
+        # Another connection holds the write lock (a long append elsewhere).
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        self.addCleanup(holder.close)
+        self.addCleanup(holder.execute, "ROLLBACK")
+        reader = EmbeddedBackend(path, 0, read_only=True)
+        reader.start()  # on the reactor thread: must neither block nor fail
+        self.addCleanup(reader.stop)
+        got = yield reader.read({("t", 0): 0}, 10)
+        self.assertEqual([r.value for r in got], [b"v0"])
+        yield self.assertFailure(reader.append("t", [(None, b"x")]), BackendUnavailable)
+
+    def test_a_read_only_start_refuses_a_log_not_created_yet(self):
+        path = os.path.join(self.mktemp(), "events.sqlite")
+        os.makedirs(os.path.dirname(path))
+        with self.assertRaises(EmbeddedLogError):
+            EmbeddedBackend(path, 0, read_only=True).start()
+        self.assertFalse(os.path.exists(path))

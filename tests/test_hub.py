@@ -79,3 +79,42 @@ class Pacing(unittest.SynchronousTestCase):
         hub._on_records([record(1)])
         clock.advance(0)
         self.assertEqual(sink.batches, [[0], [1]])
+
+
+class BrokenSink(SlowSink):
+    """A client whose sink raises on every batch (a bug in one sink)."""
+
+    def __init__(self, clock: Clock):
+        super().__init__(clock, 0.0)
+        self.failed: list[str] = []
+
+    def send_batch(self, batch: Batch) -> None:
+        super().send_batch(batch)
+        raise RuntimeError("sink bug")
+
+    def fail(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+class FanOutIsolation(unittest.SynchronousTestCase):
+    def test_a_raising_sink_does_not_stop_the_pass_for_the_others(self):
+        clock = Clock()
+        hub = Hub(None, [TP], 100, clock, 0.0)  # type: ignore[arg-type]  # records are fed by hand
+        hub.head = hub.ring_base = ((0, None),)
+        before, broken, after = SlowSink(clock, 0.0), BrokenSink(clock), SlowSink(clock, 0.0)
+        # One group (no filter), served in subscription order: the broken
+        # sink sits between two others.
+        for sink in (before, broken, after):
+            hub.subscribe(sink)
+        clock.advance(0)  # all at the head: live
+        hub._on_records([record(0)])
+        clock.advance(0)
+        hub._on_records([record(1)])
+        clock.advance(0)
+        self.assertEqual(before.batches, [[0], [1]])
+        self.assertEqual(after.batches, [[0], [1]])
+        # The broken client is ended (once), and its error logged once.
+        self.assertEqual(broken.batches, [[0]])
+        self.assertEqual(len(broken.failed), 1)
+        errors = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(errors), 1)

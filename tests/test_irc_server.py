@@ -227,11 +227,13 @@ class Channels(ServerTestCase):
 
     def test_events_become_lines_through_the_formatter(self):
         client = self.client()
-        self.server.on_event({"type": "edit", "title": "T", "server_name": "de.wikipedia.org", "user": "U"})
+        edit = {"type": "edit", "title": "T", "server_name": "de.wikipedia.org", "user": "U"}
+        self.server.on_batch([(edit, None)])
+        self.server.flush()
         client.send("JOIN #de.wikipedia")
         client.lines()
-        self.server.on_event({"type": "edit", "title": "T", "server_name": "de.wikipedia.org", "user": "U"})
-        self.server.on_event({"type": "categorize", "title": "T", "server_name": "de.wikipedia.org"})
+        self.server.on_batch([(edit, None), ({"type": "categorize", "title": "T", "server_name": "de.wikipedia.org"}, None)])
+        self.server.flush()
         self.assertEqual(client.lines(), [
             f"{BOT} PRIVMSG #de.wikipedia :\x0314[[\x0307T\x0314]]\x034 \x0310 \x0302\x03 \x035*\x03 "
             "\x0303U\x03 \x035*\x03  \x0310\x03"

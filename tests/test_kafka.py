@@ -10,10 +10,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
+import time
+from typing import Optional
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka import TopicPartition as KafkaTP
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
+
+from eventstreams.backends.kafka import KafkaBackend, KafkaTail
 
 from . import test_stream
 from .support import KAFKA, async_test, create_topics, kafka_admin, offsets_by_partition, open_stream, rc_event, sleep
@@ -225,3 +232,67 @@ def produce_keyed(topic: str, numbers: range) -> None:
     for n in numbers:
         producer.produce(topic, json.dumps(rc_event(n)).encode(), str(n).encode())
     assert producer.flush(30) == 0
+
+
+# -- without a broker: the engine's own threading ------------------------------------
+
+NO_BROKER = {"bootstrap.servers": "127.0.0.1:9"}  # never contacted: librdkafka connects lazily
+
+
+class SlowPositions(dict):
+    """Positions whose comparison yields the GIL to other threads, so that
+    two threads looking for the same idle consumer overlap every time."""
+
+    def __eq__(self, other: object) -> bool:
+        time.sleep(0.01)
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class ConsumerPool(unittest.TestCase):
+    """The idle catch-up consumers are shared by the pool's threads and the reactor."""
+
+    def test_two_threads_never_take_the_same_idle_consumer(self):
+        backend = KafkaBackend(dict(NO_BROKER), reactor)
+        wanted = {("t", 0): 5}
+        consumers = [Consumer(backend.consumer_settings(catchup=True)) for _ in range(2)]
+        self.addCleanup(lambda: [c.close() for c in consumers])
+        backend._idle = [(dict(wanted), consumers[0]), ({("t", 0): 99}, consumers[1])]
+        taken: list[object] = []
+        start = threading.Barrier(2)
+
+        def take() -> None:
+            start.wait()
+            taken.append(backend._take_consumer(SlowPositions(wanted)))
+
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(taken), 2)
+        self.assertIsNot(taken[0], taken[1], "one idle consumer was handed to two threads")
+        self.assertEqual(backend._idle, [])
+
+    @async_test
+    async def test_a_tail_that_reports_at_once_keeps_its_report(self):
+        backend = KafkaBackend(dict(NO_BROKER), reactor)
+
+        class ReportingTail(KafkaTail):
+            crash: Optional[BaseException] = None
+
+            def _run(self) -> None:  # the first poll fails at once
+                try:
+                    self._report("the first poll failed")
+                except BaseException as e:
+                    self.crash = e
+                finally:
+                    self._consumer.close()
+
+        for _ in range(20):  # the thread and __init__ race: give it chances
+            tail = ReportingTail(backend, {("t", 0): 0}, lambda records: None)
+            await deferToThread(tail._thread.join)
+            self.assertIsNone(tail.crash)
+            self.assertEqual(tail._reported, "the first poll failed")
+        await sleep(0)  # the reports' warnings, queued with callFromThread

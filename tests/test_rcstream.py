@@ -332,7 +332,8 @@ class SlowWebSocket(RCStreamCase):
         big["comment"] = "x" * 200_000
         sent = 0
         while sid in bridge.sessions and sent < 200:
-            bridge.on_event(big)
+            bridge.on_batch([(big, None)])
+            bridge.flush()
             sent += 1
             await sleep(0.01)
         self.assertNotIn(sid, bridge.sessions)

@@ -173,6 +173,12 @@ class Recorder:
         self.closed = True
 
 
+def deliver(bridge: Bridge, event: dict) -> None:
+    """One change, sent at once: a batch of one from the feed, then the flush."""
+    bridge.on_batch([(event, None)])
+    bridge.flush()
+
+
 class Sessions(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
@@ -193,11 +199,11 @@ class Sessions(unittest.TestCase):
         self.assertEqual(t.packets, ["1::", "1::/rc", "6::/rc:1+[null]"])
         event = rc_event(1, "dewiki")
         event["title"] = "Bär"
-        self.bridge.on_event(event)
-        self.bridge.on_event(rc_event(2, "wikidatawiki"))
+        deliver(self.bridge, event)
+        deliver(self.bridge, rc_event(2, "wikidatawiki"))
         canary = rc_event(3, "enwiki")
         canary["meta"]["domain"] = "canary"
-        self.bridge.on_event(canary)
+        deliver(self.bridge, canary)
         self.assertEqual(len(t.packets), 4)
         self.assertTrue(t.packets[3].startswith('5::/rc:{"name":"change","args":[{'))
         self.assertIn('"title":"B\\u00e4r"', t.packets[3])
@@ -245,10 +251,10 @@ class Sessions(unittest.TestCase):
         session.receive('5::/rc:{"name":"subscribe","args":["*"]}')
         t.ready = False
         for n in range(4):
-            self.bridge.on_event(rc_event(n))
+            deliver(self.bridge, rc_event(n))
         self.assertEqual(self.bridge.status(), {"connected_clients": 1, "queue_size": 4})
-        self.bridge.on_event(rc_event(5))
-        self.bridge.on_event(rc_event(6))
+        deliver(self.bridge, rc_event(5))
+        deliver(self.bridge, rc_event(6))
         self.assertTrue(session.closed)
         self.assertEqual(self.bridge.status()["connected_clients"], 0)
         self.assertEqual(dict((s[0], s[4]) for s in self.bridge.samples())["eventstreams_rcstream_slow_closed_total"], 1)
@@ -262,7 +268,7 @@ class Sessions(unittest.TestCase):
         self.assertEqual(t.packets, [f'40/rc,{{"sid":"{session.sid}"}}', "43/rc,1[null]",
                                      '44/nope,{"message":"Invalid namespace"}',
                                      '44{"message":"not a Socket.IO packet: \'garbage\'"}'])
-        self.bridge.on_event(rc_event(1, "dewiki"))
+        deliver(self.bridge, rc_event(1, "dewiki"))
         self.assertTrue(t.packets[-1].startswith('42/rc,["change",{'))
         self.clock.advance(25)
         self.assertEqual(t.packets[-1], "2")
@@ -401,7 +407,7 @@ class PacedBatches(unittest.TestCase):
         t.cost = None
         self.bridge.on_batch([(rc_event(7), None)])  # waits: the last flush took 80 ms
         t.cost = (self.clock, 0.03)
-        self.bridge.on_event(rc_event(8))  # at once, after the pending one
+        deliver(self.bridge, rc_event(8))  # at once, after the pending one
         self.assertEqual([json.loads(p.split(":", 3)[3])["args"][0]["id"] for p in t.packets], list(range(9)))
         self.bridge.on_batch([(rc_event(9), None)])
         self.bridge.stopService()  # a pending flush is dropped with the sessions

@@ -81,12 +81,15 @@ class _Port:
 
 
 class _Listener:
-    """What Notify reads of a StreamServerEndpointService: _waitingForPort."""
+    """What Notify reads of a tap.Listener: bound(), a port some time later."""
 
     def __init__(self) -> None:
         from twisted.internet.defer import Deferred
 
-        self._waitingForPort: Deferred = Deferred()
+        self.port: Deferred = Deferred()
+
+    def bound(self) -> Any:
+        return self.port
 
 
 class NotifyService(unittest.TestCase):
@@ -113,9 +116,9 @@ class NotifyService(unittest.TestCase):
         service = Notify(Notifier(self.path, watchdog_usec=30_000_000), [a, b], clock)
         service.startService()
         self.assertEqual(self.received(), [b"WATCHDOG=1"])  # the first ping at once
-        a._waitingForPort.callback(_Port(8092))
+        a.port.callback(_Port(8092))
         self.assertEqual(self.received(), [])  # b is not bound yet
-        b._waitingForPort.callback(_Port(8192))
+        b.port.callback(_Port(8192))
         self.assertEqual(self.received(), [b"READY=1\nSTATUS=serving (listening on 8092, 8192)"])
         clock.advance(14.9)
         self.assertEqual(self.received(), [])  # a reactor that does not turn does not ping
@@ -133,7 +136,7 @@ class NotifyService(unittest.TestCase):
         a = _Listener()
         service = Notify(Notifier(self.path), [a], clock)
         service.startService()
-        a._waitingForPort.errback(error.CannotListenError("", 8092, OSError("in use")))
+        a.port.errback(error.CannotListenError("", 8092, OSError("in use")))
         [message] = self.received()
         self.assertTrue(message.startswith(b"STATUS=start-up failed"), message)
         self.assertNotIn(b"READY=1", message)

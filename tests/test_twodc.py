@@ -98,7 +98,7 @@ class ClusterDaemon:
 
     async def start(self) -> "ClusterDaemon":
         self.service.startService()
-        self.port = (await self.service.listeners["api"]._waitingForPort).getHost().port
+        self.port = (await self.service.listeners["api"].bound()).getHost().port
         return self
 
     @property

@@ -158,12 +158,6 @@ class IRCServer(Service):
 
     # -- the feed ------------------------------------------------------------
 
-    def on_event(self, event: dict, entry: Any = None) -> None:
-        """StreamFeed's callback: one bot line per wanted event."""
-        formatted = format_event(event)
-        if formatted is not None:
-            self.broadcast(*formatted)
-
     def on_batch(self, events: list[tuple[dict, Any]]) -> None:
         """StreamFeed's batch callback: the lines wait for the next flush,
         which writes each channel's lines joined, once per member."""
@@ -384,10 +378,6 @@ class IRCClient(Protocol):
         """A numeric to this client; the last parameter is text (after ':')
         unless trailing is False."""
         self.send(Message(str(numeric), (self.me,) + params, self.config.servername, trailing))
-
-    def send_line(self, data: bytes) -> None:
-        """A bot line: written now, queued while paused, dropped when the queue is full."""
-        self.send_lines(data, [data])
 
     def send_lines(self, joined: bytes, lines: list[bytes]) -> None:
         """Bot lines (joined: the same lines as one bytes object, shared by

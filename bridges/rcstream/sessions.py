@@ -387,8 +387,7 @@ class EioSession(Session):
 
 
 class Bridge(Service):
-    """All sessions; fed a hub batch at a time by a StreamFeed (on_batch), or
-    one event at a time (on_event)."""
+    """All sessions; fed a hub batch at a time by a StreamFeed (on_batch)."""
 
     def __init__(self, config: RCStreamConfig, clock: IReactorTime):
         self.config = config
@@ -497,11 +496,6 @@ class Bridge(Service):
             self._ticking = None
         else:
             self.clock.callLater(0, self._tick_slice)
-
-    def on_event(self, event: dict, entry: Any = None) -> None:
-        """One change, sent at once (after any pending ones)."""
-        self.on_batch([(event, entry)])
-        self.flush()
 
     def on_batch(self, events: list[tuple[dict, Any]]) -> None:
         """StreamFeed's batch callback: the changes wait for the next flush."""

@@ -413,7 +413,7 @@ class SocketProtocol(WebSocketServerProtocol):
         return (
             self._write is not None
             and self.state == self.STATE_OPEN
-            and self._perMessageCompress is None
+            and not self.websocket_extensions_in_use  # e.g. permessage-deflate: frames are autobahn's
             and not self.send_queue
         )
 

@@ -21,6 +21,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 import zlib
 from contextlib import contextmanager
 from dataclasses import replace
@@ -136,6 +137,7 @@ class EmbeddedBackend:
         reactor: Any = None,
         read_threads: int = 4,
         poll_interval: float = 1.0,
+        read_only: bool = False,
     ) -> None:
         if partitions < 1:
             raise ValueError(f"partitions must be at least 1, not {partitions}")
@@ -150,6 +152,9 @@ class EmbeddedBackend:
         self.partitions_per_topic = partitions
         self.read_threads = read_threads
         self.poll_interval = poll_interval
+        # A worker process's reader: opens the writer's file without ever
+        # taking SQLite's write lock (see _open_read_only).
+        self.read_only = read_only
         self._reactor = reactor
         self._running = False
         self._writer: Optional[ThreadPool] = None
@@ -209,6 +214,8 @@ class EmbeddedBackend:
         conn.close()
 
     def _open(self) -> tuple[sqlite3.Connection, dict[TopicPartition, int]]:
+        if self.read_only:
+            return self._open_read_only()
         path = self.path
         parent = os.path.dirname(os.path.abspath(path))
         try:
@@ -264,10 +271,46 @@ class EmbeddedBackend:
             raise EmbeddedLogError(f"embedded log {path!r}: cannot use: {e}") from e
         return conn, heads
 
+    def _open_read_only(self) -> tuple[sqlite3.Connection, dict[TopicPartition, int]]:
+        """Open the file another process writes: no schema, no journal mode
+        change, no BEGIN IMMEDIATE. In WAL mode reads never wait for the
+        writer, so this runs on the reactor thread without blocking it."""
+        path = self.path
+        try:
+            conn = self._connect()
+        except sqlite3.Error as e:
+            raise EmbeddedLogError(f"embedded log {path!r}: cannot open: {e}") from e
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise EmbeddedLogError(
+                    f"embedded log {path!r}: schema version {version} (expected {SCHEMA_VERSION}): "
+                    "the writing process creates the log"
+                )
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise EmbeddedLogError(f"embedded log {path!r}: not in WAL mode (journal_mode is {mode})")
+            heads = {
+                (topic, partition): next_offset
+                for topic, partition, next_offset in conn.execute(
+                    "SELECT topic, partition, next_offset FROM partitions"
+                )
+            }
+        except EmbeddedLogError:
+            conn.close()
+            raise
+        except sqlite3.Error as e:
+            conn.close()
+            raise EmbeddedLogError(f"embedded log {path!r}: cannot use: {e}") from e
+        return conn, heads
+
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT).
         # check_same_thread=False only so stop() can close the connection
         # after its thread has ended; each connection is used by one thread.
+        if self.read_only:  # mode=ro: SQLite refuses every write, locks included
+            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+            return sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
         return sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
         )

@@ -135,9 +135,9 @@ class KafkaTail:
         self._stopped = threading.Event()
         self._consumer = Consumer(backend.consumer_settings())
         self._consumer.assign([KafkaTP(t, p, o) for (t, p), o in positions.items()])
+        self._reported: Optional[str] = None  # (set before the thread that reads it starts)
         self._thread = threading.Thread(target=self._run, name="kafka-tail", daemon=True)
         self._thread.start()
-        self._reported: Optional[str] = None
 
     def stop(self) -> None:
         """No callback after this returns; the thread closes its consumer."""
@@ -202,7 +202,10 @@ class KafkaBackend:
         self.catchup_consumers = catchup_consumers
         self._pool = ThreadPool(2, 4 + catchup_consumers, name="kafka")
         self._catchup = DeferredSemaphore(catchup_consumers)
+        # Idle catch-up consumers, taken on pool threads and given back on the
+        # reactor thread: every access holds _idle_lock (never for long).
         self._idle: list[tuple[dict[TopicPartition, int], Consumer]] = []
+        self._idle_lock = threading.Lock()
         self._meta: Optional[Consumer] = None
         self._producer: Optional[Producer] = None
         self._producer_thread: Optional[threading.Thread] = None
@@ -254,7 +257,8 @@ class KafkaBackend:
         for tail in list(self._tails):
             tail.stop()
         self._tails.clear()
-        idle, self._idle = self._idle, []
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
 
         def close() -> None:
             for _, consumer in idle:
@@ -368,14 +372,16 @@ class KafkaBackend:
         return self._catchup.run(self._blocking, self._read_sync, dict(positions), max_records)
 
     def _take_consumer(self, positions: dict[TopicPartition, int]) -> Consumer:
-        for i, (where, consumer) in enumerate(self._idle):
-            if where == positions:  # continues exactly where it stopped: no re-fetch
-                del self._idle[i]
-                return consumer
-        if self._idle:
-            _, consumer = self._idle.pop(0)
-        else:
-            consumer = Consumer(self.consumer_settings(catchup=True))
+        """(On a pool thread.)"""
+        reused: Optional[Consumer] = None
+        with self._idle_lock:
+            for i, (where, consumer) in enumerate(self._idle):
+                if where == positions:  # continues exactly where it stopped: no re-fetch
+                    del self._idle[i]
+                    return consumer
+            if self._idle:
+                _, reused = self._idle.pop(0)
+        consumer = reused if reused is not None else Consumer(self.consumer_settings(catchup=True))
         consumer.assign([KafkaTP(t, p, o) for (t, p), o in positions.items()])
         return consumer
 
@@ -411,10 +417,11 @@ class KafkaBackend:
         return records
 
     def _return_consumer(self, positions: dict[TopicPartition, int], consumer: Consumer) -> None:
-        if not self._running or len(self._idle) >= self.catchup_consumers:
-            self.reactor.callInThread(consumer.close)
-            return
-        self._idle.append((positions, consumer))
+        with self._idle_lock:
+            if self._running and len(self._idle) < self.catchup_consumers:
+                self._idle.append((positions, consumer))
+                return
+        self.reactor.callInThread(consumer.close)
 
     def tail(self, positions: dict[TopicPartition, int], on_records: Callable[[list[Record]], None]) -> KafkaTail:
         if not self._running:
