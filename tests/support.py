@@ -2,12 +2,13 @@
 a raw HTTP/1.1 stream client whose reading the test controls byte by byte."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -334,7 +335,34 @@ async def open_stream(port: int, path: str, headers: Optional[dict[str, str]] = 
 
 
 def sleep(seconds: float) -> Deferred:
+    """Let real time pass. Only for time that is itself under test (an idle
+    timeout, a rate); to wait for something to happen, use wait_for."""
     return deferLater(reactor, seconds, lambda: None)
+
+
+T = TypeVar("T")
+
+
+async def wait_for(
+    condition: Callable[[], Union[T, Awaitable[T]]],
+    what: str,
+    timeout: float = 10,
+    interval: float = 0.02,
+) -> T:
+    """Poll condition() (plain or async) until it returns a true value, and
+    return that value; fail naming what was awaited (and the last value seen)
+    after timeout seconds. A wait for a condition, not for a guessed time:
+    fast when the machine is fast, and still right when it is slow."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+        await deferLater(reactor, interval, lambda: None)
 
 
 def offsets_by_partition(events: list[dict]) -> dict[tuple[str, int], list[int]]:
