@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -338,6 +338,16 @@ def sleep(seconds: float) -> Deferred:
     """Let real time pass. Only for time that is itself under test (an idle
     timeout, a rate); to wait for something to happen, use wait_for."""
     return deferLater(reactor, seconds, lambda: None)
+
+
+def turn() -> Deferred:
+    """One turn of the reactor: what is ready to read or write is done."""
+    return deferLater(reactor, 0, lambda: None)
+
+
+def server_connections(port: int) -> list:
+    """The server side of the connections still open on a listening port."""
+    return [s for s in reactor.getReaders() if isinstance(s, tcp.Server) and s.getHost().port == port]
 
 
 T = TypeVar("T")
