@@ -355,14 +355,15 @@ T = TypeVar("T")
 
 async def wait_for(
     condition: Callable[[], Union[T, Awaitable[T]]],
-    what: str,
+    what: Union[str, Callable[[], str]],
     timeout: float = 10,
     interval: float = 0.02,
 ) -> T:
     """Poll condition() (plain or async) until it returns a true value, and
-    return that value; fail naming what was awaited (and the last value seen)
-    after timeout seconds. A wait for a condition, not for a guessed time:
-    fast when the machine is fast, and still right when it is slow."""
+    return that value; after timeout seconds, fail naming what was awaited
+    (a string, or a function giving one then) and the last value seen.
+    A wait for a condition, not for a guessed time: fast when the machine
+    is fast, and still right when it is slow."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -371,7 +372,8 @@ async def wait_for(
         if value:
             return value  # type: ignore[return-value]
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+            named = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {named} (last: {value!r})")
         await deferLater(reactor, interval, lambda: None)
 
 
