@@ -69,35 +69,35 @@ def write_config(directory: str, extra: str = "", prefix: str = "") -> str:
     return path
 
 
-def kafka_admin() -> Any:
+def kafka_admin(bootstrap: Optional[str] = None) -> Any:
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": KAFKA})
+    return AdminClient({"bootstrap.servers": bootstrap or KAFKA})
 
 
-def create_topics(topics: dict[str, int], config: Optional[dict[str, str]] = None) -> None:
-    """Create Kafka topics (name → partitions) and wait until they exist (blocking)."""
+def create_topics(topics: dict[str, int], config: Optional[dict[str, str]] = None,
+                  bootstrap: Optional[str] = None) -> None:
+    """Create Kafka topics (name → partitions) on the test broker (or the
+    cluster at `bootstrap`) and wait until they exist (blocking)."""
     from confluent_kafka.admin import NewTopic
 
-    admin = kafka_admin()  # must outlive its futures
+    admin = kafka_admin(bootstrap)  # must outlive its futures
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=n, replication_factor=1, config=config or {}) for t, n in topics.items()]
     )
     for future in futures.values():
         future.result(30)
-    # Created is not yet served: wait until every partition has a leader.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def served() -> bool:  # created is not yet served: every partition has a leader
         metadata = admin.list_topics(timeout=10)
-        if all(
+        return all(
             t in metadata.topics and metadata.topics[t].error is None
             and len(metadata.topics[t].partitions) == n
             and all(p.leader >= 0 for p in metadata.topics[t].partitions.values())
             for t, n in topics.items()
-        ):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"topics {sorted(topics)} have no leader after 30 s")
+        )
+
+    wait_until(served, f"a leader for every partition of {sorted(topics)}", 30, 0.1)
 
 
 class Daemon:
@@ -351,6 +351,18 @@ def server_connections(port: int) -> list:
 
 
 T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 10, interval: float = 0.1) -> T:
+    """wait_for for blocking code in a thread of its own (never the reactor's)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
 
 
 async def wait_for(
