@@ -181,11 +181,49 @@ def rc_event(n: int, wiki: str = "enwiki", type: str = "edit", bot: bool = False
     }
 
 
-class StreamClient(Protocol):
+class Waiters:
+    """Waits on a test protocol's own state, checked whenever the protocol
+    calls _check_waiters() (on data, on close) rather than by polling."""
+
+    def __init__(self) -> None:
+        self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
+
+    def progress(self) -> str:
+        """What the protocol has so far, for a timeout's message."""
+        return ""
+
+    def _check_waiters(self) -> None:
+        for item in list(self._waiters):
+            predicate, d = item
+            if predicate():
+                self._waiters.remove(item)
+                d.callback(self)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
+        """Fires (with the protocol) when predicate() holds; fails after timeout seconds."""
+        d: Deferred = Deferred()
+        if predicate():
+            d.callback(self)
+            return d
+        item = (predicate, d)
+        self._waiters.append(item)
+
+        def expire() -> None:
+            if not d.called:
+                self._waiters.remove(item)
+                d.errback(AssertionError(f"timed out; {self.progress()}"))
+
+        call = reactor.callLater(timeout, expire)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
+
+
+class StreamClient(Waiters, Protocol):
     """Sends one GET, parses the response head, de-chunks the body and splits
     SSE blocks (or NDJSON lines). The test can pause reading entirely."""
 
     def __init__(self, path: str, headers: dict[str, str]):
+        super().__init__()
         self.path = path
         self.request_headers = headers
         self.buffer = b""
@@ -201,7 +239,6 @@ class StreamClient(Protocol):
         self.head_received: Deferred = Deferred()
         self.closed: Deferred = Deferred()
         self.done = False
-        self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
 
     def connectionMade(self) -> None:
         lines = [f"GET {self.path} HTTP/1.1", "Host: 127.0.0.1", "Connection: keep-alive"]
@@ -288,29 +325,8 @@ class StreamClient(Protocol):
         self.closed.callback(None)
         self._check_waiters()
 
-    def _check_waiters(self) -> None:
-        for item in list(self._waiters):
-            predicate, d = item
-            if predicate():
-                self._waiters.remove(item)
-                d.callback(self)
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
-        """Fires when predicate() holds; fails after timeout seconds."""
-        d: Deferred = Deferred()
-        if predicate():
-            d.callback(self)
-            return d
-        self._waiters.append((predicate, d))
-
-        def expire() -> None:
-            if not d.called:
-                self._waiters.remove((predicate, d))
-                d.errback(AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}"))
-
-        call = reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
+    def progress(self) -> str:
+        return f"got {len(self.blocks)} blocks: {self.body[-500:]!r}"
 
     def wait_events(self, n: int, timeout: float = 10) -> Deferred:
         return self.wait_for(lambda: len(self.events) >= n, timeout)

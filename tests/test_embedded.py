@@ -8,13 +8,13 @@ import threading
 import time
 import zlib
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from eventstreams.backends.base import BackendUnavailable, Record
 from eventstreams.backends.embedded import EmbeddedBackend, EmbeddedLogError
 
-from .support import turn, wait_for
+from .support import Waiters, turn, wait_for
 
 HOUR_MS = 3600 * 1000
 
@@ -38,28 +38,25 @@ def settled(log: EmbeddedBackend):
     yield waited(lambda: not any(tail._reading for tail in log._tails), "the tails to be idle")
 
 
-class Collector:
+class Collector(Waiters):
     """An on_records callback that remembers what it got."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.records: list[Record] = []
         self.batches: list[list[Record]] = []
-        self._waiters: list[tuple[int, defer.Deferred]] = []
 
     def __call__(self, records: list[Record]) -> None:
         self.batches.append(list(records))
         self.records.extend(records)
-        for waiter in list(self._waiters):
-            if len(self.records) >= waiter[0]:
-                self._waiters.remove(waiter)
-                waiter[1].callback(None)
+        self._check_waiters()
 
-    def wait_for(self, count: int, timeout: float = 15) -> defer.Deferred:
-        if len(self.records) >= count:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((count, d))
-        return d.addTimeout(timeout, reactor)
+    def progress(self) -> str:
+        return f"got {len(self.records)} records"
+
+    def wait_for(self, count: int, timeout: float = 15) -> defer.Deferred:  # type: ignore[override]
+        """Fires once `count` records have come."""
+        return super().wait_for(lambda: len(self.records) >= count, timeout)
 
     def offsets(self, tp: tuple[str, int]) -> list[int]:
         return [r.offset for r in self.records if r.tp == tp]

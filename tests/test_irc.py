@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 
 from bridges.irc import IRCServer
 
-from .support import Daemon, async_test, rc_event, wait_for
+from .support import Daemon, Waiters, async_test, rc_event, wait_for
 from .test_stream import StreamTestCase
 
 IRC = ("irc.listen=tcp:0:interface=127.0.0.1",)
@@ -37,52 +37,34 @@ def golden(name: str) -> tuple[dict, str, str]:
     return event, channel, line
 
 
-class RawIRC(Protocol):
+class RawIRC(Waiters, Protocol):
     """Lines as the server sent them (CRLF-split bytes, decoded)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.buffer = b""
         self.lines: list[str] = []
         self.closed: Deferred = Deferred()
         self.done = False
-        self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
         *complete, self.buffer = self.buffer.split(b"\r\n")
         self.lines += [line.decode("utf-8") for line in complete]
-        self._check()
+        self._check_waiters()
 
     def connectionLost(self, reason: Any) -> None:
         self.done = True
         self.closed.callback(None)
-        self._check()
+        self._check_waiters()
 
     def send(self, *lines: str) -> None:
         self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
 
-    def _check(self) -> None:
-        for item in list(self._waiters):
-            if item[0]():
-                self._waiters.remove(item)
-                item[1].callback(self)
+    def progress(self) -> str:
+        return f"got {self.lines[-10:]!r}"
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10) -> Deferred:
-        d: Deferred = Deferred()
-        if predicate():
-            d.callback(self)
-            return d
-        item = (predicate, d)
-        self._waiters.append(item)
-
-        def expire() -> None:
-            if not d.called:
-                self._waiters.remove(item)
-                d.errback(AssertionError(f"timed out; got {self.lines[-10:]!r}"))
-
-        call = reactor.callLater(timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-        return d
+    _check = Waiters._check_waiters  # the name TimedIRC (tests/test_abuse_irc.py) calls
 
     def wait_line(self, start: int, test: Callable[[str], bool], timeout: float = 10) -> Deferred:
         """Fires when a line after index start passes test."""
