@@ -185,6 +185,8 @@ class Waiters:
     """Waits on a test protocol's own state, checked whenever the protocol
     calls _check_waiters() (on data, on close) rather than by polling."""
 
+    timeout_error: type[Exception] = AssertionError  # what a wait that timed out fails with
+
     def __init__(self) -> None:
         self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
 
@@ -211,7 +213,7 @@ class Waiters:
         def expire() -> None:
             if not d.called:
                 self._waiters.remove(item)
-                d.errback(AssertionError(f"timed out; {self.progress()}"))
+                d.errback(self.timeout_error(f"timed out; {self.progress()}"))
 
         call = reactor.callLater(timeout, expire)
         d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])

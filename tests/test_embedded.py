@@ -54,9 +54,9 @@ class Collector(Waiters):
     def progress(self) -> str:
         return f"got {len(self.records)} records"
 
-    def wait_for(self, count: int, timeout: float = 15) -> defer.Deferred:  # type: ignore[override]
+    def wait_records(self, count: int, timeout: float = 15) -> defer.Deferred:
         """Fires once `count` records have come."""
-        return super().wait_for(lambda: len(self.records) >= count, timeout)
+        return self.wait_for(lambda: len(self.records) >= count, timeout)
 
     def offsets(self, tp: tuple[str, int]) -> list[int]:
         return [r.offset for r in self.records if r.tp == tp]
@@ -411,7 +411,7 @@ class EmbeddedBackendTests(unittest.TestCase):
             pending.append(log.append("t", [(None, b"new-%d-%d" % (i, j)) for j in range(20)]).addCallback(remember))
             if i % 10 == 0:
                 yield turn()
-        yield got.wait_for(5200)
+        yield got.wait_records(5200)
         yield defer.gatherResults(pending)
         self.assertEqual(len(pending), 110)
         yield settled(log)
@@ -441,7 +441,7 @@ class EmbeddedBackendTests(unittest.TestCase):
         got = Collector()
         tail = log.tail({("t", 0): 1}, got)
         self.addCleanup(tail.stop)
-        yield got.wait_for(2)
+        yield got.wait_records(2)
         self.assertEqual([(r.offset, r.value) for r in got.records], [(5, b"new"), (6, b"new")])
         yield log.append("t", [(None, b"live")])
         self.assertEqual(got.offsets(("t", 0)), [5, 6, 7])
@@ -572,7 +572,7 @@ class EmbeddedBackendTests(unittest.TestCase):
         yield log.append("t", [(KEY_P0, b"new-10")])
         self.assertEqual(got.records, live)
         release.set()
-        yield got.wait_for(13)
+        yield got.wait_records(13)
         yield settled(log)
         self.assertEqual(got.offsets(("t", 0)), list(range(11)))
         self.assertEqual(got.offsets(("t", 1)), [0, 1])
@@ -620,7 +620,7 @@ class EmbeddedBackendTests(unittest.TestCase):
         tail = log.tail({("t", 0): 0}, got)
         self.addCleanup(tail.stop)
         yield other.append("t", [(None, b"from-elsewhere-%d" % i) for i in range(3)])
-        yield got.wait_for(3, timeout=5)
+        yield got.wait_records(3, timeout=5)
         self.assertEqual([(r.offset, r.value) for r in got.records],
                          [(i, b"from-elsewhere-%d" % i) for i in range(3)])
         # Both writers share the offsets of the file.
