@@ -1,5 +1,8 @@
-"""Shared helpers for the end-to-end tests: a daemon in the test's reactor, and
-a raw HTTP/1.1 stream client whose reading the test controls byte by byte."""
+"""Shared helpers for the end-to-end tests: a daemon in the test's reactor, a
+raw HTTP/1.1 stream client whose reading the test controls byte by byte, and
+the waits: tests wait for a condition (wait_for, Waiters) with a deadline,
+never for a guessed time; before a check that something did not happen, they
+wait for a marker that proves it would have (a later event, a sentinel)."""
 from __future__ import annotations
 
 import inspect

@@ -17,9 +17,9 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 from txaio._common import _BatchedTimer  # autobahn's timers (tests only)
 
-from . import rcstream_clients
 from eventstreams.feed import StreamFeed
 
+from . import rcstream_clients
 from .support import async_test, rc_event, server_connections, turn, wait_for
 from .test_stream import StreamTestCase
 
