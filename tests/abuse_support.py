@@ -75,13 +75,14 @@ class Raw(Waiters, Protocol):
     """A connection whose bytes the test writes and reads as they are."""
 
     wait_timeout = PROBE_TIMEOUT
+    timeout_error = TimeoutError
 
     def __init__(self) -> None:
+        super().__init__()
         self.received = b""
         self.closed: defer.Deferred = defer.Deferred()
         self.connected_at = time.monotonic()
         self.closed_at: Optional[float] = None
-        self._waiters: list[tuple[Callable[[], bool], defer.Deferred]] = []
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -100,8 +101,8 @@ class Raw(Waiters, Protocol):
         if not self.is_closed:
             self.transport.write(data)
 
-    def _timed_out(self) -> Exception:
-        return TimeoutError(f"timed out; received {self.received[-300:]!r}")
+    def progress(self) -> str:
+        return f"received {self.received[-300:]!r}"
 
     def close(self) -> None:
         if not self.is_closed:

@@ -1,15 +1,19 @@
-"""Shared helpers for the end-to-end tests: a daemon in the test's reactor, and
-a raw HTTP/1.1 stream client whose reading the test controls byte by byte."""
+"""Shared helpers for the end-to-end tests: a daemon in the test's reactor, a
+raw HTTP/1.1 stream client whose reading the test controls byte by byte, and
+the waits: tests wait for a condition (wait_for, Waiters) with a deadline,
+never for a guessed time; before a check that something did not happen, they
+wait for a marker that proves it would have (a later event, a sentinel)."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -68,35 +72,35 @@ def write_config(directory: str, extra: str = "", prefix: str = "") -> str:
     return path
 
 
-def kafka_admin() -> Any:
+def kafka_admin(bootstrap: Optional[str] = None) -> Any:
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": KAFKA})
+    return AdminClient({"bootstrap.servers": bootstrap or KAFKA})
 
 
-def create_topics(topics: dict[str, int], config: Optional[dict[str, str]] = None) -> None:
-    """Create Kafka topics (name → partitions) and wait until they exist (blocking)."""
+def create_topics(topics: dict[str, int], config: Optional[dict[str, str]] = None,
+                  bootstrap: Optional[str] = None) -> None:
+    """Create Kafka topics (name → partitions) on the test broker (or the
+    cluster at `bootstrap`) and wait until they exist (blocking)."""
     from confluent_kafka.admin import NewTopic
 
-    admin = kafka_admin()  # must outlive its futures
+    admin = kafka_admin(bootstrap)  # must outlive its futures
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=n, replication_factor=1, config=config or {}) for t, n in topics.items()]
     )
     for future in futures.values():
         future.result(30)
-    # Created is not yet served: wait until every partition has a leader.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def served() -> bool:  # created is not yet served: every partition has a leader
         metadata = admin.list_topics(timeout=10)
-        if all(
+        return all(
             t in metadata.topics and metadata.topics[t].error is None
             and len(metadata.topics[t].partitions) == n
             and all(p.leader >= 0 for p in metadata.topics[t].partitions.values())
             for t, n in topics.items()
-        ):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"topics {sorted(topics)} have no leader after 30 s")
+        )
+
+    wait_until(served, f"a leader for every partition of {sorted(topics)}", 30, 0.1)
 
 
 class Daemon:
@@ -181,12 +185,18 @@ def rc_event(n: int, wiki: str = "enwiki", type: str = "edit", bot: bool = False
 
 
 class Waiters:
-    """Deferreds that fire when a predicate over a protocol's state holds:
-    the protocol calls `_check_waiters()` whenever that state changes (and
-    sets `self._waiters = []`); `_timed_out()` says what it got so far."""
+    """Waits on a test protocol's own state, checked whenever the protocol
+    calls _check_waiters() (on data, on close) rather than by polling."""
 
-    _waiters: list[tuple[Callable[[], bool], Deferred]]
-    wait_timeout = 10.0
+    timeout_error: type[Exception] = AssertionError  # what a wait that timed out fails with
+    wait_timeout = 10.0  # seconds, when wait_for is given none
+
+    def __init__(self) -> None:
+        self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
+
+    def progress(self) -> str:
+        """What the protocol has so far, for a timeout's message."""
+        return ""
 
     def _check_waiters(self) -> None:
         for item in list(self._waiters):
@@ -195,11 +205,8 @@ class Waiters:
                 self._waiters.remove(item)
                 d.callback(self)
 
-    def _timed_out(self) -> Exception:
-        return AssertionError("timed out")
-
     def wait_for(self, predicate: Callable[[], bool], timeout: Optional[float] = None) -> Deferred:
-        """Fires with the protocol when predicate() holds; fails after
+        """Fires (with the protocol) when predicate() holds; fails after
         `timeout` seconds (default `wait_timeout`)."""
         d: Deferred = Deferred()
         if predicate():
@@ -211,7 +218,7 @@ class Waiters:
         def expire() -> None:
             if not d.called:
                 self._waiters.remove(item)
-                d.errback(self._timed_out())
+                d.errback(self.timeout_error(f"timed out; {self.progress()}"))
 
         call = reactor.callLater(self.wait_timeout if timeout is None else timeout, expire)
         d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
@@ -223,6 +230,7 @@ class StreamClient(Waiters, Protocol):
     SSE blocks (or NDJSON lines). The test can pause reading entirely."""
 
     def __init__(self, path: str, headers: dict[str, str]):
+        super().__init__()
         self.path = path
         self.request_headers = headers
         self.buffer = b""
@@ -238,7 +246,6 @@ class StreamClient(Waiters, Protocol):
         self.head_received: Deferred = Deferred()
         self.closed: Deferred = Deferred()
         self.done = False
-        self._waiters: list[tuple[Callable[[], bool], Deferred]] = []
 
     def connectionMade(self) -> None:
         lines = [f"GET {self.path} HTTP/1.1", "Host: 127.0.0.1", "Connection: keep-alive"]
@@ -325,8 +332,8 @@ class StreamClient(Waiters, Protocol):
         self.closed.callback(None)
         self._check_waiters()
 
-    def _timed_out(self) -> Exception:
-        return AssertionError(f"timed out; got {len(self.blocks)} blocks: {self.body[-500:]!r}")
+    def progress(self) -> str:
+        return f"got {len(self.blocks)} blocks: {self.body[-500:]!r}"
 
     def wait_events(self, n: int, timeout: float = 10) -> Deferred:
         return self.wait_for(lambda: len(self.events) >= n, timeout)
@@ -351,7 +358,58 @@ async def open_stream(port: int, path: str, headers: Optional[dict[str, str]] = 
 
 
 def sleep(seconds: float) -> Deferred:
+    """Let real time pass. Only for time that is itself under test (an idle
+    timeout, a rate); to wait for something to happen, use wait_for."""
     return deferLater(reactor, seconds, lambda: None)
+
+
+def turn() -> Deferred:
+    """One turn of the reactor: what is ready to read or write is done."""
+    return deferLater(reactor, 0, lambda: None)
+
+
+def server_connections(port: int) -> list:
+    """The server side of the connections still open on a listening port."""
+    return [s for s in reactor.getReaders() if isinstance(s, tcp.Server) and s.getHost().port == port]
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 10, interval: float = 0.1) -> T:
+    """wait_for for blocking code in a thread of its own (never the reactor's)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+async def wait_for(
+    condition: Callable[[], Union[T, Awaitable[T]]],
+    what: Union[str, Callable[[], str]],
+    timeout: float = 10,
+    interval: float = 0.02,
+) -> T:
+    """Poll condition() (plain or async) until it returns a true value, and
+    return that value; after timeout seconds, fail naming what was awaited
+    (a string, or a function giving one then) and the last value seen.
+    A wait for a condition, not for a guessed time: fast when the machine
+    is fast, and still right when it is slow."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            named = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {named} (last: {value!r})")
+        await deferLater(reactor, interval, lambda: None)
 
 
 def offsets_by_partition(events: list[dict]) -> dict[tuple[str, int], list[int]]:

@@ -21,16 +21,16 @@ import os
 import re
 import shutil
 import struct
-import time
 from typing import Any, Callable, Optional
 
-from twisted.internet import reactor, tcp
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.python import log
 
-from .support import Daemon, async_test, rc_event, sleep
+from .support import Daemon, async_test, rc_event, server_connections, wait_for
 from .test_stream import StreamTestCase
 
 BROWSER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "browser")
@@ -119,27 +119,34 @@ class BrowserTestCase(StreamTestCase):
             killer.cancel()
         if run.running:
             self._kill(run)
-            deadline = time.monotonic() + 10
-            while run.running and time.monotonic() < deadline:
-                await sleep(0.05)
-            if run.running:
+            try:
+                await wait_for(lambda: not run.running, "the script to end on SIGTERM", 10, 0.05)
+            except AssertionError:
                 run.transport.signalProcess("KILL")
         await run.ended
         port = d.ports["api"]
-        deadline = time.monotonic() + 5
-        while any(isinstance(s, tcp.Server) and s.getHost().port == port for s in reactor.getReaders()):
-            if time.monotonic() > deadline:
-                raise AssertionError("a browser connection is still open on the server")
-            await sleep(0.02)
+        await wait_for(lambda: not server_connections(port), "the server to see the browser's connections close", 5)
 
-    async def until(self, run: NodeScript, predicate: Callable[[], Any], what: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if not run.running:
+    async def until(self, run: NodeScript, predicate: Callable[[], Any], what: str, timeout: float) -> Any:
+        """wait_for, failing at once with the script's report if it ends first."""
+
+        def check() -> Any:
+            value = predicate()
+            if not value and not run.running:
                 self.fail(f"while waiting for {what}: {run.describe()}")
-            if time.monotonic() > deadline:
-                self.fail(f"timed out after {timeout}s waiting for {what}; {run.stderr.decode(errors='replace')}")
-            await sleep(0.05)
+            return value
+
+        return await wait_for(check, lambda: f"{what}; {run.stderr.decode(errors='replace')}", timeout, 0.05)
+
+    async def feeding(self, run: NodeScript, write: Callable[[], Any], interval: float = 0.05) -> None:
+        """Write an event every `interval` seconds while the script runs: the
+        page sees events arrive all along (a rate of the workload, not a wait)."""
+        loop = LoopingCall(lambda: ensureDeferred(write()))
+        done = loop.start(interval)
+        await run.ended
+        if loop.running:  # else a write failed: `done` says how
+            loop.stop()
+        await done
 
     async def outcome(self, run: NodeScript) -> dict:
         await run.ended
@@ -164,26 +171,27 @@ class BrowserEventSource(BrowserTestCase):
         expected: dict[tuple[str, int], list[int]] = {}
         written = 0
 
-        async def write_one() -> None:
+        async def write_one() -> bool:
             nonlocal written
             topic, event = feed(d, written)
             [record] = await d.append(topic, [event])
             written += 1
             if matches(event):
                 expected.setdefault((record.topic, record.partition), []).append(record.offset)
+            return matches(event)
+
+        async def written_and_reconnected() -> bool:
+            await write_one()
+            return run.opened >= self.RECONNECTS + 1
 
         # Events keep coming while the browser is connected, cut off and away.
-        deadline = time.monotonic() + 60
-        while run.opened < self.RECONNECTS + 1:
-            if not run.running:
-                self.fail(run.describe())
-            if time.monotonic() > deadline:
-                self.fail(f"only {run.opened} opens after 60 s; {run.describe()}")
-            await write_one()
-            await sleep(0.05)
+        await self.until(run, written_and_reconnected, f"{self.RECONNECTS + 1} opens", 60)
         for _ in range(20):
             await write_one()
-            await sleep(0.02)
+        # Last, a matching sentinel: once the page has counted every expected
+        # event, a duplicate would have taken the place of one of them.
+        while not (await write_one()):
+            pass
         run.send({"expect": sum(len(v) for v in expected.values())})
         result = await self.outcome(run)
 
@@ -261,12 +269,15 @@ class StreamBrowserPage(BrowserTestCase):
                           "--screenshot", shot, "--screenshot-empty", shot_empty, timeout=90)
         wikis = ("enwiki", "dewiki", "wikidatawiki")
         n = 0
-        while run.running:
-            event = rc_event(n, wiki=wikis[n % 3], bot=n % 4 == 0)
-            event["length"] = {"old": 100, "new": 100 + (n % 7) - 3}
-            await d.append(d.rc[n % 2], [event])
-            n += 1
-            await sleep(0.05)
+
+        async def write() -> None:
+            nonlocal n
+            k, n = n, n + 1
+            event = rc_event(k, wiki=wikis[k % 3], bot=k % 4 == 0)
+            event["length"] = {"old": 100, "new": 100 + (k % 7) - 3}
+            await d.append(d.rc[k % 2], [event])
+
+        await self.feeding(run, write)
         r = await self.outcome(run)
 
         self.assertEqual(r["console_errors"], [])
@@ -384,10 +395,13 @@ class SwaggerDocPage(BrowserTestCase):
         run = self.script(d, "doc.mjs", "--base", d.url(""), "--streams", "mediawiki.recentchange,test",
                           "--screenshot", shot, timeout=90)
         n = 0
-        while run.running:  # events all along: Try it out shows some
-            await d.append((d.rc[0], d.topic("eqiad.test.event"))[n % 2], [rc_event(n)])
-            n += 1
-            await sleep(0.05)
+
+        async def write() -> None:  # events all along: Try it out shows some
+            nonlocal n
+            k, n = n, n + 1
+            await d.append((d.rc[0], d.topic("eqiad.test.event"))[k % 2], [rc_event(k)])
+
+        await self.feeding(run, write)
         r = await self.outcome(run)
 
         self.assertEqual(r["console_errors"], [])  # a CSP violation is a console error

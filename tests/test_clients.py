@@ -19,12 +19,11 @@ from importlib.metadata import distribution
 from typing import Any, Callable, Iterator, NamedTuple, Optional, cast
 
 import requests
-from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from .support import RC_TOPICS, Daemon, async_test, offsets_by_partition, rc_event, sleep
+from .support import RC_TOPICS, Daemon, async_test, offsets_by_partition, rc_event, server_connections, wait_for
 from .test_stream import StreamTestCase
 
 READ_TIMEOUT = 10  # seconds: every blocking read, and every whole read, in a client thread
@@ -241,18 +240,20 @@ class ClientTestCase(StreamTestCase):
         for ended in self._running:
             await ended
         port = d.ports["api"]
-        deadline = time.monotonic() + 5
-        while any(isinstance(s, tcp.Server) and s.getHost().port == port for s in reactor.getReaders()):
-            if time.monotonic() > deadline:
-                raise AssertionError("a client connection is still open on the server")
-            await sleep(0.02)
+        await wait_for(lambda: not server_connections(port), "the server to see every client connection close", 5)
 
-    async def until(self, predicate: Callable[[], Any], what: str, timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out after {timeout}s waiting for {what}")
-            await sleep(0.02)
+    async def responses(self, d: Daemon, total: int, groups: list[tuple[int, bool]]) -> None:
+        """Append events 0..total-1 (alternating topics) in len(groups) groups;
+        for (n, away), once the server has seen n connections and, if away,
+        once the n-th has ended (the events arrive while the client is away).
+        The events span that many responses, whatever the machine's speed."""
+        connections = d.service.connections
+        for k, (opened, away) in enumerate(groups):
+            await wait_for(lambda: connections.counters.connections_total >= opened, f"connection {opened}", 30)
+            if away:
+                await wait_for(lambda: not connections.sinks, f"the end of response {opened}", 30)
+            for n in range(total * k // len(groups), total * (k + 1) // len(groups)):
+                await d.append(RC_TOPICS[n % 2], [rc_event(n)])
 
     async def raw_messages(self, d: Daemon, path: str, count: int, headers: Optional[dict] = None) -> list[Message]:
         """The same stream read byte by byte by the raw test client: the reference."""
@@ -308,7 +309,7 @@ class SseclientPy(ClientTestCase):
         path = "/v2/stream/recentchange?since=0&filter.wiki=dewiki"
         reading = self.in_thread(read_sseclient_py, d.url(path), 2, wire=wire)
         # The server moves the id past the skipped offset 1, then sends a heartbeat.
-        await self.until(lambda: b":" in wire.blocks() and id_only_blocks(wire.raw), "a heartbeat and an id-only block")
+        await wait_for(lambda: b":" in wire.blocks() and id_only_blocks(wire.raw), "a heartbeat and an id-only block")
         await d.append(T0, [rc_event(2, "dewiki")])
         messages = await reading
         self.assertEqual([m.json["id"] for m in messages], [0, 2])
@@ -351,9 +352,7 @@ class RequestsSse(ClientTestCase):
             read_requests_sse, d.url("/v2/stream/recentchange?since=0"), total,
             reconnection_time=timedelta(milliseconds=50),
         )
-        for n in range(total):  # ~4 s of events, over at least three responses
-            await d.append(RC_TOPICS[n % 2], [rc_event(n)])
-            await sleep(0.1)
+        await self.responses(d, total, [(1, False), (2, False), (3, False)])  # over three responses
         messages, sent = await reading
         self.assertEqual(offsets(messages), {(T0, 0): list(range(20)), (T1, 0): list(range(20))})
         self.assert_ids_follow_data(messages, {(T0, 0): 0, (T1, 0): 0})
@@ -419,7 +418,13 @@ class LegacySseclient(ClientTestCase):
         await d.append(T0, [rc_event(0, "dewiki"), rc_event(1, "enwiki")])
         path = "/v2/stream/recentchange?since=0&filter.wiki=dewiki"
         reading = self.in_thread(read_legacy_sseclient, d.url(path), lambda messages: len(messages) == 3)
-        await sleep(1.5)  # long enough for an id update or heartbeat, were they on
+        # The id-update timer runs even with id updates off: one tick after the
+        # client had the first event proves that nothing was due.
+        connections = d.service.connections
+        await wait_for(lambda: connections.counters.events_delivered >= 1, "the first event")
+        ids = connections._ids
+        before = ids.call
+        await wait_for(lambda: ids.call is not before, "a tick of the id-update timer", timeout=5)
         await d.append(T0, [rc_event(2, "enwiki"), rc_event(3, "dewiki")])
         messages, last_id = await reading
         self.assertEqual(messages[0], self.EMPTY)
@@ -458,9 +463,7 @@ class NodeEventSource(ClientTestCase):
         d = await self.daemon("eventstreams.max_lifetime=1")
         total = 40
         reading = self.node(d.url("/v2/stream/recentchange?since=0"), total, timeout=30)
-        for n in range(total):  # ~10 s of events: some arrive while it is away
-            await d.append(RC_TOPICS[n % 2], [rc_event(n)])
-            await sleep(0.25)
+        await self.responses(d, total, [(1, False), (1, True), (2, False), (2, True)])  # some arrive while it is away
         messages, log = await reading
         self.assertEqual(offsets(messages), {(T0, 0): list(range(20)), (T1, 0): list(range(20))})
         self.assert_ids_follow_data(messages, {(T0, 0): 0, (T1, 0): 0})
@@ -473,16 +476,19 @@ class NodeEventSource(ClientTestCase):
         d = await self.daemon("eventstreams.heartbeat=0.2")
         await d.append(T0, [rc_event(0, "dewiki"), rc_event(1, "enwiki")])
         path = "/v2/stream/recentchange?since=0&filter.wiki=dewiki"
-        witness = await self.stream(d, path)  # sees what the same timers send
         reading = self.node(d.url(path), 2)
+        connections = d.service.connections
+        await wait_for(lambda: connections.counters.events_delivered >= 1, "the Node client's first event")
+        # Connected after it, the witness gets each heartbeat and id update no
+        # earlier than the Node client does (the same timers, one pass for both).
+        witness = await self.stream(d, path)
 
         def heartbeat_and_id_only_sent() -> bool:
             return any(b["comments"] == [""] for b in witness.blocks) and any(
                 set(b) == {"comments", "id"} for b in witness.blocks
             )
 
-        await self.until(heartbeat_and_id_only_sent, "a heartbeat and an id-only block")
-        await sleep(1.5)  # one more id-update tick and heartbeats for the Node client
+        await wait_for(heartbeat_and_id_only_sent, "a heartbeat and an id-only block")
         await d.append(T0, [rc_event(2, "dewiki")])
         messages, _ = await reading
         self.assertEqual([m.json["id"] for m in messages], [0, 2])

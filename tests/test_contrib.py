@@ -10,14 +10,13 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import treq
 from twisted.internet import reactor
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
-from .support import async_test, free_port, open_stream, sleep
+from .support import async_test, free_port, open_stream, wait_for
 from .test_daemon import DaemonTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,18 +132,13 @@ class MetricNames(DaemonTestCase):
         await response.content()
         self.assertEqual(response.code, 400)
 
-        exported: set[str] = set()
-        deadline = time.monotonic() + 30
-        while True:  # the worker reports once a second
+        async def reported() -> str:  # the worker reports once a second
             response = await treq.get(f"http://127.0.0.1:{metrics}/metrics", pool=pool)
             text = await response.text()
-            exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-                        if line and not line.startswith("#")}
-            if re.search(r"^eventstreams_worker_processes 1\b", text, re.M):
-                break
-            if time.monotonic() > deadline:
-                self.fail(f"no worker reported within 30 s:\n{text}")
-            await sleep(0.2)
+            return text if re.search(r"^eventstreams_worker_processes 1\b", text, re.M) else ""
+
+        text = await wait_for(reported, "a worker's report in /metrics", 30, 0.2)
+        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
         client.transport.loseConnection()
 
         used = {name for expr in dashboard_exprs() + rule_exprs() for name in metric_names(expr)}

@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 import treq
 
-from .support import RC_TOPICS, async_test, free_port, open_stream, sleep, write_config
+from .support import RC_TOPICS, async_test, free_port, open_stream, wait_for, write_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `twistd` itself, whatever the venv layout: the same interpreter as the tests.
@@ -87,27 +87,22 @@ class DaemonTestCase(unittest.TestCase):
 
     async def finish(self, child: Child, timeout: float = START_TIMEOUT) -> Child:
         """Wait for the child to exit by itself."""
-        deadline = time.monotonic() + timeout
-        while not child.ended.called:
-            if time.monotonic() > deadline:
-                self.fail(f"the daemon did not exit within {timeout} s; output:\n{child.output[-2000:]}")
-            await sleep(0.05)
+        await wait_for(lambda: child.ended.called, lambda: f"the daemon to exit; output:\n{child.output[-2000:]}",
+                       timeout, 0.05)
         return child
 
     async def wait_listening(self, child: Child, port: int, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        async def accepts() -> bool:
             if child.ended.called:
                 self.fail(f"the daemon exited ({child.reason}); output:\n{child.output[-3000:]}")
             try:
                 proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol())
             except error.ConnectError:
-                if time.monotonic() > deadline:
-                    self.fail(f"nothing listens on {port} after {timeout} s; output:\n{child.output[-3000:]}")
-                await sleep(0.1)
-                continue
+                return False
             proto.transport.loseConnection()
-            return
+            return True
+
+        await wait_for(accepts, lambda: f"a listener on {port}; output:\n{child.output[-3000:]}", timeout, 0.1)
 
     def good_config(self, **ports: int) -> tuple[str, list[str]]:
         directory = os.path.abspath(self.mktemp())
@@ -345,11 +340,8 @@ class ListenerLine(DaemonTestCase):
             f" · intake http://127.0.0.1:{intake}/v1/events · IRC irc://127.0.0.1:{irc}"
             f" · metrics http://127.0.0.1:{metrics}/metrics"
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while expected not in child.output:
-            if time.monotonic() > deadline:
-                self.fail(f"no listener line {expected!r} in:\n{child.output[-3000:]}")
-            await sleep(0.1)
+        await wait_for(lambda: expected in child.output,
+                       lambda: f"the listener line {expected!r} in:\n{child.output[-3000:]}", START_TIMEOUT, 0.1)
         [line] = [line for line in child.output.splitlines() if "EventStreams http" in line]
         self.assertTrue(line.endswith(expected), line)
         pool = HTTPConnectionPool(reactor, persistent=False)

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from eventstreams import demo
@@ -18,7 +18,7 @@ from eventstreams.backends.embedded import EmbeddedBackend
 from eventstreams.config import StreamConfig
 from eventstreams.demo import SAMPLE_EVENTS, TICK, DemoFeed, load_events, restamp
 
-from .support import async_test, sleep
+from .support import async_test, sleep, wait_for
 
 RC = StreamConfig(
     name="mediawiki.recentchange",
@@ -57,25 +57,34 @@ class DemoTestCase(unittest.TestCase):
                 f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
         return path
 
-    async def until(self, predicate, what: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}")
-            await sleep(0.005)
+    def log_messages(self) -> list[str]:
+        """The texts logged from now on: a log line can be the marker a test waits for."""
+        messages: list[str] = []
+
+        def observe(event: dict) -> None:
+            messages.append(formatEvent(event) or "")
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return messages
+
+    async def marker_write(self) -> None:
+        """A write to another topic: the log writes one batch at a time, so
+        once this is stored any write the feed had started is stored too."""
+        await self.backend.append("marker", [(None, b"{}")])
 
     async def start(self, rate: float, path: str | None, stream: StreamConfig = RC) -> DemoFeed:
         """A started feed whose first tick (at START) has been written."""
         feed = DemoFeed(self.backend, stream, rate, path, self.clock)
         feed.startService()
         self.addCleanup(lambda: feed.stopService() if feed.running else None)
-        await self.until(lambda: feed.events, "the sample file to load")
+        await wait_for(lambda: feed.events, "the sample file to load")
         await self.settle(feed)
         return feed
 
     async def settle(self, feed: DemoFeed) -> None:
         """Wait for the write of the last tick to be stored."""
-        await self.until(lambda: not feed._busy, "the feed's write")
+        await wait_for(lambda: not feed._busy, "the feed's write", interval=0.005)
 
     async def tick(self, feed: DemoFeed, ticks: int = 1) -> None:
         for _ in range(ticks):
@@ -107,7 +116,7 @@ class Restamping(DemoTestCase):
         before = time.time()
         feed.startService()
         self.addCleanup(lambda: feed.stopService() if feed.running else None)
-        await self.until(lambda: feed.written >= 1, "a real-time write")
+        await wait_for(lambda: feed.written >= 1, "a real-time write")
         feed.stopService()
         after = time.time()
         event = (await self.stored(EQIAD))[0]
@@ -183,8 +192,10 @@ class Rate(DemoTestCase):
             self.assertEqual(feed.written, int(2.5 * k), f"after {k} ticks")
         # 11 ticks = one second after the first write: 27 events.
         self.assertEqual(len(await self.all_stored()), 27)
-        # Real time alone writes nothing: the feed follows its clock.
-        await sleep(0.3)
+        # Real time alone writes nothing: the feed follows its clock. Real
+        # time passing is the case here, so this one waits for time.
+        await sleep(3 * TICK)
+        await self.marker_write()
         self.assertEqual(feed.written, 27)
         self.assertEqual(len(await self.all_stored()), 27)
 
@@ -224,7 +235,7 @@ class Rate(DemoTestCase):
         written = feed.written
         feed.stopService()
         self.clock.advance(10)
-        await sleep(0.1)
+        await self.marker_write()
         self.assertEqual(feed.written, written)
         self.assertEqual(len(await self.all_stored()), written)
 
@@ -307,22 +318,25 @@ class SampleFile(DemoTestCase):
 
     @async_test
     async def test_file_without_events_starts_nothing(self):
+        messages = self.log_messages()
         feed = DemoFeed(self.backend, RC, 10, self.write_file(["not json", "[]"]), self.clock)
         feed.startService()
         self.addCleanup(feed.stopService)
-        await sleep(0.2)
+        await wait_for(lambda: any("demo feed: no events" in m for m in messages), "the file to be read")
         self.clock.advance(1)
-        await sleep(0.05)
+        await self.marker_write()
         self.assertEqual((feed.events, feed.written), ([], 0))
         self.assertEqual(await self.all_stored(), [])
 
     @async_test
     async def test_missing_file_is_logged_and_writes_nothing(self):
+        messages = self.log_messages()
         feed = DemoFeed(self.backend, RC, 10, os.path.join(self.directory, "nosuch.jsonl"), self.clock)
         feed.startService()
         self.addCleanup(feed.stopService)
-        await sleep(0.2)
+        await wait_for(lambda: any("demo feed: cannot read" in m for m in messages), "the failure to read")
         self.clock.advance(1)
+        await self.marker_write()
         self.assertEqual(len(self.flushLoggedErrors(FileNotFoundError)), 1)
         self.assertEqual(feed.written, 0)
         self.assertEqual(await self.all_stored(), [])

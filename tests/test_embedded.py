@@ -8,12 +8,13 @@ import threading
 import time
 import zlib
 
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from eventstreams.backends.base import BackendUnavailable, Record
 from eventstreams.backends.embedded import EmbeddedBackend, EmbeddedLogError
+
+from .support import Waiters, turn, wait_for
 
 HOUR_MS = 3600 * 1000
 
@@ -23,32 +24,39 @@ KEY_P0 = b"d"  # partition 0 of 2
 KEY_P1 = b"a"  # partition 1 of 2
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return deferLater(reactor, seconds, lambda: None)
+def waited(condition, what: str, timeout: float = 10) -> defer.Deferred:
+    """wait_for, for inlineCallbacks."""
+    return defer.ensureDeferred(wait_for(condition, what, timeout))
 
 
-class Collector:
+@defer.inlineCallbacks
+def settled(log: EmbeddedBackend):
+    """A poll of the file has run and no tail is reading: what the log would
+    still deliver has been delivered (the marker before a check that
+    nothing more came)."""
+    yield log._poll()
+    yield waited(lambda: not any(tail._reading for tail in log._tails), "the tails to be idle")
+
+
+class Collector(Waiters):
     """An on_records callback that remembers what it got."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.records: list[Record] = []
         self.batches: list[list[Record]] = []
-        self._waiters: list[tuple[int, defer.Deferred]] = []
 
     def __call__(self, records: list[Record]) -> None:
         self.batches.append(list(records))
         self.records.extend(records)
-        for waiter in list(self._waiters):
-            if len(self.records) >= waiter[0]:
-                self._waiters.remove(waiter)
-                waiter[1].callback(None)
+        self._check_waiters()
 
-    def wait_for(self, count: int, timeout: float = 15) -> defer.Deferred:
-        if len(self.records) >= count:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append((count, d))
-        return d.addTimeout(timeout, reactor)
+    def progress(self) -> str:
+        return f"got {len(self.records)} records"
+
+    def wait_records(self, count: int, timeout: float = 15) -> defer.Deferred:
+        """Fires once `count` records have come."""
+        return self.wait_for(lambda: len(self.records) >= count, timeout)
 
     def offsets(self, tp: tuple[str, int]) -> list[int]:
         return [r.offset for r in self.records if r.tp == tp]
@@ -286,12 +294,8 @@ class EmbeddedBackendTests(unittest.TestCase):
         log = self.make(retention=1)
         yield log.append("t", [(None, b"x")] * 3, timestamp=int(time.time() * 1000) - 5000)
         self.assertEqual((yield log.watermarks(("t", 0))), (0, 3))
-        for _ in range(40):
-            yield sleep(0.1)
-            marks = yield log.watermarks(("t", 0))
-            if marks == (3, 3):
-                break
-        self.assertEqual(marks, (3, 3))
+        yield waited(lambda: log.watermarks(("t", 0)).addCallback(lambda marks: marks == (3, 3)),
+                     "the timer to prune the old records", timeout=5)
 
     # -- the file ------------------------------------------------------------
 
@@ -369,7 +373,7 @@ class EmbeddedBackendTests(unittest.TestCase):
             # Appends of this process are handed over before append answers.
             self.assertEqual(len(got.records), len(expected))
         yield log.append("other", [(None, b"not followed")])
-        yield sleep(0.1)
+        yield settled(log)
         self.assertEqual(sorted(got.records, key=lambda r: (r.partition, r.offset)),
                          sorted(expected, key=lambda r: (r.partition, r.offset)))
         self.assertEqual(got.offsets(("t", 0)), list(range(1, 16)))
@@ -406,11 +410,11 @@ class EmbeddedBackendTests(unittest.TestCase):
         for i in range(100):
             pending.append(log.append("t", [(None, b"new-%d-%d" % (i, j)) for j in range(20)]).addCallback(remember))
             if i % 10 == 0:
-                yield sleep(0)
-        yield got.wait_for(5200)
+                yield turn()
+        yield got.wait_records(5200)
         yield defer.gatherResults(pending)
         self.assertEqual(len(pending), 110)
-        yield sleep(0.1)
+        yield settled(log)
         self.assertEqual(len(got.records), 5200)
         for p in (0, 1):
             self.assertEqual(got.offsets(("t", p)), list(range(2600)))
@@ -437,7 +441,7 @@ class EmbeddedBackendTests(unittest.TestCase):
         got = Collector()
         tail = log.tail({("t", 0): 1}, got)
         self.addCleanup(tail.stop)
-        yield got.wait_for(2)
+        yield got.wait_records(2)
         self.assertEqual([(r.offset, r.value) for r in got.records], [(5, b"new"), (6, b"new")])
         yield log.append("t", [(None, b"live")])
         self.assertEqual(got.offsets(("t", 0)), [5, 6, 7])
@@ -450,9 +454,9 @@ class EmbeddedBackendTests(unittest.TestCase):
         got = Collector()
         tail = log.tail({("t", 0): 0}, got)
         self.addCleanup(tail.stop)
-        yield sleep(0.1)
+        yield waited(lambda: tail.positions == {("t", 0): 3}, "the tail to skip the removed records")
+        yield settled(log)
         self.assertEqual(got.records, [])
-        self.assertEqual(tail.positions, {("t", 0): 3})
         yield log.append("t", [(None, b"new")])
         self.assertEqual([(r.offset, r.value) for r in got.records], [(3, b"new")])
 
@@ -466,15 +470,17 @@ class EmbeddedBackendTests(unittest.TestCase):
         tail.stop()
         tail.stop()  # twice is fine
         yield log.append("t", [(None, b"2")])
-        yield sleep(0.1)
+        yield settled(log)
         self.assertEqual([r.value for r in got.records], [b"1"])
 
         # Stopped while its catch-up read is in flight.
         behind = Collector()
         tail = log.tail({("t", 0): 0}, behind)
+        self.assertTrue(tail._reading)
         tail.stop()
         yield log.append("t", [(None, b"3")])
-        yield sleep(0.2)
+        yield waited(lambda: not tail._reading, "the catch-up read to end")
+        yield settled(log)
         self.assertEqual(behind.records, [])
 
     @defer.inlineCallbacks
@@ -501,7 +507,8 @@ class EmbeddedBackendTests(unittest.TestCase):
         yield log.stop()
         other = self.make(path=path)
         yield other.append("t", [(None, b"2")])
-        yield sleep(0.1)
+        # No wait: a stopped log has no poller, threads or tails left to deliver.
+        self.assertEqual((log._tails, log._poller), (set(), None))
         self.assertEqual([r.value for r in got.records], [b"1"])
 
     @defer.inlineCallbacks
@@ -534,10 +541,7 @@ class EmbeddedBackendTests(unittest.TestCase):
 
         tail = log.tail({("t", 0): 0}, fragile)
         self.addCleanup(tail.stop)
-        for _ in range(100):
-            if len(seen) >= 2500:
-                break
-            yield sleep(0.05)
+        yield waited(lambda: len(seen) >= 2500, "the catch-up")
         self.assertEqual(seen, list(range(2500)))
         yield log.append("t", [(None, b"live")])
         self.assertEqual(seen[-1], 2500)
@@ -560,7 +564,6 @@ class EmbeddedBackendTests(unittest.TestCase):
         got = Collector()
         tail = log.tail({("t", 0): 0, ("t", 1): 0}, got)
         self.addCleanup(tail.stop)
-        yield sleep(0.05)
         self.assertTrue(tail._reading)
         # Partition 1 is at its end: its new records come at once.
         live = yield log.append("t", [(KEY_P1, b"live-1"), (KEY_P1, b"live-2")])
@@ -569,8 +572,8 @@ class EmbeddedBackendTests(unittest.TestCase):
         yield log.append("t", [(KEY_P0, b"new-10")])
         self.assertEqual(got.records, live)
         release.set()
-        yield got.wait_for(13)
-        yield sleep(0.1)
+        yield got.wait_records(13)
+        yield settled(log)
         self.assertEqual(got.offsets(("t", 0)), list(range(11)))
         self.assertEqual(got.offsets(("t", 1)), [0, 1])
         self.assertEqual([r.value for r in got.records if r.partition == 0],
@@ -598,13 +601,12 @@ class EmbeddedBackendTests(unittest.TestCase):
         # Written without the notice (as if still on its way to the reactor).
         stored = yield log._write(log._append_sync, "t", [(None, b"a"), (None, b"b")], None)
         polled = log._poll()
-        yield sleep(0.05)
-        self.assertTrue(tail._reading)
+        yield waited(lambda: tail._reading, "the poll to start a read")
         log._appended(stored)  # the notice arrives: delivered directly
         self.assertEqual([r.offset for r in got.records], [0, 1])
         release.set()
         yield polled
-        yield sleep(0.1)
+        yield waited(lambda: not tail._reading, "the read to end")
         self.assertEqual([r.offset for r in got.records], [0, 1])
         yield log.append("t", [(None, b"c")])
         self.assertEqual([r.offset for r in got.records], [0, 1, 2])
@@ -618,13 +620,13 @@ class EmbeddedBackendTests(unittest.TestCase):
         tail = log.tail({("t", 0): 0}, got)
         self.addCleanup(tail.stop)
         yield other.append("t", [(None, b"from-elsewhere-%d" % i) for i in range(3)])
-        yield got.wait_for(3, timeout=5)
+        yield got.wait_records(3, timeout=5)
         self.assertEqual([(r.offset, r.value) for r in got.records],
                          [(i, b"from-elsewhere-%d" % i) for i in range(3)])
         # Both writers share the offsets of the file.
         stored = yield log.append("t", [(None, b"here")])
         self.assertEqual(stored[0].offset, 3)
-        yield sleep(0.2)
+        yield settled(log)  # the poll sees "here" too: it must not come twice
         self.assertEqual(got.offsets(("t", 0)), [0, 1, 2, 3])
 
 

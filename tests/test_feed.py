@@ -5,7 +5,7 @@ from twisted.internet import reactor
 
 from eventstreams.feed import StreamFeed
 
-from .support import rc_event, sleep, async_test
+from .support import async_test, rc_event, wait_for
 from .test_stream import StreamTestCase
 
 
@@ -16,7 +16,7 @@ class Feed(StreamTestCase):
                           lambda events: seen.extend(event for event, _ in events), reactor, retry)
         feed.startService()
         self.addCleanup(feed.stopService)
-        await sleep(0.1)
+        await wait_for(lambda: feed.subscription, "the feed's subscription")
         return feed, seen
 
     @async_test
@@ -26,7 +26,7 @@ class Feed(StreamTestCase):
         feed, seen = await self.feed(d)
         await d.append(d.rc[0], [rc_event(1)])
         await d.append(d.rc[1], [rc_event(2)])
-        await sleep(0.2)
+        await wait_for(lambda: len(seen) >= 2, "two events")
         self.assertEqual([e["id"] for e in seen], [1, 2])
         self.assertEqual(seen[1]["meta"]["topic"], d.rc[1])
 
@@ -35,12 +35,12 @@ class Feed(StreamTestCase):
         d = await self.daemon("eventstreams.ring_size=2")
         feed, seen = await self.feed(d)
         await d.append(d.rc[0], [rc_event(1)])
-        await sleep(0.1)
+        await wait_for(lambda: seen, "the first event")
         broken = feed.subscription
         feed.fail("the log went away")  # what a subscription whose read failed does
         broken.cancel()
         await d.append(d.rc[0], [rc_event(n) for n in range(2, 8)])
-        await sleep(0.5)
+        await wait_for(lambda: len(seen) >= 7, "seven events")
         self.assertEqual([e["id"] for e in seen], list(range(1, 8)))
         self.assertIsNotNone(feed.subscription)
         self.assertIsNot(feed.subscription, broken)
@@ -61,7 +61,7 @@ class Batches(StreamTestCase):
         feed = StreamFeed(d.backend, d.hubs, d.config.streams["mediawiki.recentchange"], clock=reactor, **kwargs)
         feed.startService()
         self.addCleanup(feed.stopService)
-        await sleep(0.1)
+        await wait_for(lambda: feed.subscription, "the feed's subscription")
         return feed
 
     @async_test
@@ -70,7 +70,7 @@ class Batches(StreamTestCase):
         bridge = Bridge()
         await self.feed(d, on_batch=bridge.on_batch)
         await d.append(d.rc[0], [rc_event(n) for n in range(50)])
-        await sleep(0.3)
+        await wait_for(lambda: sum(map(len, bridge.batches)) >= 50, "fifty events in batches")
         self.assertEqual([e["id"] for batch in bridge.batches for e in batch], list(range(50)))
         self.assertLess(len(bridge.batches), 50)
 
@@ -86,9 +86,9 @@ class Batches(StreamTestCase):
 
         feed = await self.feed(d, on_batch=on_batch)
         await d.append(d.rc[0], [rc_event(n) for n in range(3)])
-        await sleep(0.2)
+        await wait_for(lambda: len(seen) >= 3, "the failing batch")
         await d.append(d.rc[0], [rc_event(3)])  # the feed goes on after a failure
-        await sleep(0.2)
+        await wait_for(lambda: len(seen) >= 4, "the event after the failure")
         self.assertEqual(seen, [0, 1, 2, 3])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         self.assertIsNotNone(feed.subscription)

@@ -14,7 +14,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from twisted.internet.utils import getProcessOutputAndValue
 
-from .support import async_test, rc_event
+from .support import async_test, rc_event, wait_for
 from .test_clients import JS_DIR, NODE_CLIENT, READ_TIMEOUT, ClientTestCase, T0
 
 # Node's fetch (what eventsource 3 uses): the status line and Retry-After of a refused stream.
@@ -53,29 +53,26 @@ def head_then_get(base: str) -> tuple[requests.Response, requests.Response, int]
 
 
 class HttpDetails(ClientTestCase):
-    @async_test
-    async def test_requests_sees_429_too_many_requests_with_retry_after(self):
-        d = await self.daemon("eventstreams.client_ip_connection_limit=1")
+    async def refused_over_a_limit(self, limit: str, expected: str) -> None:
+        """With `limit` at 1 and one stream held open, requests is refused a
+        second with the status line `expected` and a Retry-After."""
+        d = await self.daemon(f"eventstreams.{limit}=1")
         url = d.url("/v2/stream/test")
         held = await self.in_thread(open_and_hold, url)
         try:
             message, headers = await self.in_thread(refused, url)
         finally:
             held.close()
-        self.assertTrue(message.startswith("429 Client Error: Too Many Requests for url"), message)
+        self.assertTrue(message.startswith(f"{expected} for url"), message)
         self.assertTrue(headers["Retry-After"].isdigit(), headers)
 
     @async_test
+    async def test_requests_sees_429_too_many_requests_with_retry_after(self):
+        await self.refused_over_a_limit("client_ip_connection_limit", "429 Client Error: Too Many Requests")
+
+    @async_test
     async def test_requests_sees_503_service_unavailable_with_retry_after(self):
-        d = await self.daemon("eventstreams.max_connections=1")
-        url = d.url("/v2/stream/test")
-        held = await self.in_thread(open_and_hold, url)
-        try:
-            message, headers = await self.in_thread(refused, url)
-        finally:
-            held.close()
-        self.assertTrue(message.startswith("503 Server Error: Service Unavailable for url"), message)
-        self.assertTrue(headers["Retry-After"].isdigit(), headers)
+        await self.refused_over_a_limit("max_connections", "503 Server Error: Service Unavailable")
 
     @async_test
     async def test_eventsource_and_node_fetch_see_429_too_many_requests(self):
@@ -127,7 +124,9 @@ class HttpDetails(ClientTestCase):
     async def test_eventsource_still_receives_events_over_connection_close(self):
         d = await self.daemon()
         messages_d = self.node(d.url("/v2/stream/recentchange"), 2)
-        await self.until(lambda: d.service.connections.sinks, "the client to connect", 10)
+        # Subscribed, not just admitted: the stream starts at the log's end
+        # when it subscribes, and what came before is not sent.
+        await wait_for(lambda: any(s.subscription for s in d.service.connections.sinks), "the client to subscribe", 10)
         await d.append(T0, [rc_event(1), rc_event(2)])
         messages, _ = await messages_d
         self.assertEqual([m.json["id"] for m in messages], [1, 2])

@@ -22,7 +22,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from eventstreams import strictjson
 
-from .support import KAFKA, async_test, create_topics, free_port, open_stream, rc_event, sleep, write_config
+from .support import KAFKA, async_test, create_topics, free_port, open_stream, rc_event, sleep, wait_for, write_config
 from .test_daemon import DaemonTestCase
 from .test_intake import IntakeTestCase, RawResponse, TEST_TOPIC, intake_event
 from .test_rcstream import RCStreamCase
@@ -441,8 +441,11 @@ class EmbeddedLog(TrustCase):
         self.assertEqual((code, body["type"]), (503, "log_unavailable"), body)
         self.assertLess(took, 5)
         self.assertTrue(response.headers.getRawHeaders("retry-after"))
-        await sleep(0.5)
-        self.assertEqual(await self.topic_events(d, TEST_TOPIC), [])
+        # The log writes one batch at a time: once a later batch is stored,
+        # the refused one can no longer land (the marker for "stores nothing").
+        code, body, _ = await self.post(d, [ev(2)])
+        self.assertEqual((code, body["accepted"]), (201, 1), body)
+        self.assertEqual([e["n"] for e in await self.topic_events(d, TEST_TOPIC)], [2])
         code, body, _ = await self.post(d, [ev(1)])
         self.assertEqual((code, body["accepted"]), (201, 1), body)
         self.flushLoggedErrors()
@@ -458,10 +461,11 @@ class EmbeddedLog(TrustCase):
             raw = RawResponse(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             reactor.connectTCP("127.0.0.1", d.ports["intake"], ClientFactory.forProtocol(lambda: raw))
-            await sleep(0.3)
+            writer = d.backend._writer  # the log's one writer thread
+            await wait_for(lambda: writer.working, "the write to wait for the lock")
             raw.transport.loseConnection()
             await raw.closed
-            await sleep(1.5)  # past the timeout: the write gave up
+            await wait_for(lambda: not writer.working, "the write to give up at the timeout")
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
@@ -520,16 +524,17 @@ class KafkaOutage(OverKafka, TrustCase):
             self.assertLess(took, 3 + 2)
         finally:
             await deferToThread(kafka_script, "start-broker")
-        # Nothing of the refused batch arrives later on its own.
-        await sleep(5)
-        self.assertEqual([e["n"] for e in await self.topic_events(d, TEST_TOPIC)], [0])
-        deadline = time.monotonic() + 60
-        while True:
+        answers: list = []
+
+        async def stored() -> bool:
             code, body, _ = await self.post(d, [ev(1), ev(2)])
-            if code == 201 or time.monotonic() > deadline:
-                break
-            await sleep(1)
-        self.assertEqual(code, 201, body)
+            answers.append((code, body))
+            return code == 201
+
+        await wait_for(stored, lambda: f"the intake to store again after the restart (answers: {answers[-3:]})", 60, 1)
+        # Nothing of the refused batch arrives on its own: the producer keeps
+        # a partition's order, so anything of it still queued would have come
+        # before the batch just stored.
         self.assertEqual([e["n"] for e in await self.topic_events(d, TEST_TOPIC)], [0, 1, 2])
         self.flushLoggedErrors()
 
@@ -569,26 +574,31 @@ class Killed(DaemonTestCase):
             await self.wait_listening(child, ports["intake"])
             posted = treq.post(url, data=data, headers=headers, pool=pool)
             posted.addErrback(lambda f: None)  # the connection dies with the daemon
+            # The kill lands at a different point of the write each time: the
+            # delay is the case under test, not a wait for something.
             await sleep(0.05 + 0.15 * attempt)
             child.transport.signalProcess("KILL")
             await child.ended
             await posted
         child = self.spawn(*args)
         await self.wait_listening(child, ports["intake"])
-        deadline = time.monotonic() + 60
-        while True:
+
+        async def answered() -> tuple:
             response = await treq.post(url, data=data, headers=headers, pool=pool)
             body = json.loads(await response.content())
-            if response.code != 503 or time.monotonic() > deadline:
-                break
-            await sleep(0.5)
-        self.assertEqual(response.code, 201, body)
-        # Read the whole topic back through the public stream, from the start.
+            return (response.code, body) if response.code != 503 else ()
+
+        code, body = await wait_for(answered, "an answer other than 503 from the restarted daemon", 60, 0.5)
+        self.assertEqual(code, 201, body)
+        # Read the whole topic back through the public stream, from the start,
+        # up to a sentinel written after it: any duplicate comes before it.
         client = await open_stream(ports["eventstreams"], "/v2/stream/test?since=0")
         self.addCleanup(lambda: client.transport.loseConnection())
-        await client.wait_events(3000, timeout=60)
-        await sleep(1)
-        ids = [e["meta"]["id"] for e in client.events]
+        sentinel = await treq.post(url, data=json.dumps([ev(3000, id="sentinel")]).encode(),
+                                   headers={"Content-Type": "application/json"}, pool=pool)
+        self.assertEqual(sentinel.code, 201, await sentinel.content())
+        await client.wait_for(lambda: client.events and client.events[-1]["meta"]["id"] == "sentinel", timeout=60)
+        ids = [e["meta"]["id"] for e in client.events[:-1]]
         self.assertEqual(len(ids), 3000, f"{len(ids) - len(set(ids))} duplicates")
         self.assertEqual(sorted(ids), sorted(e["meta"]["id"] for e in batch))
         self.assertEqual(body["accepted"] + len(body["duplicate"]), 3000)

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from eventstreams.backends.kafka import KafkaBackend, KafkaTail
 
 from . import test_stream
-from .support import KAFKA, async_test, create_topics, kafka_admin, offsets_by_partition, open_stream, rc_event, sleep
+from .support import KAFKA, async_test, create_topics, kafka_admin, offsets_by_partition, open_stream, rc_event, turn, wait_for
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "kafka")
 
@@ -109,8 +109,10 @@ class KafkaOnly(OverKafka, test_stream.StreamTestCase):
         got = first.events[:1500]
         again = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": cut[1499]["id"]})
         await again.wait_events(2500, timeout=30)
-        await sleep(0.2)
-        got += again.events
+        # A sentinel after the rest: any repeat arrives before it.
+        await deferToThread(produce_keyed, d.rc[0], range(4000, 4001))
+        await again.wait_for(lambda: any(e["id"] == 4000 for e in again.events), timeout=30)
+        got += [e for e in again.events if e["id"] != 4000]
         self.assertEqual(len(got), 4000)
         self.assertEqual(sorted(e["id"] for e in got), list(range(4000)))
         seen = offsets_by_partition(got)
@@ -181,9 +183,7 @@ class KafkaOnly(OverKafka, test_stream.StreamTestCase):
         self.assertEqual({tuple(e["id"] for e in c.events) for c in clients}, {tuple(range(10))})
         for c in clients:
             await c.close()
-        await sleep(0.2)
-        self.assertEqual(d.hubs.hubs, {})
-        self.assertEqual(d.backend._tails, set())
+        await wait_for(lambda: d.hubs.hubs == {} and d.backend._tails == set(), "the hub and its tail to go")
 
     @async_test
     async def test_catch_up_readers_are_bounded_and_the_rest_wait_their_turn(self):
@@ -222,8 +222,9 @@ class BrokerOutage(OverKafka, test_stream.StreamTestCase):
             await deferToThread(kafka_script, "start-broker")
         await d.append(d.rc[0], [rc_event(n) for n in range(50, 100)])
         await client.wait_events(100, timeout=60)
-        await sleep(0.5)
-        self.assertEqual([e["meta"]["offset"] for e in client.events], list(range(100)))
+        await d.append(d.rc[0], [rc_event(100)])  # a sentinel: any repeat arrives before it
+        await client.wait_events(101, timeout=30)
+        self.assertEqual([e["meta"]["offset"] for e in client.events], list(range(101)))
         self.flushLoggedErrors()
 
 
@@ -295,4 +296,4 @@ class ConsumerPool(unittest.TestCase):
             await deferToThread(tail._thread.join)
             self.assertIsNone(tail.crash)
             self.assertEqual(tail._reported, "the first poll failed")
-        await sleep(0)  # the reports' warnings, queued with callFromThread
+        await turn()  # the reports' warnings, queued with callFromThread

@@ -18,7 +18,7 @@ from twisted.web.client import Agent, readBody
 from eventstreams.config import ConfigError, load
 from eventstreams.logs import JSONLines, LogConfig, RateLimited, _log_file, event_as_json, parse
 
-from .support import async_test, free_port, open_stream, sleep, write_config
+from .support import async_test, free_port, open_stream, wait_for, write_config
 from .test_daemon import DaemonTestCase
 
 
@@ -191,11 +191,7 @@ class DaemonJSONLog(DaemonTestCase):
             return [json.loads(line) for line in child.out.decode().splitlines()
                     if '"eventstreams.access"' in line]
 
-        deadline = time.monotonic() + 20
-        while len(access()) < 2:
-            if time.monotonic() > deadline:
-                self.fail(f"no access lines; output:\n{child.output[-3000:]}")
-            await sleep(0.05)
+        await wait_for(lambda: len(access()) >= 2, lambda: f"two access lines; output:\n{child.output[-3000:]}", 20)
 
         child.transport.signalProcess("TERM")
         await self.finish(child)
@@ -228,11 +224,8 @@ class DaemonJSONLog(DaemonTestCase):
         await self.wait_listening(child, api)
         client = await open_stream(api, "/v2/stream/test")
         client.transport.loseConnection()
-        deadline = time.monotonic() + 20
-        while b"GET /v2/stream/test 200" not in child.out:
-            if time.monotonic() > deadline:
-                self.fail(f"no access line; output:\n{child.output[-3000:]}")
-            await sleep(0.05)
+        await wait_for(lambda: b"GET /v2/stream/test 200" in child.out,
+                       lambda: f"the access line; output:\n{child.output[-3000:]}", 20)
         child.transport.signalProcess("TERM")
         await self.finish(child)
         self.assertFalse(child.out.lstrip().startswith(b"{"))

@@ -12,12 +12,16 @@ from typing import Any, Callable
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
+from txaio._common import _BatchedTimer  # autobahn's timers (tests only)
+
+from eventstreams.feed import StreamFeed
 
 from . import rcstream_clients
-from .support import async_test, rc_event, sleep
+from .support import async_test, rc_event, server_connections, turn, wait_for
 from .test_stream import StreamTestCase
 
 
@@ -36,16 +40,26 @@ def mixed_events() -> tuple[list[dict], list[dict]]:
     return events, [bar, events[4], events[5]]
 
 
+async def close_handshake_timers() -> None:
+    """Until autobahn's close-handshake timers have run. They outlive the
+    connection (connectionLost does not cancel them) and fire within their
+    1 s timeout: a test that closed a WebSocket ends with a clean reactor."""
+    await wait_for(lambda: not any(isinstance(getattr(call.func, "__self__", None), _BatchedTimer)
+                                   for call in reactor.getDelayedCalls()),
+                   "autobahn's close handshake timer", timeout=5, interval=0.05)
+
+
 class RCStreamCase(StreamTestCase):
     overrides: tuple[str, ...] = ("rcstream.stream=recentchange", "rcstream.poll_timeout=1")
 
     async def wait_subscribed(self, d, sessions: int = 1, timeout: float = 60) -> None:
+        """Until `sessions` sessions have subscribed and the bridge's feed
+        follows the log: what is appended from then on reaches them."""
         bridge = d.service.rcstream
-        for _ in range(int(timeout / 0.05)):
-            if sum(1 for s in bridge.sessions.values() if s.subscriptions) >= sessions:
-                return
-            await sleep(0.05)
-        self.fail(f"no subscribed session after {timeout} s: {bridge.status()}")
+        (feed,) = [s for s in d.service if isinstance(s, StreamFeed) and s.on_batch == bridge.on_batch]
+        await wait_for(lambda: feed.subscription is not None
+                       and sum(1 for s in bridge.sessions.values() if s.subscriptions) >= sessions,
+                       f"{sessions} subscribed session(s)", timeout)
 
     async def text(self, method: str, url: str, **kwargs) -> tuple[int, dict, str]:
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -101,8 +115,9 @@ class XhrPollingByHand(RCStreamCase):
         code, _, body = await self.text("POST", url, data=framed.encode())
         self.assertEqual((code, body), (200, "1"))
         self.assertEqual((await self.text("GET", url))[2], "\ufffd6\ufffd1::/rc\ufffd15\ufffd6::/rc:7+[null]")
-        poll = self.text("GET", url)
-        await sleep(0.2)
+        poll = ensureDeferred(self.text("GET", url))  # sent now, held by the server
+        session = d.service.rcstream.sessions[url.rsplit("/", 1)[1]]
+        await wait_for(lambda: session.transport is not None, "the poll to wait at the server")
         await d.append(d.rc[0], [rc_event(1, "enwiki"), rc_event(2, "dewiki")])
         _, _, body = await poll
         self.assertTrue(body.startswith('5::/rc:{"name":"change","args":[{'), body)
@@ -131,8 +146,8 @@ class XhrPollingByHand(RCStreamCase):
         d = await self.daemon("rcstream.heartbeat=0.2", "rcstream.session_timeout=0.5")
         await self.text("GET", d.url("/socket.io/1/"))
         self.assertEqual(d.service.rcstream.status()["connected_clients"], 1)
-        await sleep(1.5)
-        self.assertEqual(d.service.rcstream.status(), {"connected_clients": 0, "queue_size": 0})
+        await wait_for(lambda: d.service.rcstream.status() == {"connected_clients": 0, "queue_size": 0},
+                       "the silent session to expire", timeout=5)
 
 
     @async_test
@@ -144,8 +159,8 @@ class XhrPollingByHand(RCStreamCase):
         self.assertEqual((await self.text("GET", url))[2], "2::")
         await self.text("POST", url, data=b'5::/rc:{"name":"subscribe","args":["*"]}')
         await d.append(d.rc[0], [rc_event(n) for n in range(10)])
-        await sleep(0.3)
-        self.assertEqual(d.service.rcstream.status(), {"connected_clients": 0, "queue_size": 0})
+        await wait_for(lambda: d.service.rcstream.status() == {"connected_clients": 0, "queue_size": 0},
+                       "the session that does not poll to be closed", timeout=5)
         self.assertEqual((await self.text("GET", url))[2], "7:::1+0")
 
 
@@ -233,11 +248,11 @@ class WebSocketByHand(RCStreamCase):
         frames = await deferToThread(ws_open, port, f"/socket.io/1/websocket/{body.split(':')[0]}",
                                      f"127.0.0.1:{port}")
         self.assertEqual(frames[:2], ["HTTP/1.1 101 Switching Protocols", "1::"])
-        await sleep(0.2)
-        self.assertEqual(d.service.rcstream.status()["connected_clients"], 0)  # its close ended the session
+        await wait_for(lambda: d.service.rcstream.status()["connected_clients"] == 0,
+                       "the client's close to end the session")
         frames = await deferToThread(ws_open, port, "/socket.io/1/websocket/unknown", "http://a.example")
         self.assertEqual(frames, ["HTTP/1.1 101 Switching Protocols", "7:::1+0", "<close>"])
-        await sleep(0.1)
+        await wait_for(lambda: not server_connections(port), "the server to see the sockets close")
 
 
 def ws_frames(port: int, path: str, wanted: int, timeout: float = 10) -> list[tuple[int, bool, str]]:
@@ -291,11 +306,12 @@ class WebSocketBurst(RCStreamCase):
         events.insert(7, rc_event(99, "enwiki"))  # not subscribed to
         wanted = 1 + 40  # 1:: and the changes
         received = deferToThread(ws_frames, d.ports["api"], f"/socket.io/1/websocket/{sid}", wanted)
-        for _ in range(200):
+
+        def attached():
             session = bridge.sessions.get(sid)
-            if session is not None and session.transport is not None:
-                break
-            await sleep(0.02)
+            return session if session is not None and session.transport is not None else None
+
+        session = await wait_for(attached, "the WebSocket to attach to the session")
         session.receive('5::/rc:{"name":"subscribe","args":["de.*"]}')
         protocol = session.transport
         writes: list[int] = []
@@ -309,7 +325,7 @@ class WebSocketBurst(RCStreamCase):
         self.assertEqual(changes, [change_of(e) for e in events if e["id"] != 99])
         self.assertLess(len(writes), 40, writes)  # a write per batch, not per change
         session.close()
-        await sleep(1.2)  # autobahn's close handshake timer
+        await close_handshake_timers()
 
 
 class SlowWebSocket(RCStreamCase):
@@ -325,8 +341,8 @@ class SlowWebSocket(RCStreamCase):
         key = base64.b64encode(os.urandom(16)).decode()
         slow.sendall((f"GET /socket.io/1/websocket/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        await sleep(0.2)
         session = bridge.sessions[sid]
+        await wait_for(lambda: session.transport is not None, "the WebSocket to attach to the session")
         session.receive('5::/rc:{"name":"subscribe","args":["*"]}')
         big = rc_event(1)
         big["comment"] = "x" * 200_000
@@ -335,12 +351,12 @@ class SlowWebSocket(RCStreamCase):
             bridge.on_batch([(big, None)])
             bridge.flush()
             sent += 1
-            await sleep(0.01)
+            await turn()  # the reactor writes what the socket takes
         self.assertNotIn(sid, bridge.sessions)
         self.assertGreater(sent, 6)  # the socket took some before it pushed back
         self.assertEqual(bridge.counters["slow"], 1)
         slow.close()
-        await sleep(1.2)  # autobahn's close handshake timer (1 s) runs out
+        await close_handshake_timers()
 
 
 async def installed(install: Callable[[], Any]) -> Any:
@@ -354,48 +370,66 @@ async def installed(install: Callable[[], Any]) -> Any:
         raise unittest.SkipTest(str(e)) from None
 
 
-class RealClients(RCStreamCase):
-    """Each client subscribes to `*.wikipedia.org`, gets exactly the matching
-    changes of a mixed batch fed to the log, and the change objects match."""
+class ClientRuns(RCStreamCase):
+    """Runs a real client (installed under .cache/, subscribing to
+    `*.wikipedia.org`) against a daemon, feeds the log once it has
+    subscribed, and checks that the changes it printed are exactly the
+    expected ones. Subclasses say what to feed."""
 
     timeout = 180
+    changes = 3  # how many changes the client waits for
+
+    async def feed(self, d) -> list[dict]:
+        """Append the events; return those the client must get, in order."""
+        raise NotImplementedError
 
     async def check(self, d, argv: list[str], cwd=None, ordered: bool = True) -> list[dict]:
-        events, expected = mixed_events()
         run = deferToThread(subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd=cwd)
         await self.wait_subscribed(d)
-        await sleep(0.2)
-        await d.append(d.rc[0], events[:3])
-        await d.append(d.rc[1], events[3:])
+        expected = await self.feed(d)
         result = await run
         lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
         changes = [line["change"] for line in lines if "change" in line]
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        self.assertNotIn("invalid declared length", result.stderr)
         if not ordered:  # python-socketio calls each handler in a thread of its own
             changes.sort(key=lambda change: change["id"])
-        self.assertEqual(changes, [change_of(e) for e in expected], result.stderr)
-        self.assertEqual(changes[0]["title"], "B\u00e4r \u2603 \U0001F600")
-        await sleep(0.3)
+        self.assertEqual([json.dumps(c, sort_keys=True) for c in changes],
+                         [json.dumps(change_of(e), sort_keys=True) for e in expected], result.stderr[-3000:])
+        await wait_for(lambda: not server_connections(d.ports["api"]), "the server to see the client's sockets close")
         return lines
 
-    async def sio09(self, transport: str) -> list[dict]:
-        python = await installed(lambda: rcstream_clients.python_env("sio09"))
+    async def python(self, env: str, script: str, transport: str, ordered: bool = True,
+                     by_port: bool = False) -> list[dict]:
+        python = await installed(lambda: rcstream_clients.python_env(env))
         d = await self.daemon()
-        script = str(rcstream_clients.CLIENTS / "client_sio09.py")
-        return await self.check(d, [str(python), script, str(d.ports["api"]), transport, '"*.wikipedia.org"', "3", "30"])
+        where = str(d.ports["api"]) if by_port else d.url("")
+        return await self.check(d, [str(python), str(rcstream_clients.CLIENTS / script), where, transport,
+                                    '"*.wikipedia.org"', str(self.changes), "30"], ordered=ordered)
+
+    async def sio09(self, transport: str) -> list[dict]:
+        return await self.python("sio09", "client_sio09.py", transport, by_port=True)
 
     async def node(self, version: str, transport: str) -> list[dict]:
         modules = await installed(rcstream_clients.node_modules)
         d = await self.daemon()
-        return await self.check(d, ["node", "client.js", version, d.url(""), transport, '["*.wikipedia.org"]', "3", "30"],
-                                cwd=str(modules))
+        return await self.check(d, ["node", "client.js", version, d.url(""), transport, '["*.wikipedia.org"]',
+                                    str(self.changes), "30"], cwd=str(modules))
+
+
+class RealClients(ClientRuns):
+    """Each client subscribes to `*.wikipedia.org`, gets exactly the matching
+    changes of a mixed batch fed to the log, and the change objects match."""
+
+    async def feed(self, d) -> list[dict]:
+        events, expected = mixed_events()
+        self.assertEqual(expected[0]["title"], "B\u00e4r \u2603 \U0001F600")
+        await d.append(d.rc[0], events[:3])
+        await d.append(d.rc[1], events[3:])
+        return expected
 
     async def sio5(self, transports: str) -> list[dict]:
-        python = await installed(lambda: rcstream_clients.python_env("sio5"))
-        d = await self.daemon()
-        script = str(rcstream_clients.CLIENTS / "client_sio5.py")
-        return await self.check(d, [str(python), script, d.url(""), transports, '"*.wikipedia.org"', "3", "30"],
-                                ordered=False)
+        return await self.python("sio5", "client_sio5.py", transports, ordered=False)
 
     @async_test
     async def test_python_socketio_client_0_5_websocket(self):
@@ -488,52 +522,21 @@ def hostile_events() -> list[dict]:
     return events
 
 
-class LegacyClientsHostileText(RCStreamCase):
+class LegacyClientsHostileText(ClientRuns):
     """Issue 15: the transports that lost data, and the clients the issue
     names, under a feed whose every change needs escaping. All the changes
     of one append arrive in one polling response (framed), where the
     declared lengths matter; each must arrive, equal to what was fed."""
 
-    timeout = 180
+    changes = 10
 
-    async def check(self, d, argv: list[str], cwd=None, ordered: bool = True) -> list[dict]:
+    async def feed(self, d) -> list[dict]:
         events = hostile_events()
-        run = deferToThread(subprocess.run, argv, capture_output=True, text=True, timeout=60, cwd=cwd)
-        await self.wait_subscribed(d)
-        await sleep(0.3)
         await d.append(d.rc[0], events)
-        result = await run
-        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-        changes = [line["change"] for line in lines if "change" in line]
-        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
-        self.assertNotIn("invalid declared length", result.stderr)
-        if not ordered:
-            changes.sort(key=lambda change: change["id"])
-        expected = [change_of(e) for e in events]
-        self.assertEqual([json.dumps(c, sort_keys=True) for c in changes],
-                         [json.dumps(c, sort_keys=True) for c in expected])
-        await sleep(0.3)
-        return lines
-
-    async def sio09(self, transport: str) -> list[dict]:
-        python = await installed(lambda: rcstream_clients.python_env("sio09"))
-        d = await self.daemon()
-        script = str(rcstream_clients.CLIENTS / "client_sio09.py")
-        return await self.check(d, [str(python), script, str(d.ports["api"]), transport, '"*.wikipedia.org"', "10",
-                                    "30"])
-
-    async def node(self, version: str, transport: str) -> list[dict]:
-        modules = await installed(rcstream_clients.node_modules)
-        d = await self.daemon()
-        return await self.check(d, ["node", "client.js", version, d.url(""), transport, '["*.wikipedia.org"]', "10",
-                                    "30"], cwd=str(modules))
+        return events
 
     async def sio4(self, transports: str) -> list[dict]:
-        python = await installed(lambda: rcstream_clients.python_env("sio4"))
-        d = await self.daemon()
-        script = str(rcstream_clients.CLIENTS / "client_sio5.py")
-        return await self.check(d, [str(python), script, d.url(""), transports, '"*.wikipedia.org"', "10", "30"],
-                                ordered=False)
+        return await self.python("sio4", "client_sio5.py", transports, ordered=False)
 
     @async_test
     async def test_python_socketio_client_0_5_jsonp_polling(self):

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 from twisted.trial import unittest
 
-from .support import free_port
+from .support import free_port, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -161,15 +161,17 @@ class Daemon:
 
     def wait_started(self) -> str:
         """The listener line, once the daemon has logged it."""
-        deadline = time.monotonic() + START
-        while time.monotonic() < deadline:
+
+        def started() -> Optional[str]:
             line = next((ln for ln in self.output.splitlines() if "EventStreams http" in ln), None)
-            if line is not None:
-                return line
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"{shlex.join(self.argv)} did not start:\n{self.output[-3000:]}")
+            if line is None and self.process.poll() is not None:
+                raise AssertionError(f"{shlex.join(self.argv)} exited:\n{self.output[-3000:]}")
+            return line
+
+        try:
+            return wait_until(started, "the listener line", START, 0.1)
+        except AssertionError as e:
+            raise AssertionError(f"{shlex.join(self.argv)} did not start ({e}):\n{self.output[-3000:]}") from None
 
     def stop(self) -> None:
         if self.process.poll() is None:

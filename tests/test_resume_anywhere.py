@@ -16,7 +16,7 @@ from eventstreams.backends.embedded import EmbeddedBackend
 from eventstreams.hub import Hub
 from eventstreams.positions import Assignment, PositionError, advance, encode_id, parse_last_event_id
 
-from .support import async_test, sleep
+from .support import async_test, wait_for
 
 T = "eqiad.mediawiki.recentchange"
 # A's partition: (timestamp of each record); three records share 1001, two 1002.
@@ -169,10 +169,7 @@ class MirroredLogs(unittest.TestCase):
         # A record of the same millisecond continues the count.
         await a.append(T, [(None, b'{"n": 6}')], timestamp=1002)
         await a.append(T, [(None, b'{"n": 7}')], timestamp=1002)
-        for _ in range(100):
-            if hub.head[0][0] == 8:
-                break
-            await sleep(0.05)
+        await wait_for(lambda: hub.head[0][0] == 8, "the hub's head to reach offset 8")
         self.assertEqual(hub.head, ((8, (1003, 4)),))
 
 

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
-from .support import KAFKA, Daemon, async_test, offsets_by_partition, open_stream, rc_event, sleep
+from .support import KAFKA, Daemon, async_test, offsets_by_partition, open_stream, rc_event, wait_for
 
 
 # A recent base for explicit record timestamps: Kafka deletes segments whose
@@ -110,10 +110,9 @@ class StreamBasics(StreamTestCase):
         d = await self.daemon()
         await d.append(d.rc[0], [rc_event(n) for n in range(5)])
         client = await self.stream(d, "/v2/stream/recentchange")
-        await d.append(d.rc[0], [rc_event(99)])
-        await client.wait_events(1)
-        await sleep(0.1)
-        self.assertEqual([e["id"] for e in client.events], [99])
+        await d.append(d.rc[0], [rc_event(99), rc_event(100)])
+        await client.wait_events(2)  # 100 comes after anything the start could have sent
+        self.assertEqual([e["id"] for e in client.events], [99, 100])
 
     @async_test
     async def test_ndjson_when_the_client_accepts_json(self):
@@ -152,11 +151,9 @@ class StreamBasics(StreamTestCase):
         hub = next(iter(d.hubs.hubs.values()))
         self.assertEqual(len(hub.subscriptions), 2)
         await a.close()
-        await sleep(0.05)
-        self.assertEqual(len(hub.subscriptions), 1)
+        await wait_for(lambda: len(hub.subscriptions) == 1, "the first client's subscription to end")
         await b.close()
-        await sleep(0.05)
-        self.assertEqual(d.hubs.hubs, {})
+        await wait_for(lambda: d.hubs.hubs == {}, "the hub to go")
         self.assertIsNone(hub._tail)
         self.assertEqual(d.service.connections.sinks, set())
         self.assertEqual(d.service.connections.per_ip, {})
@@ -178,8 +175,10 @@ class Resume(StreamTestCase):
         last_id = [b["id"] for b in client.blocks if b.get("event") == "message"][first - 1]
         again = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": last_id})
         await again.wait_events(total - first)
-        await sleep(0.1)
-        got += again.events
+        # A sentinel after the log's end: once it arrives, any repeat would have too.
+        await d.append(d.rc[0], [rc_event(total)])
+        await again.wait_for(lambda: again.events[-1]["id"] == total)
+        got += again.events[:-1]
         self.assertEqual(sorted(e["id"] for e in got), list(range(total)))
         for tp, offsets in offsets_by_partition(got).items():
             self.assertEqual(offsets, list(range(len(offsets))), tp)
@@ -348,12 +347,17 @@ class Filters(StreamTestCase):
 
     @async_test
     async def test_id_updates_can_be_turned_off(self):
-        d = await self.daemon("eventstreams.id_updates=false")
+        # Heartbeats share the id updates' 1 s period, and one is written only
+        # after a whole quiet period: when it arrives, an id update tick has
+        # passed since the message (the positive marker for the negative check).
+        d = await self.daemon("eventstreams.id_updates=false", "eventstreams.heartbeat=1")
         client = await self.stream(d, "/v2/stream/recentchange?filter.wiki=dewiki")
         await d.append(d.rc[0], [rc_event(1, "enwiki"), rc_event(2, "dewiki"), rc_event(3, "enwiki")])
         await client.wait_events(1)
-        await sleep(1.5)
-        self.assertEqual([b.get("event") for b in client.blocks], [None, "message"])
+        await client.wait_for(lambda: len(client.blocks) > 2, timeout=5)
+        self.assertEqual([b.get("event") for b in client.blocks[:2]], [None, "message"])
+        self.assertEqual([b for b in client.blocks[2:] if "id" in b], [])
+        self.assertIn("", client.blocks[2]["comments"])  # the heartbeat
 
 
 class Errors(StreamTestCase):
@@ -485,8 +489,7 @@ class SlowClient(StreamTestCase):
         slow.resume()
         await slow.wait_events(total, timeout=30)
         self.assertEqual([e["id"] for e in slow.events], list(range(total)))
-        await sleep(0.1)
-        self.assertTrue(sub.live)
+        await wait_for(lambda: sub.live, "the slow client to join live")
         await d.append(d.rc[0], [rc_event(total)])
         await slow.wait_events(total + 1)
 
@@ -531,8 +534,9 @@ class Coalescing(StreamTestCase):
                 second = await self.stream(d, "/v2/stream/recentchange", {"Last-Event-ID": resume_id})
         await first.wait_events(400)
         await second.wait_events(399)
-        await sleep(0.2)
-        self.assertEqual([e["id"] for e in second.events], list(range(1, 400)))
+        await d.append(d.rc[0], [rc_event(400)])  # a sentinel: any repeat arrives before it
+        await second.wait_for(lambda: second.events[-1]["id"] == 400)
+        self.assertEqual([e["id"] for e in second.events], list(range(1, 401)))
 
 
 class TakeOver(StreamTestCase):
@@ -550,14 +554,13 @@ class TakeOver(StreamTestCase):
         clients = [await self.stream(d, "/v2/stream/recentchange") for _ in range(5)]
         for client in clients:
             await client.wait_for(lambda c=client: c.body.startswith(b":ok"))
-        await sleep(0.05)
-        self.assertEqual(self.live_http_objects(), before)
+        await wait_for(lambda: self.live_http_objects() == before, "the requests and channels to be freed",
+                       interval=0.05)
         await d.append(d.rc[0], [rc_event(1)])
         for client in clients:
             await client.wait_events(1)
         await clients[0].close()
-        await sleep(0.05)
-        self.assertEqual(len(d.service.connections.sinks), 4)
+        await wait_for(lambda: len(d.service.connections.sinks) == 4, "the closed client's sink to go")
 
     @async_test
     async def test_max_lifetime_sends_the_last_chunk_and_frees_the_slot(self):
@@ -575,7 +578,7 @@ class TakeOver(StreamTestCase):
         client = await self.stream(d, "/v2/stream/recentchange")
         await client.wait_for(lambda: client.body.startswith(b":ok"))
         await client.close()
-        await sleep(0.05)
+        await wait_for(lambda: not d.service.connections.per_ip, "the per-IP slot to be freed")
         again = await self.stream(d, "/v2/stream/recentchange")
         self.assertEqual(again.status, 200)
 

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from eventstreams.systemd import Notifier, Notify
 
-from .support import async_test, free_port, sleep
+from .support import async_test, free_port, sleep, wait_for
 from .test_daemon import DaemonTestCase
 
 
@@ -174,11 +174,9 @@ class DaemonNotifies(DaemonTestCase):
         finally:
             del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
 
-        deadline = time.monotonic() + 30
-        while received.first(b"READY=1") is None:
-            if child.ended.called or time.monotonic() > deadline:
-                self.fail(f"no READY=1; got {received.messages}; output:\n{child.output[-3000:]}")
-            await sleep(0.01)
+        await wait_for(lambda: received.first(b"READY=1") is not None or child.ended.called,
+                       lambda: f"READY=1; got {received.messages}; output:\n{child.output[-3000:]}", 30, 0.01)
+        self.assertFalse(child.ended.called, child.output[-3000:])
         # Ready means ready: every listener accepts at once.
         for listener in (api, intake, metrics):
             proto = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", listener), Protocol())
@@ -188,24 +186,27 @@ class DaemonNotifies(DaemonTestCase):
         self.assertIn(f"listening on {api}, {intake}, {metrics}".encode(), ready[0])
 
         since = time.monotonic()
-        await sleep(3)
-        pings = [t for t, m in received.messages if m == b"WATCHDOG=1" and t >= since]
-        # ~10 expected at one per 0.3 s; a loaded machine may lose some, never most.
-        self.assertGreaterEqual(len(pings), 4, received.messages)
+
+        def pings_since() -> list[float]:
+            return [t for t, m in received.messages if m == b"WATCHDOG=1" and t >= since]
+
+        # One per 0.3 s: five come in well under 10 s, never twice the
+        # watchdog interval apart.
+        pings = await wait_for(lambda: len(pings_since()) >= 5 and pings_since(), "five watchdog pings", 10, 0.05)
         self.assertLess(max(b - a for a, b in zip(pings, pings[1:])), watchdog * 2, pings)
 
         # Stopped for a while (as a blocked process would be): no pings.
         os.kill(child.transport.pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        await sleep(1.5)
+        await sleep(1.5)  # the process stopped for a while is the case under test
         os.kill(child.transport.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        # First a ping after SIGCONT (any sent before the stop has arrived by then) ...
+        await wait_for(lambda: [t for t, m in received.messages if m == b"WATCHDOG=1" and t > resumed],
+                       "a ping after SIGCONT", 10, 0.05)
+        # ... then none while it was stopped.
         gap = [t for t, m in received.messages if m == b"WATCHDOG=1" and stopped + 0.05 < t < stopped + 1.5]
         self.assertEqual(gap, [])
-        resumed = time.monotonic()
-        while not [t for t, m in received.messages if m == b"WATCHDOG=1" and t > resumed]:
-            if time.monotonic() > resumed + 10:
-                self.fail("no ping after SIGCONT")
-            await sleep(0.05)
 
         child.transport.signalProcess("TERM")
         await self.finish(child)

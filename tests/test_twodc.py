@@ -26,9 +26,10 @@ from .support import (
     KAFKA,
     StreamClient,
     async_test,
+    create_topics,
     open_stream,
     rc_event,
-    sleep,
+    wait_for,
     write_config,
 )
 
@@ -37,30 +38,6 @@ PARTITIONS = {"eqiad.mediawiki.recentchange": 2, "codfw.mediawiki.recentchange":
 LOCAL_ONLY = 4  # records each partition's copy in B has before mirroring starts
 BURST = 5  # records of one partition that share a millisecond
 MIRRORED = 30  # seconds within which MirrorMaker must have copied a record
-
-
-def admin(bootstrap: str) -> Any:
-    from confluent_kafka.admin import AdminClient
-
-    return AdminClient({"bootstrap.servers": bootstrap})
-
-
-def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
-    from confluent_kafka.admin import NewTopic
-
-    client = admin(bootstrap)
-    for future in client.create_topics(
-            [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in topics.items()]).values():
-        future.result(30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        metadata = client.list_topics(timeout=10)
-        if all(t in metadata.topics and len(metadata.topics[t].partitions) == n
-               and all(p.leader >= 0 for p in metadata.topics[t].partitions.values())
-               for t, n in topics.items()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"topics {sorted(topics)} have no leader after 30 s")
 
 
 def produce(bootstrap: str, records: list[tuple[str, int, int, dict]]) -> None:
@@ -119,11 +96,11 @@ class TwoDatacenters(unittest.TestCase):
         prefix = f"dc.{uuid.uuid4().hex[:8]}."
         topics = {prefix + t: n for t, n in PARTITIONS.items()}
         # B's copies first, with records of their own: offsets differ from A's.
-        await deferToThread(create_topics, KAFKA_B, topics)
+        await deferToThread(create_topics, topics, bootstrap=KAFKA_B)
         local = [(t, p, int(time.time() * 1000) - 60_000, {"local": i})
                  for t, n in topics.items() for p in range(n) for i in range(LOCAL_ONLY)]
         await deferToThread(produce, KAFKA_B, local)
-        await deferToThread(create_topics, KAFKA, topics)
+        await deferToThread(create_topics, topics, bootstrap=KAFKA)
         a = await ClusterDaemon(self.mktemp(), KAFKA, prefix, *overrides).start()
         b = await ClusterDaemon(self.mktemp(), KAFKA_B, prefix, *overrides).start()
         self.addCleanup(b.service.stopService)
@@ -155,12 +132,14 @@ class TwoDatacenters(unittest.TestCase):
         ends: dict[tuple[str, int], int] = {}
         for topic, p, _, _ in records:
             ends[(topic, p)] = ends.get((topic, p), LOCAL_ONLY) + 1
-        deadline = time.monotonic() + MIRRORED
-        for (topic, p), end in ends.items():
-            while await deferToThread(high_watermark, KAFKA_B, topic, p) < end:
-                if time.monotonic() > deadline:
-                    self.fail(f"MirrorMaker did not copy {topic}/{p} within {MIRRORED} s")
-                await sleep(0.2)
+
+        async def copied() -> bool:
+            for (topic, p), end in ends.items():
+                if await deferToThread(high_watermark, KAFKA_B, topic, p) < end:
+                    return False
+            return True
+
+        await wait_for(copied, f"MirrorMaker to copy {len(ends)} partitions", MIRRORED, 0.2)
 
     @staticmethod
     def by_partition(events: list[dict], produced: list[tuple[str, int, int, dict]]) -> dict:
@@ -181,7 +160,8 @@ class TwoDatacenters(unittest.TestCase):
         await self.mirrored(prefix, warmup)
 
         client = await self.stream(a, "/v2/stream/recentchange")
-        await sleep(0.5)  # the hub is following the end
+        await wait_for(lambda: any(s.subscription is not None and s.subscription.live
+                                   for s in a.service.connections.sinks), "the hub to follow the end")
         kept: list[dict] = []  # the events the client keeps, over every connection
         seq = 10_000
         hops = []
@@ -214,8 +194,11 @@ class TwoDatacenters(unittest.TestCase):
         await self.mirrored(prefix, warmup + produced)
         # The rest: everything produced after the last cut.
         await client.wait_for(lambda: len(kept) + len(client.events) >= len(produced), timeout=60)
-        await sleep(0.5)  # anything repeated would arrive now
-        kept += client.events
+        # A sentinel after everything: anything repeated would arrive before it.
+        sentinel = (prefix + "eqiad.mediawiki.recentchange", 0, int(time.time() * 1000), rc_event(seq))
+        await deferToThread(produce, KAFKA, [sentinel])
+        await client.wait_for(lambda: any(e.get("id") == seq for e in client.events), timeout=MIRRORED)
+        kept += [e for e in client.events if e.get("id") != seq]
         comments += client.comments()
         self.assertFalse(any("repeat" in c for c in comments), comments)
         got = self.by_partition(kept, produced)

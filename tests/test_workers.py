@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import time
 import uuid
 from typing import Any, Optional
 
@@ -25,7 +24,7 @@ from eventstreams.workers import REPORT_FD, Workers, _Control, _Worker, merge_sa
 from bridges.rcstream import config as rcstream_config
 
 from .support import (
-    KAFKA, RC_TOPICS, TEST_TOPIC, async_test, create_topics, free_port, open_stream, rc_event, sleep, write_config,
+    KAFKA, RC_TOPICS, TEST_TOPIC, async_test, create_topics, free_port, open_stream, rc_event, wait_for, write_config,
 )
 from .test_daemon import START_TIMEOUT, Child, DaemonTestCase
 
@@ -315,18 +314,8 @@ class WorkerDaemon(DaemonTestCase):
         return 0.0
 
     async def until(self, what: str, check: Any, child: Optional[Child] = None) -> Any:
-        """Poll check() (maybe async) until it is truthy, at most WAIT seconds."""
-        deadline = time.monotonic() + WAIT
-        while True:
-            result = check()
-            if hasattr(result, "__await__"):
-                result = await result
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                output = child.output[-3000:] if child is not None else ""
-                self.fail(f"timed out waiting for {what}\n{output}")
-            await sleep(0.05)
+        """wait_for, at most WAIT seconds, with the child's output when it fails."""
+        return await wait_for(check, lambda: f"{what}\n{child.output[-3000:] if child is not None else ''}", WAIT, 0.05)
 
     def workers_of(self, child: Child) -> set[int]:
         return children(child.transport.pid)

@@ -55,8 +55,9 @@ try {
     };
   }, opt.path);
 
+  // The test's last event is a sentinel: once `expect` events are here, a
+  // duplicate would have taken the place of one of them (no wait for more).
   while (expect === null || (await page.evaluate(() => window.seen.length)) < expect) await sleep(100);
-  await sleep(1000);
   const page_state = await page.evaluate(() => {
     window.source.close();
     return { seen: window.seen, errors: window.errors };
