@@ -74,6 +74,8 @@ class ServiceConfig:
     workers: int = 1
     max_lifetime: float = 0.0
     ring_size: int = 10000
+    ring_memory: int = 256 * 1024 * 1024
+    max_stream_sets: int = 1000
     hub_linger: float = 10.0
     fan_out_interval: float = 0.0
     backend_timeout: float = 10.0
@@ -384,6 +386,8 @@ def _build(
             "workers": _workers,
             "max_lifetime": _number,
             "ring_size": _positive_count,
+            "ring_memory": _size,
+            "max_stream_sets": _count,
             "hub_linger": _number,
             "fan_out_interval": _interval,
             "backend_timeout": _number,

@@ -17,7 +17,7 @@ from .backends.base import Backend, BackendUnavailable
 from .config import Config
 from .errors import ApiError, bad_last_event_id, not_found, unavailable
 from .filters import FilterError, parse_filters
-from .hub import Hubs
+from .hub import Hubs, TooManySets
 from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits
 from .logs import stream_finished
 from .positions import PositionError, TimestampError, parse_last_event_id, parse_since
@@ -26,6 +26,8 @@ from .sse import Connections, ResponseSink
 from .takeover import take_over
 
 log = Logger()
+
+SETS_RETRY_AFTER = 30  # seconds: lingering sets close within hub_linger
 
 # The stream browser's static files (eventstreams/ui), served at /v2/ui/<name>.
 UI_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui")
@@ -376,6 +378,11 @@ class Api:
             sink.lost()
             self.connections.counters.backend_unavailable += 1
             return self._error(request, unavailable(f"the event log is unavailable: {e}", 10))
+        except TooManySets as e:
+            # A safety valve (max_stream_sets): per-set state stays bounded.
+            sink.lost()
+            return self._error(request, unavailable(f"too many distinct stream sets: {e}; retry later or "
+                                                    "ask for a more common combination", SETS_RETRY_AFTER))
         except CancelledError:
             sink.lost()
             raise
