@@ -651,11 +651,12 @@ class Hubs:
         hub.stop()
 
     def stop(self) -> None:
+        for hub in list(self.hubs.values()):
+            hub.on_empty = None  # its clients go now: no new idle timer
+            hub.stop()
+        self.hubs.clear()
         for call in self._idle.values():
             if call.active():
                 call.cancel()
         self._idle.clear()
-        for hub in list(self.hubs.values()):
-            hub.stop()
-        self.hubs.clear()
         self.rings.stop()
