@@ -29,7 +29,7 @@ from zope.interface import implementer
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
 from .pacing import Pacer
-from .positions import Mark, Partitions, advance, cluster_suffix, encode_id, id_fragment, join_fragments
+from .positions import Mark, Partitions, advance, cluster_suffix, encode_id, id_fragment
 from .rings import Item, PartitionRing, Rings, decode_checked, events, merged
 
 __all__ = ["Batch", "Entry", "Hub", "Hubs", "Sink", "Subscription", "TooManySets", "decode_checked",
@@ -113,9 +113,19 @@ def id_text(tps: Sequence[TopicPartition], vector: Vector) -> str:
                      getattr(tps, "cluster", None))
 
 
-def fragments(tps: Sequence[TopicPartition], vector: Vector) -> list[str]:
-    """The id fragments of a position (see positions.id_fragment)."""
-    return [id_fragment(tp[0], tp[1], slot[0], slot[1]) for tp, slot in zip(tps, vector)]
+def id_parts(tps: Sequence[TopicPartition], vector: Vector, suffix: str) -> list[str]:
+    """A position's id in parts, one per partition, whose join (+ "]") is
+    the id: the first opens the array and names the cluster (suffix), the
+    others are the ring items' cached fragments (rings.Item.fragment)."""
+    parts = ["," + id_fragment(tp[0], tp[1], slot[0], slot[1]) + "}" for tp, slot in zip(tps, vector)]
+    if parts:
+        parts[0] = first_part(parts[0], suffix)
+    return parts
+
+
+def first_part(fragment: str, suffix: str) -> str:
+    """An item's fragment as the first entry of an id."""
+    return "[" + fragment[1:-1] + suffix
 
 
 class TooManySets(Exception):
@@ -268,7 +278,7 @@ class Subscription:
         hub = self.hub
         offsets, stamps = self.offsets, self.stamps
         index, tps, limit, suffix = hub.index, hub.tps, hub.seen_seq, hub.suffix
-        frags = fragments(tps, tuple(zip(offsets, stamps)))
+        frags = id_parts(tps, tuple(zip(offsets, stamps)), suffix)
         sent = 0
         batch: list[Entry] = []
         size = 0
@@ -278,9 +288,9 @@ class Subscription:
             i = index[(item.topic, item.partition)]
             offsets[i] = item.offset + 1
             stamps[i] = item.mark
-            frags[i] = item.fragment
+            frags[i] = first_part(item.fragment, suffix) if i == 0 else item.fragment
             entry = Entry(item.seq, item, _LAZY, item.data, tps, tuple(zip(offsets, stamps)))
-            entry._id = join_fragments(frags, suffix)
+            entry._id = "".join(frags) + "]"
             batch.append(entry)
             size += len(item.data) if item.data is not None else 0
             sent += 1
@@ -330,7 +340,7 @@ class Subscription:
         hub = self.hub
         index, tps, suffix = hub.index, hub.tps, hub.suffix
         records = self._pending
-        frags = fragments(tps, tuple(zip(self.offsets, self.stamps)))
+        frags = id_parts(tps, tuple(zip(self.offsets, self.stamps)), suffix)
         batch: list[Entry] = []
         size = 0
         n = 0
@@ -354,11 +364,12 @@ class Subscription:
                 )
             self.offsets[i] = record.offset + 1
             self.stamps[i] = mark = advance(self.stamps[i], record.timestamp)
-            frags[i] = id_fragment(record.topic, record.partition, record.offset + 1, mark)
+            fragment = "," + id_fragment(record.topic, record.partition, record.offset + 1, mark) + "}"
+            frags[i] = first_part(fragment, suffix) if i == 0 else fragment
             self.last = None
             event, data = decode_record(record)
             entry = Entry(-1, record, event, data, tps, tuple(zip(self.offsets, self.stamps)))
-            entry._id = join_fragments(frags, suffix)
+            entry._id = "".join(frags) + "]"
             batch.append(entry)
             size += len(data) if data is not None else 0
             if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES:
@@ -425,7 +436,7 @@ class Hub:
         self.rings_ = [self.shared.ring(tp) for tp in self.tps]
         self.ring_set = set(self.rings_)
         self.head = tuple(ring.head for ring in self.rings_)
-        self._frags = fragments(self.tps, self.head)
+        self._frags = id_parts(self.tps, self.head, self.suffix)
         self.seen_seq = self.shared.seq
         self._incoming = []
         for ring in self.rings_:
@@ -437,6 +448,7 @@ class Hub:
             self._tail = None
             self.shared.release(self, self.rings_)
         self._pacer.cancel()
+        self.shared.cancel_pass(self)
         self._incoming = []
         for sub in list(self.subscriptions):
             sub.cancel()
@@ -522,7 +534,10 @@ class Hub:
     def _on_items(self, items: list[Item]) -> None:
         """Queue ring items for the next fan-out pass (see the module docstring)."""
         self._incoming.extend(items)
-        self._pacer.request()
+        if self._pacer.max_gap:
+            self._pacer.request()
+        else:
+            self.shared.pass_next_turn(self)  # what arrives in this turn joins the pass
 
     def _fan_out(self) -> None:
         """Move the head over the queued items and send them to the live
@@ -537,7 +552,7 @@ class Hub:
             if i is None or item.offset < head[i][0]:
                 continue
             head[i] = (item.offset + 1, item.mark)
-            frags[i] = item.fragment
+            frags[i] = item.fragment if i else first_part(item.fragment, suffix)
             self.seen_seq = item.seq
             data = item.data
             if data is None:
@@ -548,7 +563,7 @@ class Hub:
                 continue  # nobody live: only the head moves
             self.head = vector = tuple(head)
             entry = Entry(item.seq, item, _LAZY, data, tps, vector)
-            entry._id = join_fragments(frags, suffix)
+            entry._id = "".join(frags) + "]"
             batch.append(entry)
             size += len(data) if data is not None else 0
             if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES:

@@ -89,7 +89,8 @@ class Item:
         self.offset = offset
         self.mark = mark  # the partition's mark after this record
         self.data = data
-        self.fragment = id_fragment(topic, partition, offset + 1, mark)
+        # as it follows another partition's entry in an id (hub.id_parts)
+        self.fragment = "," + id_fragment(topic, partition, offset + 1, mark) + "}"
 
     @property
     def tp(self) -> TopicPartition:
@@ -280,6 +281,8 @@ class Rings:
         self.entries = 0
         self.seq = 0  # the last item's
         self.skipped_records = 0
+        self._due: dict[Any, None] = {}  # hubs whose pass runs next turn, in order
+        self._call: Any = None
 
     def ring(self, tp: TopicPartition) -> PartitionRing:
         ring = self.rings.get(tp)
@@ -341,6 +344,31 @@ class Rings:
         for reader in list(self.readers):
             self._stop_reader(reader)
         self._order.clear()
+        self._due.clear()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    # -- passes -------------------------------------------------------------
+
+    def pass_next_turn(self, hub: Any) -> None:
+        """Run hub._fan_out() on the next reactor turn: one timer for every
+        hub that has items, however many sets there are."""
+        self._due[hub] = None
+        if self._call is None:
+            self._call = self.clock.callLater(0, self._passes)
+
+    def cancel_pass(self, hub: Any) -> None:
+        self._due.pop(hub, None)
+
+    def _passes(self) -> None:
+        self._call = None
+        due, self._due = self._due, {}
+        for hub in due:
+            try:
+                hub._fan_out()
+            except Exception:
+                log.failure("a fan-out pass failed")
 
     # -- records ------------------------------------------------------------
 
