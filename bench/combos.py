@@ -13,14 +13,14 @@ gaps/duplicates (sampled clients; both must be 0).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import multiprocessing
 import os
 import random
-import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from . import __main__ as base
 from . import load
@@ -99,8 +99,6 @@ class Publisher(base.Publisher):
         interval = 1 / self.rate
         end = time.monotonic() + self.seconds
         next_at = time.monotonic()
-        import concurrent.futures
-
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             while time.monotonic() < end:
                 event = dict(self.samples[self.sent % len(self.samples)])

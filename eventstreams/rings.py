@@ -22,7 +22,7 @@ import json
 from bisect import bisect_left
 from collections import OrderedDict, deque
 from operator import attrgetter
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
