@@ -584,8 +584,16 @@ class Hub:
                         sub.sink.send_batch(batch)
                     except Exception:
                         # One failing sink must not cost the others their events.
-                        log.failure("a sink failed during a fan-out pass; dropping it")
-                        sub.cancel()
+                        log.failure("a sink failed during a fan-out pass; ending its stream")
+                        self._drop(sub)
+
+    def _drop(self, sub: Subscription) -> None:
+        """End a subscription whose sink raised."""
+        try:
+            sub.sink.fail("internal error while sending events")
+        except Exception:
+            log.failure("a sink failed to end its stream")
+        sub.cancel()
 
 
 class Hubs:

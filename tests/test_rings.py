@@ -28,7 +28,7 @@ from twisted.trial import unittest
 
 from eventstreams.backends.base import Record
 from eventstreams.backends.embedded import EmbeddedBackend
-from eventstreams.hub import Hubs, TooManySets, id_text
+from eventstreams.hub import Hub, Hubs, TooManySets, id_text
 from eventstreams.rings import Rings, events
 from tests.support import async_test, free_port, sleep
 from tests.test_stream import StreamTestCase
@@ -341,3 +341,37 @@ class TooManySetsOverHTTP(StreamTestCase):
         self.assertEqual((body["status"], body["type"]), (503, "service_unavailable"))
         metrics = (await (await self.get(d.url("/", "metrics"))).text()).splitlines()
         self.assertIn("eventstreams_stream_sets_refused_total 1", metrics)
+
+
+class Raising(Collect):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: list[str] = []
+
+    def send_batch(self, batch: Any) -> None:
+        raise RuntimeError("a broken sink")
+
+    def fail(self, reason: str) -> None:
+        self.failed.append(reason)
+
+
+class FanOutFaults(unittest.SynchronousTestCase):
+    def test_a_sink_that_raises_does_not_stop_the_pass_for_the_others(self):
+        clock = Clock()
+        hub = Hub(None, [A], 100, clock)  # type: ignore[arg-type]  # records are fed by hand
+        hub.head = hub.ring_base = ((0, None),)
+        sinks = [Collect(), Raising(), Collect(), Raising(), Collect()]
+        subs = [hub.subscribe(sink) for sink in sinks]
+        clock.advance(0)  # all live
+        hub._on_records(records(A, 0, [b'{"n":0}', b'{"n":1}']))
+        clock.advance(0)
+        for sink in sinks:
+            if isinstance(sink, Raising):
+                self.assertEqual(sink.failed, ["internal error while sending events"])
+            else:
+                self.assertEqual([e.record.offset for e in sink.entries], [0, 1])
+        self.assertEqual([s.closed for s in subs], [False, True, False, True, False])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        hub._on_records(records(A, 2, [b'{"n":2}']))
+        clock.advance(0)
+        self.assertEqual([e.record.offset for e in sinks[0].entries], [0, 1, 2])
