@@ -14,7 +14,9 @@ A subscriber that starts behind the head, or whose sink pushes back, is a
 catch-up cursor: it reads at its own pace (from the partition rings, else
 from the log), in batches too, and joins the live set again when it
 reaches the head. Nothing is lost and a slow client holds no more than its
-transport buffer and one batch.
+transport buffer and one batch. A subscription's states (CATCHING_UP,
+REPLAYING, LIVE, PAUSED, GONE) are spelled out below, and one Cutter cuts
+every run of entries into batches.
 """
 from __future__ import annotations
 
@@ -163,12 +165,53 @@ def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
     return event, data
 
 
+class Cutter:
+    """The one rule for cutting consecutive entries into batches (live
+    passes, replays from the rings, reads from the log): a batch ends at
+    BATCH_BYTES or BATCH_ENTRIES."""
+
+    __slots__ = ("send", "entries", "size")
+
+    def __init__(self, send: Callable[[list[Entry]], None]):
+        self.send = send
+        self.entries: list[Entry] = []
+        self.size = 0
+
+    def add(self, entry: Entry) -> bool:
+        """Take an entry; True when that cut and sent a batch."""
+        self.entries.append(entry)
+        if entry.data is not None:
+            self.size += len(entry.data)
+        if self.size >= BATCH_BYTES or len(self.entries) >= BATCH_ENTRIES:
+            return self.flush()
+        return False
+
+    def flush(self) -> bool:
+        """Send what is held; True when there was something."""
+        if not self.entries:
+            return False
+        entries, self.entries, self.size = self.entries, [], 0
+        self.send(entries)
+        return True
+
+
+# A subscription's states. It starts CATCHING_UP; its cursor REPLAYs from
+# the rings when they hold its position, and goes LIVE at the hub's head.
+# A sink that pushes back makes it PAUSED (from any state but GONE);
+# resuming makes it CATCHING_UP again from where it stands. GONE is final.
+CATCHING_UP = "catching up"  # reading the log, or waiting for the reader to reach it
+REPLAYING = "replaying"  # sending from the rings at its own pace
+LIVE = "live"  # fed by the hub's passes
+PAUSED = "paused"
+GONE = "gone"
+
+
 @implementer(IPushProducer)
 class Subscription:
     """One client of a hub; also the producer its sink's transport pauses."""
 
     __slots__ = (
-        "hub", "sink", "filter", "offsets", "stamps", "live", "closed", "paused", "last", "_pending",
+        "hub", "sink", "filter", "offsets", "stamps", "state", "last", "_pending",
         "_reading", "_scheduled", "_reads",
     )
 
@@ -185,14 +228,24 @@ class Subscription:
         self.filter = filter
         self.offsets = offsets  # next offset per hub partition (catch-up mode)
         self.stamps = stamps
-        self.live = False
-        self.closed = False
-        self.paused = False
+        self.state = CATCHING_UP
         self.last: Optional[Entry] = None  # last entry sent while live
         self._pending: list[Record] = []  # read from the log, not yet sent
         self._reading = False
         self._scheduled = False
         self._reads = 0  # catch-up reads from the log so far
+
+    @property
+    def live(self) -> bool:
+        return self.state is LIVE
+
+    @property
+    def paused(self) -> bool:
+        return self.state is PAUSED
+
+    @property
+    def closed(self) -> bool:
+        return self.state is GONE
 
     # -- position ---------------------------------------------------------
 
@@ -208,16 +261,16 @@ class Subscription:
     # -- IPushProducer ------------------------------------------------------
 
     def pauseProducing(self) -> None:
-        if self.closed or self.paused:
+        if self.state is GONE or self.state is PAUSED:
             return
-        self.paused = True
-        if self.live:
+        if self.state is LIVE:
             self._leave_live()
+        self.state = PAUSED
 
     def resumeProducing(self) -> None:
-        if self.closed or not self.paused:
+        if self.state is not PAUSED:
             return
-        self.paused = False
+        self.state = CATCHING_UP
         self._schedule()
 
     def stopProducing(self) -> None:
@@ -225,23 +278,22 @@ class Subscription:
 
     def cancel(self) -> None:
         """Stop delivering; the hub forgets this client."""
-        if self.closed:
+        if self.state is GONE:
             return
-        self.closed = True
-        if self.live:
-            self.hub._remove_live(self)
-        self.hub._forget(self)
+        if self.state is LIVE:
+            self.hub.leave_live(self)
+        self.state = GONE
+        self.hub.forget(self)
 
     # -- live ---------------------------------------------------------------
 
     def _leave_live(self) -> None:
-        self.hub._remove_live(self)
-        self.live = False
+        """Take the position of the last live entry as this cursor's own."""
+        self.hub.leave_live(self)
         if self.last is not None:
             self.offsets = [slot[0] for slot in self.last.vector]
             self.stamps = [slot[1] for slot in self.last.vector]
             self.last = None
-        self.hub.catching_up += 1
 
     # -- catch-up -----------------------------------------------------------
 
@@ -253,7 +305,7 @@ class Subscription:
     def _pump(self) -> None:
         """Move this cursor forward until it is live or must wait."""
         self._scheduled = False
-        if self.closed or self.paused or self.live or self._reading:
+        if (self.state is not CATCHING_UP and self.state is not REPLAYING) or self._reading:
             return
         if self._pending:
             self._send_records()
@@ -261,11 +313,14 @@ class Subscription:
                 return
         hub = self.hub
         if hub.contains(self.offsets):
+            self.state = REPLAYING
             if self._replay():
-                hub._add_live(self)
-            elif not self.paused:
+                hub.join_live(self)
+                self.state = LIVE
+            elif not self.paused and not self.closed:
                 self._schedule()
             return
+        self.state = CATCHING_UP
         if any(o > head[0] for o, head in zip(self.offsets, hub.head)):
             # The log holds records the hub has not seen yet.
             if all(o >= low[0] for o, low in zip(self.offsets, hub.ring_base)):
@@ -280,8 +335,7 @@ class Subscription:
         index, tps, limit, suffix = hub.index, hub.tps, hub.seen_seq, hub.suffix
         frags = id_parts(tps, tuple(zip(offsets, stamps)), suffix)
         sent = 0
-        batch: list[Entry] = []
-        size = 0
+        cut = Cutter(self._send_batch)
         for item in merged([ring.items_from(o) for ring, o in zip(hub.rings_, offsets)]):
             if item.seq > limit:
                 break  # the hub's next pass sends it
@@ -291,18 +345,13 @@ class Subscription:
             frags[i] = first_part(item.fragment, suffix) if i == 0 else item.fragment
             entry = Entry(item.seq, item, _LAZY, item.data, tps, tuple(zip(offsets, stamps)))
             entry._id = "".join(frags) + "]"
-            batch.append(entry)
-            size += len(item.data) if item.data is not None else 0
             sent += 1
-            if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES or sent >= REPLAY_CHUNK:
-                self._send_batch(batch)
-                batch, size = [], 0
+            if cut.add(entry) or sent >= REPLAY_CHUNK:
+                cut.flush()
                 if self.closed or self.paused or sent >= REPLAY_CHUNK:
                     return False
-        if batch:
-            self._send_batch(batch)
-            if self.closed or self.paused:
-                return False
+        if cut.flush() and (self.closed or self.paused):
+            return False
         return True
 
     def _send_batch(self, entries: list[Entry]) -> None:
@@ -341,8 +390,7 @@ class Subscription:
         index, tps, suffix = hub.index, hub.tps, hub.suffix
         records = self._pending
         frags = id_parts(tps, tuple(zip(self.offsets, self.stamps)), suffix)
-        batch: list[Entry] = []
-        size = 0
+        cut = Cutter(self._send_batch)
         n = 0
         while n < len(records):
             record = records[n]
@@ -351,12 +399,9 @@ class Subscription:
             if i is None or record.offset < self.offsets[i]:
                 continue
             if record.offset > self.offsets[i]:
-                if batch:
-                    self._send_batch(batch)
-                    batch, size = [], 0
-                    if self.closed or self.paused:
-                        n -= 1  # this record is next
-                        break
+                if cut.flush() and (self.closed or self.paused):
+                    n -= 1  # this record is next
+                    break
                 self.sink.comment(
                     f"no records at offsets {self.offsets[i]} to {record.offset - 1} of "
                     f"{record.topic}/{record.partition} (no longer retained); "
@@ -370,15 +415,9 @@ class Subscription:
             event, data = decode_record(record)
             entry = Entry(-1, record, event, data, tps, tuple(zip(self.offsets, self.stamps)))
             entry._id = "".join(frags) + "]"
-            batch.append(entry)
-            size += len(data) if data is not None else 0
-            if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES:
-                self._send_batch(batch)
-                batch, size = [], 0
-                if self.closed or self.paused:
-                    break
-        if batch:
-            self._send_batch(batch)
+            if cut.add(entry) and (self.closed or self.paused):
+                break
+        cut.flush()
         self._pending = records[n:]
 
 
@@ -405,7 +444,6 @@ class Hub:
         self.seen_seq = 0  # the last ring item this hub has taken into its head
         self.groups: dict[str, tuple[Optional[Filter], set[Subscription]]] = {}
         self.subscriptions: set[Subscription] = set()
-        self.catching_up = 0
         self.skipped_records = 0
         self.skipped_reasons: dict[str, int] = {}  # skipped_records by reason (decode_checked)
         self._tail: Any = None  # the shared rings while this hub follows them
@@ -483,20 +521,23 @@ class Hub:
         ]
         sub = Subscription(self, sink, filter, offsets, stamp_list)
         self.subscriptions.add(sub)
-        self.catching_up += 1
         sub._schedule()  # starts next turn, once the caller has wired the sink
         return sub
 
-    def _add_live(self, sub: Subscription) -> None:
+    @property
+    def catching_up(self) -> int:
+        """Clients that are not live (replaying, reading the log, paused)."""
+        return len(self.subscriptions) - sum(len(subs) for _, subs in self.groups.values())
+
+    def join_live(self, sub: Subscription) -> None:
+        """A cursor at the head: the next passes feed it."""
         key = sub.filter.key if sub.filter is not None else ""
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = (sub.filter, set())
         group[1].add(sub)
-        sub.live = True
-        self.catching_up -= 1
 
-    def _remove_live(self, sub: Subscription) -> None:
+    def leave_live(self, sub: Subscription) -> None:
         key = sub.filter.key if sub.filter is not None else ""
         group = self.groups.get(key)
         if group is not None:
@@ -504,12 +545,9 @@ class Hub:
             if not group[1]:
                 del self.groups[key]
 
-    def _forget(self, sub: Subscription) -> None:
-        if sub in self.subscriptions:
-            self.subscriptions.discard(sub)
-            if not sub.live:
-                self.catching_up -= 1
-            sub.live = False
+    def forget(self, sub: Subscription) -> None:
+        """A subscription is gone (it has left the live set already)."""
+        self.subscriptions.discard(sub)
         if not self.subscriptions and self.on_empty is not None:
             self.on_empty(self)
 
@@ -545,8 +583,7 @@ class Hub:
         items, self._incoming = self._incoming, []
         index, tps, suffix, frags = self.index, self.tps, self.suffix, self._frags
         head = list(self.head)
-        batch: list[Entry] = []
-        size = 0
+        cut = Cutter(self._send_live)
         for item in items:
             i = index.get((item.topic, item.partition))
             if i is None or item.offset < head[i][0]:
@@ -564,14 +601,9 @@ class Hub:
             self.head = vector = tuple(head)
             entry = Entry(item.seq, item, _LAZY, data, tps, vector)
             entry._id = "".join(frags) + "]"
-            batch.append(entry)
-            size += len(data) if data is not None else 0
-            if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES:
-                self._send_live(batch)
-                batch, size = [], 0
+            cut.add(entry)
         self.head = tuple(head)
-        if batch:
-            self._send_live(batch)
+        cut.flush()
 
     def _send_live(self, entries: list[Entry]) -> None:
         last = entries[-1]
