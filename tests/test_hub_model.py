@@ -50,15 +50,20 @@ class MemoryLog:
         self.records: dict[TopicPartition, list[Record]] = {tp: [] for tp in TPS}
         self.tails: set[MemoryTail] = set()
         self.now = 1_000
+        self.low: dict[TopicPartition, int] = {tp: 0 for tp in TPS}  # first retained offset
+
+    def prune(self, tp: TopicPartition, below: int) -> None:
+        """Retention: records below `below` are gone."""
+        self.low[tp] = below
 
     def identity(self) -> Deferred[str]:
         return succeed(self.cluster)
 
     def watermarks(self, tp: TopicPartition) -> Deferred[tuple[int, int]]:
-        return succeed((0, len(self.records[tp])))
+        return succeed((self.low[tp], len(self.records[tp])))
 
     def read(self, positions: dict, max_records: int) -> Deferred[list[Record]]:
-        out = [r for tp, position in positions.items() for r in self.records[tp][position:]]
+        out = [r for tp, position in positions.items() for r in self.records[tp][max(position, self.low[tp]):]]
         out.sort(key=lambda r: (r.timestamp, r.topic, r.partition))
         return succeed(out[:max_records])
 
@@ -83,6 +88,8 @@ class Sink:
         self.got: dict[TopicPartition, list[int]] = {}
         self.last_id: Any = None
         self.subscription: Subscription | None = None
+        self.comments: list[str] = []
+        self.comments_expected = False
 
     def send_batch(self, batch: Batch) -> None:
         for entry in batch.matched:
@@ -90,7 +97,9 @@ class Sink:
         self.last_id = batch.last.vector
 
     def comment(self, text: str) -> None:
-        raise AssertionError(f"unexpected comment: {text}")
+        if not self.comments_expected:
+            raise AssertionError(f"unexpected comment: {text}")
+        self.comments.append(text)
 
     def fail(self, reason: str) -> None:
         raise AssertionError(reason)
@@ -157,3 +166,86 @@ class Interleavings(unittest.SynchronousTestCase):
         self.assertLessEqual(hubs.rings.bytes, memory or hubs.rings.bytes)
         hubs.stop()
         self.assertEqual(log.tails, set())
+
+
+class States(unittest.SynchronousTestCase):
+    """One behaviour at a time, on the clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.log = MemoryLog(self.clock)
+        self.hubs = Hubs(self.log, 5, 0.5, self.clock)  # type: ignore[arg-type]  # 5 items per ring
+        self.addCleanup(self.hubs.stop)
+
+    def hub(self, tps: list[TopicPartition]) -> Any:
+        results: list = []
+        self.hubs.get(tps).addBoth(results.append)
+        return results[0]
+
+    def settle(self) -> None:
+        for _ in range(40):
+            self.clock.advance(0.05)
+
+    def test_a_cursor_behind_the_rings_reads_the_log_then_joins_live(self):
+        self.log.append(TPS[0], 30)
+        hub = self.hub([TPS[0]])
+        sink = Sink()
+        sub = hub.subscribe(sink, {TPS[0]: 3})
+        self.assertEqual(sub.state, "catching up")
+        self.settle()
+        self.assertEqual(sub.state, "live")
+        self.log.append(TPS[0], 2)
+        self.settle()
+        self.assertEqual(sink.got[TPS[0]], list(range(3, 32)))
+
+    def test_pause_leaves_the_live_set_and_resume_continues_without_gap(self):
+        hub = self.hub([TPS[0], TPS[1]])
+        sink = Sink()
+        sub = hub.subscribe(sink)
+        self.settle()
+        self.log.append(TPS[0], 3)
+        self.settle()
+        sub.pauseProducing()
+        self.assertEqual((sub.state, hub.catching_up), ("paused", 1))
+        self.log.append(TPS[0], 20)  # beyond the ring of 5: the resume reads the log
+        self.log.append(TPS[1], 2)
+        self.settle()
+        self.assertEqual(sink.got[TPS[0]], [0, 1, 2])
+        sub.resumeProducing()
+        self.settle()
+        self.assertEqual((sub.state, hub.catching_up), ("live", 0))
+        self.assertEqual(sink.got, {TPS[0]: list(range(23)), TPS[1]: [0, 1]})
+
+    def test_records_lost_to_retention_are_said_and_skipped(self):
+        self.log.append(TPS[0], 30)
+        self.log.prune(TPS[0], 12)
+        hub = self.hub([TPS[0]])
+        sink = Sink()
+        sink.comments_expected = True
+        hub.subscribe(sink, {TPS[0]: 4})
+        self.settle()
+        self.assertEqual(sink.got[TPS[0]], list(range(12, 30)))
+        self.assertEqual(len(sink.comments), 1)
+        self.assertIn("no records at offsets 4 to 11", sink.comments[0])
+
+    def test_ring_items_are_found_by_bisection_across_offset_gaps(self):
+        ring = self.hubs.rings.ring(("g", 0))
+        ring.reset((10, None))
+        self.hubs.rings.on_records([Record("g", 0, o, 1_000 + o, None, b"{}") for o in (10, 11, 15, 16, 40)])
+        self.assertEqual([i.offset for i in ring.items_from(0)], [10, 11, 15, 16, 40])
+        self.assertEqual([i.offset for i in ring.items_from(12)], [15, 16, 40])
+        self.assertEqual([i.offset for i in ring.items_from(16)], [16, 40])
+        self.assertEqual([i.offset for i in ring.items_from(41)], [])
+
+    def test_a_set_lingers_then_stops_with_its_readers(self):
+        hub = self.hub([TPS[0], TPS[2]])
+        sub = hub.subscribe(Sink())
+        self.settle()
+        self.assertEqual((len(self.hubs.rings.readers), len(self.log.tails)), (1, 1))
+        sub.cancel()
+        self.assertEqual(sub.state, "gone")
+        self.clock.advance(0.4)
+        self.assertIs(self.hub([TPS[2], TPS[0]]), hub)  # still there: a new client takes it
+        self.clock.advance(0.6)
+        self.assertEqual(self.hubs.hubs, {})
+        self.assertEqual((len(self.hubs.rings.readers), len(self.log.tails), self.hubs.rings.bytes), (0, 0, 0))
