@@ -18,6 +18,9 @@ Scenarios:
   engineio   S8: the same over Engine.IO 4 WebSockets
   abuse      issue 12: N SSE + N/10 IRC + N/10 Socket.IO healthy clients, quiet then every attack at once
              (bench/abuse.py)
+  combos     issue 20: N clients over random stream and partition subsets (4 streams, 8 partitions each,
+             50 events/s), then the same N on one set: RSS over time, readers, CPU per delivery
+             (bench/combos.py)
 """
 from __future__ import annotations
 
@@ -334,7 +337,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=["idle", "firehose", "broadcast", "burst", "stalled", "iplimit", "storm",
-                                        "irc", "socketio", "engineio", "resume", "abuse"])
+                                        "irc", "socketio", "engineio", "resume", "abuse", "combos"])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20, help="publishing time (≤ 60)")
     parser.add_argument("--ip-limit", type=int, default=100, help="iplimit: streams per client address")
@@ -355,6 +358,11 @@ def main() -> None:
         from . import resume
 
         resume.run(args)
+        return
+    if args.scenario == "combos":
+        from . import combos
+
+        combos.run(args)
         return
     if args.scenario == "abuse":
         from . import abuse

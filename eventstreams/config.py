@@ -83,6 +83,8 @@ class ServiceConfig:
     workers: int = 1
     max_lifetime: float = 0.0
     ring_size: int = 10000
+    ring_memory: int = 256 * 1024 * 1024
+    max_stream_sets: int = 1000
     hub_linger: float = 10.0
     fan_out_interval: float = 0.0
     backend_timeout: float = 10.0
@@ -289,6 +291,8 @@ def _build(
             "workers": _workers,
             "max_lifetime": values.seconds,
             "ring_size": values.positive_count,
+            "ring_memory": values.size,
+            "max_stream_sets": values.count,
             "hub_linger": values.seconds,
             "fan_out_interval": values.interval,
             "backend_timeout": values.seconds,

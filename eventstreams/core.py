@@ -115,7 +115,8 @@ class Core:
         self.connections = Connections(reactor, service.heartbeat)
         self.connections.delays.stream_of_topic = {
             topic: s.name for s in reversed(list(config.streams.values())) for topic in s.topics}
-        self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor, service.fan_out_interval)
+        self.hubs = Hubs(self.backend, service.ring_size, service.hub_linger, reactor, service.fan_out_interval,
+                         service.ring_memory, service.max_stream_sets)
         limits = make_limits(self.connections, service.max_connections, service.client_ip_connection_limit,
                              table, index)
         self.api = Api(config, self.backend, self.hubs, self.connections, reactor, limits)

@@ -1,35 +1,41 @@
-"""Fan-out: one log reader per distinct set of partitions, shared by all its clients.
+"""Fan-out: one hub per distinct set of partitions, shared by all its clients.
 
-A hub follows the end of the log for its partitions, keeps the last
-`ring_size` records as entries (parsed event, position vector, frames cached
-by the sinks) and pushes them to its live subscribers, grouped by filter so
-a filter is evaluated once per entry and group. Records that arrive while a
-fan-out pass runs wait for the next pass and go out together, one write per
-client: under load a pass carries several events, so the cost per delivery
-falls as the rate rises, and the added latency is at most one pass.
+The records themselves are read and kept once per partition, whatever the
+sets (eventstreams.rings); a hub is what is specific to a set: its position
+vector (each id is a join of the partitions' cached id fragments), its
+clients grouped by filter (a filter is evaluated once per entry and group)
+and the entries of the pass being sent, whose frames the sinks build once
+and share. Records that arrive while a fan-out pass runs wait for the next
+pass and go out together, one write per client: under load a pass carries
+several events, so the cost per delivery falls as the rate rises, and the
+added latency is at most one pass.
 
-A subscriber that starts behind the ring, or whose sink pushes back, is a
-catch-up cursor: it reads at its own pace (from the ring, else from the
-log), in batches too, and joins the live set again when it reaches the head.
-Nothing is lost and a slow client holds no more than its transport buffer
-and one batch.
+A subscriber that starts behind the head, or whose sink pushes back, is a
+catch-up cursor: it reads at its own pace (from the partition rings, else
+from the log), in batches too, and joins the live set again when it
+reaches the head. Nothing is lost and a slow client holds no more than its
+transport buffer and one batch. A subscription's states (CATCHING_UP,
+REPLAYING, LIVE, PAUSED, GONE) are spelled out below, and one Cutter cuts
+every run of entries into batches.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .assignment import marks_at
-from . import strictjson
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
 from .pacing import Pacer
-from .positions import Mark, Partitions, advance, encode_id
+from .positions import Mark, Partitions, advance, cluster_suffix, encode_id, id_fragment
+from .rings import Item, PartitionRing, Rings, decode_checked, events, merged
+
+__all__ = ["Batch", "Entry", "Hub", "Hubs", "Sink", "Subscription", "TooManySets", "decode_checked",
+           "decode_record", "matching"]
 
 log = Logger()
 
@@ -38,7 +44,7 @@ log = Logger()
 Slot = tuple[int, Optional[Mark]]
 Vector = tuple[Slot, ...]
 
-REPLAY_CHUNK = 500  # ring entries replayed per reactor turn
+REPLAY_CHUNK = 500  # ring items replayed per reactor turn
 READ_BATCH = 1000  # records per catch-up read from the log
 FIRST_READ = 100  # a smaller first read: the first event comes sooner
 # A fan-out batch ends at either bound: a client that stops reading holds at
@@ -46,16 +52,21 @@ FIRST_READ = 100  # a smaller first read: the first event comes sooner
 BATCH_BYTES = 64 * 1024
 BATCH_ENTRIES = 256
 
+_LAZY: Any = object()  # an Entry's event, decoded (or found in the cache) when asked for
+
 
 class Entry:
-    """One record as every sink sees it; sinks cache their frames in `frames`."""
+    """One record as the sinks of one set see it: `record` is the ring item
+    (or the Record read from the log), `vector` where the set stands after
+    it. Entries live as long as the pass or batch that sends them; sinks
+    cache their frames in `frames`."""
 
-    __slots__ = ("seq", "record", "event", "data", "tps", "vector", "frames", "_id")
+    __slots__ = ("seq", "record", "_event", "data", "tps", "vector", "frames", "_id")
 
     def __init__(
         self,
         seq: int,
-        record: Record,
+        record: Any,
         event: Optional[dict],
         data: Optional[bytes],
         tps: Sequence[TopicPartition],
@@ -63,21 +74,25 @@ class Entry:
     ):
         self.seq = seq
         self.record = record
-        self.event = event  # None: the value is not a JSON object; only the id moves
+        self._event = event  # None: the value is not a JSON object; only the id moves
         self.data = data
         self.tps = tps
         self.vector = vector
         self.frames: dict[str, bytes] = {}
         self._id: Optional[str] = None
 
+    @property
+    def event(self) -> Optional[dict]:
+        event = self._event
+        if event is _LAZY:
+            event = self._event = events.get(self.record)
+        return event
+
     def id_text(self) -> str:
         """The SSE id: where to resume after this entry, for every partition."""
         if self._id is None:
             self._id = id_text(self.tps, self.vector)
         return self._id
-
-    def with_vector(self, vector: Vector) -> "Entry":
-        return Entry(self.seq, self.record, self.event, self.data, self.tps, vector)
 
 
 class Batch:
@@ -100,6 +115,25 @@ def id_text(tps: Sequence[TopicPartition], vector: Vector) -> str:
                      getattr(tps, "cluster", None))
 
 
+def id_parts(tps: Sequence[TopicPartition], vector: Vector, suffix: str) -> list[str]:
+    """A position's id in parts, one per partition, whose join (+ "]") is
+    the id: the first opens the array and names the cluster (suffix), the
+    others are the ring items' cached fragments (rings.Item.fragment)."""
+    parts = ["," + id_fragment(tp[0], tp[1], slot[0], slot[1]) + "}" for tp, slot in zip(tps, vector)]
+    if parts:
+        parts[0] = first_part(parts[0], suffix)
+    return parts
+
+
+def first_part(fragment: str, suffix: str) -> str:
+    """An item's fragment as the first entry of an id."""
+    return "[" + fragment[1:-1] + suffix
+
+
+class TooManySets(Exception):
+    """`max_stream_sets` distinct sets are being served: no new one now."""
+
+
 class Sink(Protocol):
     """Where a subscription writes: an HTTP response, an IRC or Socket.IO bridge.
 
@@ -120,8 +154,8 @@ class Sink(Protocol):
 def matching(entries: list[Entry], flt: Optional[Filter]) -> list[Entry]:
     """The entries a client with this filter gets (the others only move its id)."""
     if flt is None:
-        return [e for e in entries if e.event is not None]
-    return [e for e in entries if e.event is not None and flt.matches(e.event)]
+        return [e for e in entries if e.data is not None]
+    return [e for e in entries if e.data is not None and flt.matches(e.event)]  # type: ignore[arg-type]
 
 
 def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
@@ -131,32 +165,45 @@ def decode_record(record: Record) -> tuple[Optional[dict], Optional[bytes]]:
     return event, data
 
 
-def decode_checked(record: Record) -> tuple[Optional[dict], Optional[bytes], str]:
-    """decode_record, plus why a record is skipped ('' when it is not):
-    `tombstone`, `invalid_json`, `not_object`, or what strict JSON refuses
-    (`non_finite`, `lone_surrogate`), so nothing that is not strict JSON
-    reaches any sink."""
-    if record.value is None:
-        return None, None, "tombstone"
-    try:
-        event = strictjson.loads(record.value)
-    except strictjson.NotStrictJSON as e:
-        return None, None, e.reason
-    if not isinstance(event, dict):
-        return None, None, "not_object"
-    meta = event.get("meta")
-    if not isinstance(meta, dict):
-        meta = event["meta"] = {}
-    meta["topic"] = record.topic
-    meta["partition"] = record.partition
-    meta["offset"] = record.offset
-    if record.key is not None:
-        meta["key"] = record.key.decode("utf-8", "replace")
-    try:
-        data = strictjson.dumps(event)
-    except strictjson.NotStrictJSON as e:
-        return None, None, e.reason
-    return event, data, ""
+class Cutter:
+    """The one rule for cutting consecutive entries into batches (live
+    passes, replays from the rings, reads from the log): a batch ends at
+    BATCH_BYTES or BATCH_ENTRIES."""
+
+    __slots__ = ("send", "entries", "size")
+
+    def __init__(self, send: Callable[[list[Entry]], None]):
+        self.send = send
+        self.entries: list[Entry] = []
+        self.size = 0
+
+    def add(self, entry: Entry) -> bool:
+        """Take an entry; True when that cut and sent a batch."""
+        self.entries.append(entry)
+        if entry.data is not None:
+            self.size += len(entry.data)
+        if self.size >= BATCH_BYTES or len(self.entries) >= BATCH_ENTRIES:
+            return self.flush()
+        return False
+
+    def flush(self) -> bool:
+        """Send what is held; True when there was something."""
+        if not self.entries:
+            return False
+        entries, self.entries, self.size = self.entries, [], 0
+        self.send(entries)
+        return True
+
+
+# A subscription's states. It starts CATCHING_UP; its cursor REPLAYs from
+# the rings when they hold its position, and goes LIVE at the hub's head.
+# A sink that pushes back makes it PAUSED (from any state but GONE);
+# resuming makes it CATCHING_UP again from where it stands. GONE is final.
+CATCHING_UP = "catching up"  # reading the log, or waiting for the reader to reach it
+REPLAYING = "replaying"  # sending from the rings at its own pace
+LIVE = "live"  # fed by the hub's passes
+PAUSED = "paused"
+GONE = "gone"
 
 
 @implementer(IPushProducer)
@@ -164,7 +211,7 @@ class Subscription:
     """One client of a hub; also the producer its sink's transport pauses."""
 
     __slots__ = (
-        "hub", "sink", "filter", "offsets", "stamps", "live", "closed", "paused", "last", "_pending",
+        "hub", "sink", "filter", "offsets", "stamps", "state", "last", "_pending",
         "_reading", "_scheduled", "_reads",
     )
 
@@ -181,14 +228,24 @@ class Subscription:
         self.filter = filter
         self.offsets = offsets  # next offset per hub partition (catch-up mode)
         self.stamps = stamps
-        self.live = False
-        self.closed = False
-        self.paused = False
+        self.state = CATCHING_UP
         self.last: Optional[Entry] = None  # last entry sent while live
         self._pending: list[Record] = []  # read from the log, not yet sent
         self._reading = False
         self._scheduled = False
         self._reads = 0  # catch-up reads from the log so far
+
+    @property
+    def live(self) -> bool:
+        return self.state is LIVE
+
+    @property
+    def paused(self) -> bool:
+        return self.state is PAUSED
+
+    @property
+    def closed(self) -> bool:
+        return self.state is GONE
 
     # -- position ---------------------------------------------------------
 
@@ -204,16 +261,16 @@ class Subscription:
     # -- IPushProducer ------------------------------------------------------
 
     def pauseProducing(self) -> None:
-        if self.closed or self.paused:
+        if self.state is GONE or self.state is PAUSED:
             return
-        self.paused = True
-        if self.live:
+        if self.state is LIVE:
             self._leave_live()
+        self.state = PAUSED
 
     def resumeProducing(self) -> None:
-        if self.closed or not self.paused:
+        if self.state is not PAUSED:
             return
-        self.paused = False
+        self.state = CATCHING_UP
         self._schedule()
 
     def stopProducing(self) -> None:
@@ -221,22 +278,22 @@ class Subscription:
 
     def cancel(self) -> None:
         """Stop delivering; the hub forgets this client."""
-        if self.closed:
+        if self.state is GONE:
             return
-        self.closed = True
-        if self.live:
-            self.hub._remove_live(self)
-        self.hub._forget(self)
+        if self.state is LIVE:
+            self.hub.leave_live(self)
+        self.state = GONE
+        self.hub.forget(self)
 
     # -- live ---------------------------------------------------------------
 
     def _leave_live(self) -> None:
-        self.hub._remove_live(self)
-        self.live = False
+        """Take the position of the last live entry as this cursor's own."""
+        self.hub.leave_live(self)
         if self.last is not None:
             self.offsets = [slot[0] for slot in self.last.vector]
             self.stamps = [slot[1] for slot in self.last.vector]
-        self.hub.catching_up += 1
+            self.last = None
 
     # -- catch-up -----------------------------------------------------------
 
@@ -248,7 +305,7 @@ class Subscription:
     def _pump(self) -> None:
         """Move this cursor forward until it is live or must wait."""
         self._scheduled = False
-        if self.closed or self.paused or self.live or self._reading:
+        if (self.state is not CATCHING_UP and self.state is not REPLAYING) or self._reading:
             return
         if self._pending:
             self._send_records()
@@ -256,52 +313,45 @@ class Subscription:
                 return
         hub = self.hub
         if hub.contains(self.offsets):
+            self.state = REPLAYING
             if self._replay():
-                hub._add_live(self)
-            elif not self.paused:
+                hub.join_live(self)
+                self.state = LIVE
+            elif not self.paused and not self.closed:
                 self._schedule()
             return
+        self.state = CATCHING_UP
         if any(o > head[0] for o, head in zip(self.offsets, hub.head)):
-            # The log holds records the hub's reader has not seen yet.
+            # The log holds records the hub has not seen yet.
             if all(o >= low[0] for o, low in zip(self.offsets, hub.ring_base)):
                 hub.clock.callLater(0.05, self._schedule)
                 return
         self._read()
 
     def _replay(self) -> bool:
-        """Send ring entries from this cursor's position; True at the head."""
+        """Send ring items from this cursor's position; True at the hub's head."""
         hub = self.hub
         offsets, stamps = self.offsets, self.stamps
-        index = hub.index
+        index, tps, limit, suffix = hub.index, hub.tps, hub.seen_seq, hub.suffix
+        frags = id_parts(tps, tuple(zip(offsets, stamps)), suffix)
         sent = 0
-        batch: list[Entry] = []
-        size = 0
-        for entry in hub.entries_from(hub.ring_start_for(offsets, self.last)):
-            i = index[entry.record.tp]
-            if entry.record.offset < offsets[i]:
-                continue
-            vector = entry.vector
-            if any(slot[0] < o for slot, o in zip(vector, offsets)):
-                vector = tuple(
-                    slot if slot[0] >= o else (o, s)
-                    for slot, o, s in zip(vector, offsets, stamps)
-                )
-                entry = entry.with_vector(vector)
-            self.offsets = offsets = [slot[0] for slot in vector]
-            self.stamps = stamps = [slot[1] for slot in vector]
-            self.last = entry
-            batch.append(entry)
-            size += len(entry.data) if entry.data is not None else 0
+        cut = Cutter(self._send_batch)
+        for item in merged([ring.items_from(o) for ring, o in zip(hub.rings_, offsets)]):
+            if item.seq > limit:
+                break  # the hub's next pass sends it
+            i = index[(item.topic, item.partition)]
+            offsets[i] = item.offset + 1
+            stamps[i] = item.mark
+            frags[i] = first_part(item.fragment, suffix) if i == 0 else item.fragment
+            entry = Entry(item.seq, item, _LAZY, item.data, tps, tuple(zip(offsets, stamps)))
+            entry._id = "".join(frags) + "]"
             sent += 1
-            if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES or sent >= REPLAY_CHUNK:
-                self._send_batch(batch)
-                batch, size = [], 0
+            if cut.add(entry) or sent >= REPLAY_CHUNK:
+                cut.flush()
                 if self.closed or self.paused or sent >= REPLAY_CHUNK:
                     return False
-        if batch:
-            self._send_batch(batch)
-            if self.closed or self.paused:
-                return False
+        if cut.flush() and (self.closed or self.paused):
+            return False
         return True
 
     def _send_batch(self, entries: list[Entry]) -> None:
@@ -337,10 +387,10 @@ class Subscription:
 
     def _send_records(self) -> None:
         hub = self.hub
-        index = hub.index
+        index, tps, suffix = hub.index, hub.tps, hub.suffix
         records = self._pending
-        batch: list[Entry] = []
-        size = 0
+        frags = id_parts(tps, tuple(zip(self.offsets, self.stamps)), suffix)
+        cut = Cutter(self._send_batch)
         n = 0
         while n < len(records):
             record = records[n]
@@ -349,35 +399,32 @@ class Subscription:
             if i is None or record.offset < self.offsets[i]:
                 continue
             if record.offset > self.offsets[i]:
-                if batch:
-                    self._send_batch(batch)
-                    batch, size = [], 0
-                    if self.closed or self.paused:
-                        n -= 1  # this record is next
-                        break
+                if cut.flush() and (self.closed or self.paused):
+                    n -= 1  # this record is next
+                    break
                 self.sink.comment(
                     f"no records at offsets {self.offsets[i]} to {record.offset - 1} of "
                     f"{record.topic}/{record.partition} (no longer retained); "
                     f"continuing at {record.offset}"
                 )
             self.offsets[i] = record.offset + 1
-            self.stamps[i] = advance(self.stamps[i], record.timestamp)
+            self.stamps[i] = mark = advance(self.stamps[i], record.timestamp)
+            fragment = "," + id_fragment(record.topic, record.partition, record.offset + 1, mark) + "}"
+            frags[i] = first_part(fragment, suffix) if i == 0 else fragment
             self.last = None
             event, data = decode_record(record)
-            batch.append(Entry(-1, record, event, data, hub.tps, tuple(zip(self.offsets, self.stamps))))
-            size += len(data) if data is not None else 0
-            if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES:
-                self._send_batch(batch)
-                batch, size = [], 0
-                if self.closed or self.paused:
-                    break
-        if batch:
-            self._send_batch(batch)
+            entry = Entry(-1, record, event, data, tps, tuple(zip(self.offsets, self.stamps)))
+            entry._id = "".join(frags) + "]"
+            if cut.add(entry) and (self.closed or self.paused):
+                break
+        cut.flush()
         self._pending = records[n:]
 
 
 class Hub:
-    """The shared reader and ring for one set of partitions."""
+    """What one set of partitions needs beyond the shared rings: its head
+    vector, its clients and the pass being sent. Without `rings` it makes
+    its own (one hub alone, as in tests)."""
 
     def __init__(
         self,
@@ -386,52 +433,74 @@ class Hub:
         ring_size: int,
         clock: IReactorTime,
         max_gap: float = 0.0,
+        rings: Optional[Rings] = None,
     ):
         self.backend = backend
         self.tps = Partitions(tps, getattr(backend, "cluster", None))  # ids name the cluster
+        self.suffix = cluster_suffix(self.tps.cluster)
         self.index = {tp: i for i, tp in enumerate(self.tps)}
-        self.ring_size = ring_size
         self.clock = clock
-        self.head: Vector = ()
-        self.ring_base: Vector = ()  # position before the oldest ring entry
-        self._ring: list[Optional[Entry]] = [None] * ring_size
-        self.first_seq = 0
-        self.next_seq = 0
+        self.head: Vector = tuple((0, None) for _ in self.tps)
+        self.seen_seq = 0  # the last ring item this hub has taken into its head
         self.groups: dict[str, tuple[Optional[Filter], set[Subscription]]] = {}
         self.subscriptions: set[Subscription] = set()
-        self.catching_up = 0
         self.skipped_records = 0
         self.skipped_reasons: dict[str, int] = {}  # skipped_records by reason (decode_checked)
-        self._tail: Any = None
-        self._incoming: list[Record] = []  # from the reader, not yet in the ring
+        self._tail: Any = None  # the shared rings while this hub follows them
+        self._incoming: list[Item] = []  # from the rings, not yet sent
+        self._frags: list[str] = []
         # max_gap 0: each pass on the turn after records arrive
         self._pacer = Pacer(clock, max_gap, self._fan_out, defer=True)
         self.on_empty: Optional[Callable[["Hub"], None]] = None
+        self.rings_: list[PartitionRing] = []
+        self.ring_set: set[PartitionRing] = set()
+        self._own = rings is None
+        self.shared = rings if rings is not None else Rings(backend, ring_size, clock)
+        if self._own:
+            self._attach()  # records may be handed in directly (_on_records)
 
     def start(self) -> Deferred[None]:
-        """Find the end of every partition and start following it."""
+        """Find the end of every partition and start following it (through
+        the shared readers)."""
 
-        def started(slots: list[Slot]) -> None:
-            self.head = self.ring_base = tuple(slots)
-            self._tail = self.backend.tail(
-                {tp: high for tp, (high, _) in zip(self.tps, slots)}, self._on_records
-            )
+        async def start() -> None:
+            await self.shared.acquire(self.tps)
+            self._attach()
 
-        return (
-            gatherResults([self.backend.watermarks(tp) for tp in self.tps], consumeErrors=True)
-            .addErrback(lambda f: f.value.subFailure)  # the first error itself, not FirstError
-            .addCallback(lambda marks: ensureDeferred(marks_at(self.backend, self.tps, marks, self.clock)))
-            .addCallback(started)
-        )
+        return ensureDeferred(start())
+
+    def _attach(self) -> None:
+        """Stand at the rings' heads and take every item that comes after."""
+        self.rings_ = [self.shared.ring(tp) for tp in self.tps]
+        self.ring_set = set(self.rings_)
+        self.head = tuple(ring.head for ring in self.rings_)
+        self._frags = id_parts(self.tps, self.head, self.suffix)
+        self.seen_seq = self.shared.seq
+        self._incoming = []
+        for ring in self.rings_:
+            ring.hubs.add(self)
+        self._tail = self.shared
 
     def stop(self) -> None:
         if self._tail is not None:
-            self._tail.stop()
             self._tail = None
+            self.shared.release(self, self.rings_)
         self._pacer.cancel()
+        self.shared.cancel_pass(self)
         self._incoming = []
         for sub in list(self.subscriptions):
             sub.cancel()
+
+    @property
+    def ring_base(self) -> Vector:
+        """The position before the oldest item each partition ring holds."""
+        return tuple(ring.base for ring in self.rings_)
+
+    @ring_base.setter
+    def ring_base(self, vector: Vector) -> None:
+        # Where the rings of a hub fed by hand start.
+        for ring, slot in zip(self.rings_, vector):
+            ring.reset(slot)
 
     # -- subscribers ----------------------------------------------------------
 
@@ -452,20 +521,23 @@ class Hub:
         ]
         sub = Subscription(self, sink, filter, offsets, stamp_list)
         self.subscriptions.add(sub)
-        self.catching_up += 1
         sub._schedule()  # starts next turn, once the caller has wired the sink
         return sub
 
-    def _add_live(self, sub: Subscription) -> None:
+    @property
+    def catching_up(self) -> int:
+        """Clients that are not live (replaying, reading the log, paused)."""
+        return len(self.subscriptions) - sum(len(subs) for _, subs in self.groups.values())
+
+    def join_live(self, sub: Subscription) -> None:
+        """A cursor at the head: the next passes feed it."""
         key = sub.filter.key if sub.filter is not None else ""
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = (sub.filter, set())
         group[1].add(sub)
-        sub.live = True
-        self.catching_up -= 1
 
-    def _remove_live(self, sub: Subscription) -> None:
+    def leave_live(self, sub: Subscription) -> None:
         key = sub.filter.key if sub.filter is not None else ""
         group = self.groups.get(key)
         if group is not None:
@@ -473,98 +545,65 @@ class Hub:
             if not group[1]:
                 del self.groups[key]
 
-    def _forget(self, sub: Subscription) -> None:
-        if sub in self.subscriptions:
-            self.subscriptions.discard(sub)
-            if not sub.live:
-                self.catching_up -= 1
-            sub.live = False
+    def forget(self, sub: Subscription) -> None:
+        """A subscription is gone (it has left the live set already)."""
+        self.subscriptions.discard(sub)
         if not self.subscriptions and self.on_empty is not None:
             self.on_empty(self)
 
-    # -- the ring ---------------------------------------------------------------
+    # -- the rings ----------------------------------------------------------------
 
     def contains(self, offsets: Sequence[int]) -> bool:
-        """Whether the ring can serve a cursor at these offsets."""
+        """Whether the rings can serve a cursor at these offsets."""
         return all(
-            low[0] <= o <= high[0] for o, low, high in zip(offsets, self.ring_base, self.head)
+            ring.base[0] <= o <= high[0] for o, ring, high in zip(offsets, self.rings_, self.head)
         )
 
-    def ring_start_for(self, offsets: Sequence[int], last: Optional[Entry]) -> int:
-        """The first ring sequence number a cursor at offsets may need."""
-        if last is not None and last.seq >= 0 and self.first_seq <= last.seq < self.next_seq:
-            if self._ring[last.seq % self.ring_size] is last:
-                return last.seq + 1
-        # Each entry's vector is the head after it, so slot i never decreases
-        # along the ring: the first entry past the cursor in partition i is
-        # found by bisection, and the cursor needs nothing before the
-        # earliest of those.
-        ring, size = self._ring, self.ring_size
-        start = self.next_seq
-        for i, offset in enumerate(offsets):
-            low, high = self.first_seq, start
-            while low < high:
-                mid = (low + high) // 2
-                if ring[mid % size].vector[i][0] > offset:  # type: ignore[union-attr]
-                    high = mid
-                else:
-                    low = mid + 1
-            start = low
-        return start
-
-    def entries_from(self, seq: int):
-        ring, size = self._ring, self.ring_size
-        while seq < self.next_seq:
-            entry = ring[seq % size]
-            seq += 1
-            yield entry
-
     def __len__(self) -> int:
-        return self.next_seq - self.first_seq
+        return sum(len(ring) for ring in self.rings_)
 
     # -- the reader ---------------------------------------------------------------
 
     def _on_records(self, records: list[Record]) -> None:
-        """Queue records for the next fan-out pass (see the module docstring)."""
-        self._incoming.extend(records)
-        self._pacer.request()
+        """Records of this hub's partitions, handed in directly (a hub with
+        its own rings): into the rings, and from there to the next pass."""
+        self.shared.on_records(records)
+
+    def _on_items(self, items: list[Item]) -> None:
+        """Queue ring items for the next fan-out pass (see the module docstring)."""
+        self._incoming.extend(items)
+        if self._pacer.max_gap:
+            self._pacer.request()
+        else:
+            self.shared.pass_next_turn(self)  # what arrives in this turn joins the pass
 
     def _fan_out(self) -> None:
-        """Put the queued records in the ring and send them to the live
+        """Move the head over the queued items and send them to the live
         clients, a batch at a time."""
-        records, self._incoming = self._incoming, []
-        index = self.index
-        batch: list[Entry] = []
-        size = 0
-        for record in records:
-            i = index.get(record.tp)
-            if i is None:
+        items, self._incoming = self._incoming, []
+        index, tps, suffix, frags = self.index, self.tps, self.suffix, self._frags
+        head = list(self.head)
+        cut = Cutter(self._send_live)
+        for item in items:
+            i = index.get((item.topic, item.partition))
+            if i is None or item.offset < head[i][0]:
                 continue
-            head = list(self.head)
-            if record.offset < head[i][0]:
-                continue  # already seen (a reader restart)
-            head[i] = (record.offset + 1, advance(head[i][1], record.timestamp))
-            self.head = vector = tuple(head)
-            event, data, why = decode_checked(record)
-            if event is None:
+            head[i] = (item.offset + 1, item.mark)
+            frags[i] = item.fragment if i else first_part(item.fragment, suffix)
+            self.seen_seq = item.seq
+            data = item.data
+            if data is None:
+                why = item.why  # type: ignore[attr-defined]
                 self.skipped_records += 1
                 self.skipped_reasons[why] = self.skipped_reasons.get(why, 0) + 1
-                log.warn(
-                    "skipping a record that is not a strict JSON object ({why}): {topic}/{partition}@{offset}",
-                    why=why,
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                )
-            entry = Entry(self.next_seq, record, event, data, self.tps, vector)
-            self._push(entry)
-            batch.append(entry)
-            size += len(data) if data is not None else 0
-            if size >= BATCH_BYTES or len(batch) >= BATCH_ENTRIES:
-                self._send_live(batch)
-                batch, size = [], 0
-        if batch:
-            self._send_live(batch)
+            if not self.groups:
+                continue  # nobody live: only the head moves
+            self.head = vector = tuple(head)
+            entry = Entry(item.seq, item, _LAZY, data, tps, vector)
+            entry._id = "".join(frags) + "]"
+            cut.add(entry)
+        self.head = tuple(head)
+        cut.flush()
 
     def _send_live(self, entries: list[Entry]) -> None:
         last = entries[-1]
@@ -576,45 +615,40 @@ class Hub:
                     try:
                         sub.sink.send_batch(batch)
                     except Exception:
-                        self._sink_raised(sub)
+                        # One failing sink must not cost the others their events.
+                        log.failure("a sink failed during a fan-out pass; ending its stream")
+                        self._drop(sub)
 
-    def _sink_raised(self, sub: Subscription) -> None:
-        """A sink raised mid-pass (a bug in it): its client is ended, so the
-        error is logged once, and the pass goes on for the others."""
-        log.failure("a sink raised during fan-out; ending its client ({sink!r})", sink=sub.sink)
-        sub.cancel()
+    def _drop(self, sub: Subscription) -> None:
+        """End a subscription whose sink raised."""
         try:
-            sub.sink.fail("internal error")
+            sub.sink.fail("internal error while sending events")
         except Exception:
-            log.failure("the sink also raised while ending its client ({sink!r})", sink=sub.sink)
-
-    def _push(self, entry: Entry) -> None:
-        size = self.ring_size
-        if self.next_seq - self.first_seq == size:
-            evicted = self._ring[self.first_seq % size]
-            assert evicted is not None
-            self.ring_base = evicted.vector
-            self.first_seq += 1
-        self._ring[self.next_seq % size] = entry
-        self.next_seq += 1
+            log.failure("a sink failed to end its stream")
+        sub.cancel()
 
 
 class Hubs:
-    """Finds or starts the hub for a set of partitions; stops idle ones."""
+    """Finds or starts the hub for a set of partitions; stops idle ones.
+    All hubs share one set of partition rings and readers."""
 
     def __init__(self, backend: Backend, ring_size: int, linger: float, clock: IReactorTime,
-                 max_gap: float = 0.0):
+                 max_gap: float = 0.0, ring_memory: int = 0, max_sets: int = 0):
         self.backend = backend
         self.max_gap = max_gap
         self.ring_size = ring_size
         self.linger = linger
         self.clock = clock
+        self.max_sets = max_sets  # distinct sets at once (0: no bound)
+        self.refused = 0  # sets refused by max_sets
+        self.rings = Rings(backend, ring_size, clock, ring_memory)
         self.hubs: dict[tuple[TopicPartition, ...], Hub] = {}
         self._starting: dict[tuple[TopicPartition, ...], list[Deferred]] = {}
         self._idle: dict[Hub, Any] = {}
 
     def get(self, tps: Sequence[TopicPartition]) -> Deferred[Hub]:
-        """The hub for these partitions; subscribe to it in the same turn."""
+        """The hub for these partitions; subscribe to it in the same turn.
+        Fails with TooManySets when max_sets others are being served."""
         key = tuple(sorted(tps))
         hub = self.hubs.get(key)
         if hub is not None:
@@ -624,8 +658,11 @@ class Hubs:
         if key in self._starting:
             self._starting[key].append(waiting)
             return waiting
+        if self.max_sets and len(self.hubs) + len(self._starting) >= self.max_sets and not self._make_room():
+            self.refused += 1
+            return fail(TooManySets(f"{self.max_sets} distinct stream and partition sets are being served"))
         self._starting[key] = [waiting]
-        hub = Hub(self.backend, tps, self.ring_size, self.clock, self.max_gap)
+        hub = Hub(self.backend, tps, self.ring_size, self.clock, self.max_gap, self.rings)
         hub.on_empty = self._check_idle
 
         def done(result: Any) -> None:
@@ -642,6 +679,15 @@ class Hubs:
         hub.start().addBoth(done)
         return waiting
 
+    def _make_room(self) -> bool:
+        """Stop one lingering hub without clients, if there is one."""
+        for hub in self._idle:
+            if not hub.subscriptions:
+                self._idle.pop(hub).cancel()
+                self._close(hub)
+                return True
+        return False
+
     def _check_idle(self, hub: Hub) -> None:
         """Close a hub that stays without subscribers for `linger` seconds."""
         if hub not in self._idle:
@@ -651,16 +697,21 @@ class Hubs:
         del self._idle[hub]
         if hub.subscriptions:
             return
+        self._close(hub)
+
+    def _close(self, hub: Hub) -> None:
         key = tuple(sorted(hub.tps))
         if self.hubs.get(key) is hub:
             del self.hubs[key]
         hub.stop()
 
     def stop(self) -> None:
+        for hub in list(self.hubs.values()):
+            hub.on_empty = None  # its clients go now: no new idle timer
+            hub.stop()
+        self.hubs.clear()
         for call in self._idle.values():
             if call.active():
                 call.cancel()
         self._idle.clear()
-        for hub in list(self.hubs.values()):
-            hub.stop()
-        self.hubs.clear()
+        self.rings.stop()

@@ -53,7 +53,13 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
         ("eventstreams_connections_total", "counter", "Stream responses started.", {}, c.connections_total),
         ("eventstreams_events_delivered_total", "counter", "Events written to stream clients.", {}, c.events_delivered),
         ("eventstreams_bytes_sent_total", "counter", "Bytes written to stream clients.", {}, c.bytes_sent),
-        ("eventstreams_hubs", "gauge", "Running hubs (one log reader each).", {}, len(hubs.hubs)),
+        ("eventstreams_hubs", "gauge", "Distinct stream and partition sets served (one hub each).", {}, len(hubs.hubs)),
+        ("eventstreams_stream_sets_refused_total", "counter",
+         "Stream requests refused because max_stream_sets distinct sets were served.", {}, hubs.refused),
+        ("eventstreams_log_readers", "gauge", "Log readers (one per partition, shared by every set).", {},
+         len(hubs.rings.readers)),
+        ("eventstreams_ring_bytes", "gauge", "Bytes held by the partition rings (bounded by ring_memory).", {},
+         hubs.rings.bytes),
     ]
     for (status, reason), count in sorted(c.rejected.items()):
         samples.append(("eventstreams_requests_rejected_total", "counter", "Stream requests answered with an error.",
@@ -63,13 +69,15 @@ def collect(connections: Connections, hubs: Hubs, intake: Counts | None, stream_
                     c.backend_unavailable))
     for hub in hubs.hubs.values():
         label = {"partitions": ",".join(f"{t}/{p}" for t, p in hub.tps)}
-        samples.append(("eventstreams_ring_entries", "gauge", "Records held in a hub's ring.", label, len(hub)))
         samples.append(("eventstreams_catchup_cursors", "gauge", "Clients reading behind the live head.", label, hub.catching_up))
         samples.append(("eventstreams_live_clients", "gauge", "Clients fed from the live head.", label,
                         sum(len(s) for _, s in hub.groups.values())))
         for reason, count in sorted((hub.skipped_reasons or {"invalid_json": 0}).items()):
             samples.append(("eventstreams_records_skipped_total", "counter",
                             "Records that were not strict JSON objects, by reason.", {**label, "reason": reason}, count))
+    for (topic, partition), ring in sorted(hubs.rings.rings.items()):
+        samples.append(("eventstreams_ring_entries", "gauge", "Records held in a partition's ring.",
+                        {"partition": f"{topic}/{partition}"}, len(ring)))
     samples += connections.delays.samples(list(stream_names))
     if intake is not None:
         # Every stream's counters exist from the start (0 until an event comes).

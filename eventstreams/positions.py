@@ -30,6 +30,7 @@ __all__ = [
     "Mark",
     "advance",
     "encode_id",
+    "id_fragment",
     "parse_last_event_id",
     "parse_since",
 ]
@@ -303,26 +304,37 @@ def parse_since(text: str) -> int:
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+def id_fragment(topic: str, partition: int, offset: int, mark: "int | Mark | None") -> str:
+    """One partition's entry of an id, without the closing brace (so the
+    first can take `cluster`): the same for every set that includes the
+    partition, so it is made once per record and ids are joins of fragments."""
+    text = '{"topic":%s,"partition":%d,"offset":%d' % (_dumps(topic), partition, offset)
+    if isinstance(mark, tuple):
+        text += ',"timestamp":%d' % mark[0]
+        if mark[1]:
+            text += ',"n":%d' % mark[1]
+    elif mark is not None:
+        text += ',"timestamp":%d' % mark
+    return text
+
+
+def cluster_suffix(cluster: str | None) -> str:
+    """What closes the first fragment of an id: the cluster, when known."""
+    return "}" if cluster is None else ',"cluster":%s}' % _dumps(cluster)
+
+
+def join_fragments(fragments: "list[str] | tuple[str, ...]", suffix: str) -> str:
+    """The id text of fragments (see id_fragment), the first closed by suffix."""
+    if not fragments:
+        return "[]"
+    return "[" + fragments[0] + suffix + "".join(["," + f + "}" for f in fragments[1:]]) + "]"
+
+
 def encode_id(entries: Iterable[tuple[str, int, int, "int | Mark | None"]],
               cluster: str | None = None) -> str:
     """The `id:` of an SSE event: compact JSON of (topic, partition, offset,
-    timestamp or mark); the first entry names the cluster, when known.
-
-    Called for every event sent, so it is a single encoder call.
-    """
-    items: list[dict] = []
-    for topic, partition, offset, mark in entries:
-        item: dict = {"topic": topic, "partition": partition, "offset": offset}
-        if isinstance(mark, tuple):
-            item["timestamp"] = mark[0]
-            if mark[1]:
-                item["n"] = mark[1]
-        elif mark is not None:
-            item["timestamp"] = mark
-        items.append(item)
-    if cluster is not None and items:
-        items[0]["cluster"] = cluster
-    return _dumps(items)
+    timestamp or mark); the first entry names the cluster, when known."""
+    return join_fragments([id_fragment(*entry) for entry in entries], cluster_suffix(cluster))
 
 
 class Partitions(tuple):

@@ -31,11 +31,14 @@ from .assignment import Start, resolve
 from .backends.base import Backend, BackendUnavailable
 from .config import ServiceConfig
 from .errors import ApiError, unavailable
+from .hub import TooManySets
 from .iplimit import AT_CAPACITY, OVER_IP_LIMIT, Limits
 from .logs import stream_finished
 from .sse import Connections, ResponseSink
 from .streamrequest import StreamRequest
 from .takeover import take_over
+
+SETS_RETRY_AFTER = 30  # seconds: lingering sets close within hub_linger
 
 if TYPE_CHECKING:
     from .hub import Hub, Hubs
@@ -189,6 +192,11 @@ class StreamResponse:
             sink.lost()
             self.connections.counters.backend_unavailable += 1
             raise unavailable(f"the event log is unavailable: {e}", 10) from None
+        except TooManySets as e:
+            # A safety valve (max_stream_sets): per-set state stays bounded.
+            sink.lost()
+            raise unavailable(f"too many distinct stream sets: {e}; retry later or "
+                              "ask for a more common combination", SETS_RETRY_AFTER) from None
         except CancelledError:
             sink.lost()
             raise

@@ -26,6 +26,8 @@ from .streamresponse import Opened, StreamResponse, opened_body
 
 log = Logger()
 
+SETS_RETRY_AFTER = 30  # seconds: lingering sets close within hub_linger
+
 # The stream browser's static files (eventstreams/ui), served at /v2/ui/<name>.
 UI_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui")
 UI_TYPES = {

@@ -99,6 +99,8 @@ class ShippedConfig(ConfigTestCase):
         self.assertEqual(config.service.client_ip_connection_limit, 20)
         self.assertEqual(config.service.max_connections, 20000)
         self.assertEqual(config.service.ring_size, 10000)
+        self.assertEqual(config.service.ring_memory, 256 * 1024 * 1024)
+        self.assertEqual(config.service.max_stream_sets, 1000)
         # One day of the demo feed (about 300 MB), not seven.
         self.assertEqual(config.embedded, EmbeddedConfig(path="var/eventstreams.sqlite", retention=86400.0, partitions=1))
         self.assertEqual(config.intake.listen, "tcp:8192:interface=127.0.0.1")
@@ -217,6 +219,16 @@ class ConfigErrors(ConfigTestCase):
     def test_zero_ring_size(self):
         self.assertConfigError(
             "[eventstreams]\nring_size = 0\n" + MINIMAL, "eventstreams", "ring_size", "expected an integer >= 1, got '0'"
+        )
+
+    def test_ring_memory_is_a_size_and_max_stream_sets_a_count(self):
+        self.assertConfigError(
+            "[eventstreams]\nring_memory = lots\n" + MINIMAL,
+            "eventstreams", "ring_memory", "expected a size such as 4096, 64k or 4M, got 'lots'",
+        )
+        self.assertConfigError(
+            "[eventstreams]\nmax_stream_sets = -5\n" + MINIMAL,
+            "eventstreams", "max_stream_sets", "expected a non-negative integer, got '-5'",
         )
 
     def test_fan_out_interval_is_at_most_a_second(self):
