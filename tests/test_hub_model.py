@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from eventstreams import hub as hub_module
 from eventstreams.backends.base import Record, TopicPartition
 from eventstreams.hub import Batch, Hubs, Subscription
 
@@ -259,6 +260,44 @@ class States(unittest.SynchronousTestCase):
         self.assertEqual(sink.got[TPS[0]], list(range(12, 30)))
         self.assertEqual(len(sink.comments), 1)
         self.assertIn("no records at offsets 4 to 11", sink.comments[0])
+
+    def test_a_cursor_whose_read_finds_nothing_is_woken_by_the_next_record(self):
+        self.log.append(TPS[0], 10)
+        self.log.prune(TPS[0], 10)  # retention took everything: the ring starts empty at 10
+        hub = self.hub([TPS[0]])
+        sink = Sink()
+        sink.comments_expected = True
+        sub = hub.subscribe(sink, {TPS[0]: 4})
+        self.clock.advance(0)  # behind the ring: reads the log, finds nothing, waits
+        self.assertEqual((sub.state, sink.got), ("catching up", {}))
+        self.log.append(TPS[0], 2)
+        self.clock.advance(0)  # the reader brings 10 and 11; that pass wakes the cursor
+        self.assertEqual((sub.state, sink.got), ("live", {TPS[0]: [10, 11]}))
+        self.assertEqual(self.clock.seconds(), 0)
+        self.assertIn("no records at offsets 4 to 9", sink.comments[0])
+
+    def test_an_empty_read_in_a_quiet_stream_is_tried_again(self):
+        # A Kafka read that times out answers nothing, though the log has
+        # records; no record may come to wake the cursor.
+        self.log.append(TPS[0], 30)  # the ring holds the last 5
+        hub = self.hub([TPS[0]])
+        read = self.log.read
+        empty = [1]
+
+        def flaky(positions: dict, max_records: int) -> Deferred[list[Record]]:
+            if empty:
+                empty.pop()
+                return succeed([])
+            return read(positions, max_records)
+
+        self.log.read = flaky  # type: ignore[method-assign]
+        sink = Sink()
+        sub = hub.subscribe(sink, {TPS[0]: 10})
+        self.clock.advance(0)
+        self.assertEqual((sub.state, sink.got), ("catching up", {}))
+        self.clock.advance(hub_module.EMPTY_READ_RETRY)
+        self.assertEqual((sub.state, sink.got), ("live", {TPS[0]: list(range(10, 30))}))
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no retry left behind
 
     def test_ring_items_are_found_by_bisection_across_offset_gaps(self):
         ring = self.hubs.rings.ring(("g", 0))
