@@ -325,6 +325,7 @@ class Subscription:
         """Move this cursor forward until it is live or must wait."""
         self._scheduled = False
         self._cancel_retry()
+        self.hub.waiting.pop(self, None)  # woken by the retry, or no longer waiting
         if (self.state is not CATCHING_UP and self.state is not REPLAYING) or self._reading:
             return
         if self._pending:

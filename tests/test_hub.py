@@ -99,7 +99,7 @@ class BrokenSink(SlowSink):
 class FanOutIsolation(unittest.SynchronousTestCase):
     def test_a_raising_sink_does_not_stop_the_pass_for_the_others(self):
         clock = Clock()
-        hub = Hub(None, [TP], 100, clock, 0.0)  # type: ignore[arg-type]  # records are fed by hand
+        hub = Hub(None, [TP], 100, clock, 0.0)  # records are fed by hand
         hub.head = hub.ring_base = ((0, None),)
         before, broken, after = SlowSink(clock, 0.0), BrokenSink(clock), SlowSink(clock, 0.0)
         # One group (no filter), served in subscription order: the broken
@@ -126,7 +126,7 @@ class Wakeups(unittest.SynchronousTestCase):
 
     def test_a_cursor_ahead_of_the_head_is_woken_by_the_append(self):
         clock = Clock()
-        hub = Hub(None, [TP], 100, clock, 0.0)  # type: ignore[arg-type]  # records are fed by hand
+        hub = Hub(None, [TP], 100, clock, 0.0)  # records are fed by hand
         hub.head = hub.ring_base = ((0, None),)
         sink = SlowSink(clock, 0.0)
         # Resuming at offset 3: the log has it, the reader has not brought it yet.
@@ -143,7 +143,7 @@ class Wakeups(unittest.SynchronousTestCase):
 
     def test_a_waiting_cursor_that_goes_is_forgotten(self):
         clock = Clock()
-        hub = Hub(None, [TP], 100, clock, 0.0)  # type: ignore[arg-type]
+        hub = Hub(None, [TP], 100, clock, 0.0)
         hub.head = hub.ring_base = ((0, None),)
         sink = SlowSink(clock, 0.0)
         sub = hub.subscribe(sink, {TP: 3})

@@ -290,7 +290,7 @@ class States(unittest.SynchronousTestCase):
                 return succeed([])
             return read(positions, max_records)
 
-        self.log.read = flaky  # type: ignore[method-assign]
+        self.log.read = flaky
         sink = Sink()
         sub = hub.subscribe(sink, {TPS[0]: 10})
         self.clock.advance(0)
