@@ -14,7 +14,9 @@ A subscriber that starts behind the head, or whose sink pushes back, is a
 catch-up cursor: it reads at its own pace (from the partition rings, else
 from the log), in batches too, and joins the live set again when it
 reaches the head. Nothing is lost and a slow client holds no more than its
-transport buffer and one batch. A subscription's states (CATCHING_UP,
+transport buffer and one batch. A cursor that must wait for records
+the reader has not brought yet is woken by the hub's next pass (Hub.wait),
+not by a timer. A subscription's states (CATCHING_UP,
 REPLAYING, LIVE, PAUSED, GONE) are spelled out below, and one Cutter cuts
 every run of entries into batches.
 """
@@ -45,6 +47,11 @@ Slot = tuple[int, Optional[Mark]]
 Vector = tuple[Slot, ...]
 
 REPLAY_CHUNK = 500  # ring items replayed per reactor turn
+# After a read that found nothing, the cursor also waits for the reader's
+# next pass; a quiet stream gets one more read after this long, in case the
+# read came back empty only because the backend gave up early (a Kafka read
+# that timed out).
+EMPTY_READ_RETRY = 1.0
 READ_BATCH = 1000  # records per catch-up read from the log
 FIRST_READ = 100  # a smaller first read: the first event comes sooner
 # A fan-out batch ends at either bound: a client that stops reading holds at
@@ -199,7 +206,7 @@ class Cutter:
 # the rings when they hold its position, and goes LIVE at the hub's head.
 # A sink that pushes back makes it PAUSED (from any state but GONE);
 # resuming makes it CATCHING_UP again from where it stands. GONE is final.
-CATCHING_UP = "catching up"  # reading the log, or waiting for the reader to reach it
+CATCHING_UP = "catching up"  # reading the log, or waiting for the reader to reach it (Hub.wait)
 REPLAYING = "replaying"  # sending from the rings at its own pace
 LIVE = "live"  # fed by the hub's passes
 PAUSED = "paused"
@@ -212,7 +219,7 @@ class Subscription:
 
     __slots__ = (
         "hub", "sink", "filter", "offsets", "stamps", "state", "last", "_pending",
-        "_reading", "_scheduled", "_reads",
+        "_reading", "_scheduled", "_reads", "_retry",
     )
 
     def __init__(
@@ -234,6 +241,7 @@ class Subscription:
         self._reading = False
         self._scheduled = False
         self._reads = 0  # catch-up reads from the log so far
+        self._retry: Any = None  # the re-read after an empty read (EMPTY_READ_RETRY)
 
     @property
     def live(self) -> bool:
@@ -283,6 +291,7 @@ class Subscription:
         if self.state is LIVE:
             self.hub.leave_live(self)
         self.state = GONE
+        self._cancel_retry()
         self.hub.forget(self)
 
     # -- live ---------------------------------------------------------------
@@ -302,9 +311,21 @@ class Subscription:
             self._scheduled = True
             self.hub.clock.callLater(0, self._pump)
 
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            if self._retry.active():
+                self._retry.cancel()
+            self._retry = None
+
+    def _retried(self) -> None:
+        self._retry = None
+        self._schedule()
+
     def _pump(self) -> None:
         """Move this cursor forward until it is live or must wait."""
         self._scheduled = False
+        self._cancel_retry()
+        self.hub.waiting.pop(self, None)  # woken by the retry, or no longer waiting
         if (self.state is not CATCHING_UP and self.state is not REPLAYING) or self._reading:
             return
         if self._pending:
@@ -322,9 +343,10 @@ class Subscription:
             return
         self.state = CATCHING_UP
         if any(o > head[0] for o, head in zip(self.offsets, hub.head)):
-            # The log holds records the hub has not seen yet.
+            # The log holds records the hub has not seen yet: they come
+            # through the rings, and the pass that takes them wakes us.
             if all(o >= low[0] for o, low in zip(self.offsets, hub.ring_base)):
-                hub.clock.callLater(0.05, self._schedule)
+                hub.wait(self)
                 return
         self._read()
 
@@ -369,8 +391,10 @@ class Subscription:
             if self.closed:
                 return
             if not records:
-                # At the end of the log but not in the ring: wait for the reader.
-                hub.clock.callLater(0.05, self._schedule)
+                # At the end of the log but not in the ring: the reader's
+                # next pass wakes us (or, in a quiet stream, the retry).
+                hub.wait(self)
+                self._retry = hub.clock.callLater(EMPTY_READ_RETRY, self._retried)
                 return
             self._pending = records
             self._schedule()
@@ -444,6 +468,7 @@ class Hub:
         self.seen_seq = 0  # the last ring item this hub has taken into its head
         self.groups: dict[str, tuple[Optional[Filter], set[Subscription]]] = {}
         self.subscriptions: set[Subscription] = set()
+        self.waiting: dict[Subscription, None] = {}  # cursors the next pass wakes, in order
         self.skipped_records = 0
         self.skipped_reasons: dict[str, int] = {}  # skipped_records by reason (decode_checked)
         self._tail: Any = None  # the shared rings while this hub follows them
@@ -488,6 +513,7 @@ class Hub:
         self._pacer.cancel()
         self.shared.cancel_pass(self)
         self._incoming = []
+        self.waiting.clear()
         for sub in list(self.subscriptions):
             sub.cancel()
 
@@ -545,9 +571,15 @@ class Hub:
             if not group[1]:
                 del self.groups[key]
 
+    def wait(self, sub: Subscription) -> None:
+        """A cursor needs records the hub has not taken in yet: the pass that
+        moves the head schedules it again."""
+        self.waiting[sub] = None
+
     def forget(self, sub: Subscription) -> None:
         """A subscription is gone (it has left the live set already)."""
         self.subscriptions.discard(sub)
+        self.waiting.pop(sub, None)
         if not self.subscriptions and self.on_empty is not None:
             self.on_empty(self)
 
@@ -604,6 +636,15 @@ class Hub:
             cut.add(entry)
         self.head = tuple(head)
         cut.flush()
+        self._wake()
+
+    def _wake(self) -> None:
+        """The head has moved: the waiting cursors look again (next turn,
+        after this pass, so they replay up to seen_seq and then join live)."""
+        if self.waiting:
+            waiting, self.waiting = self.waiting, {}
+            for sub in waiting:
+                sub._schedule()
 
     def _send_live(self, entries: list[Entry]) -> None:
         last = entries[-1]

@@ -99,7 +99,7 @@ class BrokenSink(SlowSink):
 class FanOutIsolation(unittest.SynchronousTestCase):
     def test_a_raising_sink_does_not_stop_the_pass_for_the_others(self):
         clock = Clock()
-        hub = Hub(None, [TP], 100, clock, 0.0)  # type: ignore[arg-type]  # records are fed by hand
+        hub = Hub(None, [TP], 100, clock, 0.0)  # records are fed by hand
         hub.head = hub.ring_base = ((0, None),)
         before, broken, after = SlowSink(clock, 0.0), BrokenSink(clock), SlowSink(clock, 0.0)
         # One group (no filter), served in subscription order: the broken
@@ -118,3 +118,40 @@ class FanOutIsolation(unittest.SynchronousTestCase):
         self.assertEqual(len(broken.failed), 1)
         errors = self.flushLoggedErrors(RuntimeError)
         self.assertEqual(len(errors), 1)
+
+
+class Wakeups(unittest.SynchronousTestCase):
+    """A cursor waiting for records the hub has not taken in yet is woken by
+    the pass that takes them: no timer, the clock never moves."""
+
+    def test_a_cursor_ahead_of_the_head_is_woken_by_the_append(self):
+        clock = Clock()
+        hub = Hub(None, [TP], 100, clock, 0.0)  # records are fed by hand
+        hub.head = hub.ring_base = ((0, None),)
+        sink = SlowSink(clock, 0.0)
+        # Resuming at offset 3: the log has it, the reader has not brought it yet.
+        sub = hub.subscribe(sink, {TP: 3})
+        clock.advance(0)
+        self.assertEqual((sub.state, sink.batches), ("catching up", []))
+        hub._on_records([record(n) for n in range(5)])
+        clock.advance(0)  # the pass moves the head and wakes the cursor; it replays 3 and 4
+        self.assertEqual((sub.state, sink.batches), ("live", [[3, 4]]))
+        self.assertEqual(clock.seconds(), 0)
+        hub._on_records([record(5)])
+        clock.advance(0)
+        self.assertEqual(sink.batches, [[3, 4], [5]])
+
+    def test_a_waiting_cursor_that_goes_is_forgotten(self):
+        clock = Clock()
+        hub = Hub(None, [TP], 100, clock, 0.0)
+        hub.head = hub.ring_base = ((0, None),)
+        sink = SlowSink(clock, 0.0)
+        sub = hub.subscribe(sink, {TP: 3})
+        clock.advance(0)
+        self.assertEqual(list(hub.waiting), [sub])
+        self.assertEqual(clock.getDelayedCalls(), [])  # nothing polls
+        sub.cancel()
+        self.assertEqual(hub.waiting, {})
+        hub._on_records([record(n) for n in range(5)])
+        clock.advance(0)
+        self.assertEqual(sink.batches, [])
