@@ -545,12 +545,7 @@ class IRCAbuseTestCase(DaemonTestCase):
                 f"print(json.dumps({function}('127.0.0.1', {self.irc}, *{args!r})))")
         process = reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code], env=dict(os.environ),
                                        path=REPO)
-
-        def kill() -> None:
-            if not child.ended.called:
-                process.signalProcess("KILL")
-
-        self.addCleanup(kill)
+        self.addCleanup(lambda: None if child.ended.called else process.signalProcess("KILL"))
         return child
 
     def no_traceback(self) -> None:
@@ -563,7 +558,7 @@ class IRCAbuseTestCase(DaemonTestCase):
     async def irc_client(self, nick: str = "healthy") -> "TimedIRC":
         client = TimedIRC()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
         client.send(f"NICK {nick}", f"USER {nick} 0 * :A healthy bot")
         await client.wait_line(0, lambda line: " 376 " in line or " 422 " in line)
         return client
