@@ -99,7 +99,7 @@ class BrokenSink(SlowSink):
 class FanOutIsolation(unittest.SynchronousTestCase):
     def test_a_raising_sink_does_not_stop_the_pass_for_the_others(self):
         clock = Clock()
-        hub = Hub(None, [TP], 100, clock, 0.0)  # type: ignore[arg-type]  # records are fed by hand
+        hub = Hub(None, [TP], 100, clock, 0.0)  # records are fed by hand
         hub.head = hub.ring_base = ((0, None),)
         before, broken, after = SlowSink(clock, 0.0), BrokenSink(clock), SlowSink(clock, 0.0)
         # One group (no filter), served in subscription order: the broken
