@@ -34,7 +34,7 @@ class Internals(unittest.TestCase):
     def test_endpoints_has_parse_server(self):
         self.assertTrue(compat.PARSE_SERVER, "twisted.internet.endpoints._parseServer is gone: "
                                              "config no longer checks endpoint ports")
-        self.assertEqual(compat.parseendpoint("tcp:8092:interface=127.0.0.1"), ("TCP", (8092, None)))
+        self.assertEqual(compat.parse_endpoint("tcp:8092:interface=127.0.0.1"), ("TCP", (8092, None)))
 
     def test_http_channel_has_the_bad_request_hook(self):
         self.assertTrue(compat.HTTP_BAD_REQUEST_HOOK,
@@ -83,7 +83,7 @@ class PublicPaths(unittest.TestCase):
 
     def test_without_parse_server_endpoints_are_still_checked(self):
         self.patch(compat, "_parse_server", None)
-        self.assertEqual(compat.parseendpoint("tcp:8092"), ("TCP", ()))
+        self.assertEqual(compat.parse_endpoint("tcp:8092"), ("TCP", ()))
         self.assertEqual(endpoint("unix:/run/x.sock"), "unix:/run/x.sock")
         with self.assertRaises(ValueError):
             endpoint("nosuchkind:1")
