@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import os
@@ -137,7 +138,8 @@ async def _worker(port: int, clients: list[tuple[str, str, bool]], hold: float, 
         source = load.SOURCE_ADDRESSES[(worker + i) % len(load.SOURCE_ADDRESSES)]
         try:
             _, client = await loop.create_connection(
-                lambda path=path, sample=sample, headers=headers: load.SSEClient(path, sample, result, headers), "127.0.0.1", port, local_addr=(source, 0))
+                functools.partial(load.SSEClient, path, sample, result, headers), "127.0.0.1", port,
+                local_addr=(source, 0))
             conns.append(client)
         except OSError:
             result.failed += 1

@@ -38,18 +38,20 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python import log
+from twisted.python.failure import Failure
 
 from bench.attacks_rcstream import _eio4
+from eventstreams.transports import ITCPConnection
 
 from .rcstream_clients import ROOT
 from .support import StreamClient, Waiters, free_port, rc_event, sleep, write_config
@@ -74,6 +76,7 @@ PROBE_TIMEOUT = 10.0  # a probe that takes longer counts as unanswered
 class Raw(Waiters, Protocol):
     """A connection whose bytes the test writes and reads as they are."""
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
     wait_timeout = PROBE_TIMEOUT
     timeout_error = TimeoutError
 
@@ -88,7 +91,7 @@ class Raw(Waiters, Protocol):
         self.received += data
         self._check_waiters()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed_at = time.monotonic()
         self.closed.callback(None)
         self._check_waiters()
@@ -128,7 +131,7 @@ class Response:
 def parse_responses(data: bytes, head_only: tuple[bool, ...] = ()) -> list[Response]:
     """The complete responses in data (Content-Length or chunked framing;
     head_only[i]: the i-th answers a HEAD, so it has no body)."""
-    found = []
+    found: list[Response] = []
     while True:
         head, sep, rest = data.partition(b"\r\n\r\n")
         if not sep:
@@ -351,7 +354,7 @@ class Window:
 class _TimedStream(StreamClient):
     """A stream client that hands each new event to on_event as it arrives."""
 
-    on_event: Callable[[dict], None] = staticmethod(lambda event: None)  # type: ignore[assignment]
+    on_event: Callable[[dict], None] = staticmethod(lambda event: None)
     _seen = 0
 
     def dataReceived(self, data: bytes) -> None:
@@ -383,7 +386,7 @@ class Healthy:
     async def start(cls, daemon: AbuseDaemon, **kwargs: Any) -> "Healthy":
         healthy = cls(daemon, **kwargs)
         stream = _TimedStream("/v2/stream/test", {})
-        stream.on_event = healthy._on_event  # type: ignore[method-assign]
+        stream.on_event = healthy._on_event
         await connect(daemon.port, HEALTHY, stream)
         await stream.head_received
         assert stream.status == 200, stream.status
@@ -542,7 +545,7 @@ class IRCAbuseTestCase(DaemonTestCase):
                 f"print(json.dumps({function}('127.0.0.1', {self.irc}, *{args!r})))")
         process = reactor.spawnProcess(child, sys.executable, [sys.executable, "-c", code], env=dict(os.environ),
                                        path=REPO)
-        self.addCleanup(lambda: child.ended.called or process.signalProcess("KILL"))
+        self.addCleanup(lambda: None if child.ended.called else process.signalProcess("KILL"))
         return child
 
     def no_traceback(self) -> None:
@@ -555,7 +558,7 @@ class IRCAbuseTestCase(DaemonTestCase):
     async def irc_client(self, nick: str = "healthy") -> "TimedIRC":
         client = TimedIRC()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
         client.send(f"NICK {nick}", f"USER {nick} 0 * :A healthy bot")
         await client.wait_line(0, lambda line: " 376 " in line or " 422 " in line)
         return client
@@ -756,7 +759,12 @@ class RCStreamHealthy:
             self.feed.stop()
         self.stop.set()
         self.ws.close()
-        await deferToThread(lambda: [t.join(10) for t in self.threads])
+
+        def join() -> None:
+            for t in self.threads:
+                t.join(10)
+
+        await deferToThread(join)
 
     def latencies(self, start: float, end: float) -> list[float]:
         """Delivery latency of the changes sent in [start, end); a change
@@ -781,8 +789,9 @@ class RCStreamAbuseCase(RCStreamCase):
                 failure = event.get("log_failure")
                 self.failures.append(str(failure.getTraceback() if failure else event)[-2000:])
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        observer = cast(ILogObserver, observe)  # (any callable of an event is one)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     async def attack(self, d: Any, name: str, arg: Any) -> dict:
         """Run bench/attacks_rcstream.py's attack in a process of its own."""

@@ -11,16 +11,18 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
+from typing import Any, Awaitable, Callable, Optional, TypeVar, Union, overload
 
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from eventstreams.config import load
 from eventstreams.tap import build_service
+from eventstreams.transports import ITCPConnection
 
 BASE_CONFIG = """
 [eventstreams]
@@ -75,7 +77,9 @@ def write_config(directory: str, extra: str = "", prefix: str = "") -> str:
 def kafka_admin(bootstrap: Optional[str] = None) -> Any:
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": bootstrap or KAFKA})
+    servers = bootstrap or KAFKA
+    assert servers, "a Kafka test without EVENTSTREAMS_KAFKA"
+    return AdminClient({"bootstrap.servers": servers})
 
 
 def create_topics(topics: dict[str, int], config: Optional[dict[str, str]] = None,
@@ -221,13 +225,15 @@ class Waiters:
                 d.errback(self.timeout_error(f"timed out; {self.progress()}"))
 
         call = reactor.callLater(self.wait_timeout if timeout is None else timeout, expire)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        d.addBoth(cancelling(call))
         return d
 
 
 class StreamClient(Waiters, Protocol):
     """Sends one GET, parses the response head, de-chunks the body and splits
     SSE blocks (or NDJSON lines). The test can pause reading entirely."""
+
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
 
     def __init__(self, path: str, headers: dict[str, str]):
         super().__init__()
@@ -327,7 +333,7 @@ class StreamClient(Waiters, Protocol):
     def comments(self) -> list[str]:
         return [c for b in self.blocks for c in b["comments"]]
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
         self.closed.callback(None)
         self._check_waiters()
@@ -363,6 +369,16 @@ def sleep(seconds: float) -> Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
+def cancelling(call: Any) -> Callable[[Any], Any]:
+    """A pass-through callback that cancels `call` (a time-out) if it is still pending."""
+    def passthrough(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        return result
+
+    return passthrough
+
+
 def turn() -> Deferred:
     """One turn of the reactor: what is ready to read or write is done."""
     return deferLater(reactor, 0, lambda: None)
@@ -388,6 +404,24 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = 10, inter
         time.sleep(interval)
 
 
+@overload
+async def wait_for(
+    condition: Callable[[], Awaitable[T]],
+    what: Union[str, Callable[[], str]],
+    timeout: float = ...,
+    interval: float = ...,
+) -> T: ...
+
+
+@overload
+async def wait_for(
+    condition: Callable[[], T],
+    what: Union[str, Callable[[], str]],
+    timeout: float = ...,
+    interval: float = ...,
+) -> T: ...
+
+
 async def wait_for(
     condition: Callable[[], Union[T, Awaitable[T]]],
     what: Union[str, Callable[[], str]],
@@ -405,7 +439,7 @@ async def wait_for(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() >= deadline:
             named = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout} s waiting for {named} (last: {value!r})")

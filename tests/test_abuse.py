@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, reactor, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python import log
+from twisted.python.failure import Failure
 from twisted.trial import unittest
+
+from eventstreams.transports import ITCPConnection
 
 from .abuse_support import (
     ATTACKER, HEALTHY, PROBE_TIMEOUT, AbuseDaemon, Healthy, IRCAbuseTestCase, MiB, Raw,
@@ -406,11 +409,13 @@ class NoNewline(IRCAbuseTestCase):
     async def flooder(self) -> "Flooder":
         sender = Flooder()
         await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: sender))
-        self.addCleanup(lambda: sender.done or sender.transport.abortConnection())
+        self.addCleanup(lambda: None if sender.done else sender.transport.abortConnection())
         return sender
 
 
 class Flooder(Protocol):
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     done = False
     sent = 0
 
@@ -422,10 +427,10 @@ class Flooder(Protocol):
             self.sent += len(data)
             original(data)
 
-        self.transport.write = write
+        cast(Any, self.transport).write = write  # counts what goes out
         write(b"NICK nonl\r\nUSER nonl 0 * :x\r\n")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
 
 
@@ -439,12 +444,16 @@ class ConnectionFlood(IRCAbuseTestCase):
         quiet = await self.measure(client, 3)
         idle: list[RawIRC] = []
 
+        def abort(c: RawIRC) -> None:
+            if not c.done:
+                c.transport.abortConnection()
+
         async def open_idle() -> None:
             for _ in range(200):
                 c = RawIRC()
-                await TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc).connect(ClientFactory.forProtocol(lambda: c))
+                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc), c)
                 idle.append(c)
-                self.addCleanup(lambda c=c: c.done or c.transport.abortConnection())
+                self.addCleanup(abort, c)
 
         opening = defer.ensureDeferred(open_idle())
         attacked = await self.measure(client, 4)

@@ -249,7 +249,11 @@ class ClientTestCase(StreamTestCase):
         The events span that many responses, whatever the machine's speed."""
         connections = d.service.connections
         for k, (opened, away) in enumerate(groups):
-            await wait_for(lambda: connections.counters.connections_total >= opened, f"connection {opened}", 30)
+
+            def seen(opened: int = opened) -> bool:
+                return connections.counters.connections_total >= opened
+
+            await wait_for(seen, f"connection {opened}", 30)
             if away:
                 await wait_for(lambda: not connections.sinks, f"the end of response {opened}", 30)
             for n in range(total * k // len(groups), total * (k + 1) // len(groups)):

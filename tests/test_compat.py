@@ -4,6 +4,7 @@ when one does."""
 from __future__ import annotations
 
 import socket
+from typing import cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOfferAccept
@@ -54,7 +55,7 @@ class Internals(unittest.TestCase):
             factory.protocol = WebSocketServerProtocol
             factory.setProtocolOptions(openHandshakeTimeout=0, perMessageCompressionAccept=lambda offers: (
                 PerMessageDeflateOfferAccept(offers[0]) if offers else None))
-            protocol = factory.buildProtocol(None)
+            protocol = cast(WebSocketServerProtocol, factory.buildProtocol(None))
             protocol.makeConnection(StringTransport())
             protocol.dataReceived(
                 b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -75,7 +76,7 @@ class PublicPaths(unittest.TestCase):
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
-        conn = tcp.Connection(a, None, None)  # type: ignore[arg-type]
+        conn = tcp.Connection(a, None, None)
         self.assertNotEqual(fastwrite.writer_for(conn), conn.write)
         self.patch(compat, "WRITE_THROUGH", False)
         self.assertEqual(fastwrite.writer_for(conn), conn.write)

@@ -7,10 +7,11 @@ import os
 import time
 import uuid
 from datetime import datetime
+from typing import cast
 
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from eventstreams import demo
@@ -64,8 +65,9 @@ class DemoTestCase(unittest.TestCase):
         def observe(event: dict) -> None:
             messages.append(formatEvent(event) or "")
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        observer = cast(ILogObserver, observe)  # (any callable of an event is one)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         return messages
 
     async def marker_write(self) -> None:

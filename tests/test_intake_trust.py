@@ -595,9 +595,9 @@ class Killed(DaemonTestCase):
         client = await open_stream(ports["eventstreams"], "/v2/stream/test?since=0")
         self.addCleanup(lambda: client.transport.loseConnection())
         sentinel = await treq.post(url, data=json.dumps([ev(3000, id="sentinel")]).encode(),
-                                   headers={"Content-Type": "application/json"}, pool=pool)
+                                   headers=headers, pool=pool)
         self.assertEqual(sentinel.code, 201, await sentinel.content())
-        await client.wait_for(lambda: client.events and client.events[-1]["meta"]["id"] == "sentinel", timeout=60)
+        await client.wait_for(lambda: bool(client.events) and client.events[-1]["meta"]["id"] == "sentinel", timeout=60)
         ids = [e["meta"]["id"] for e in client.events[:-1]]
         self.assertEqual(len(ids), 3000, f"{len(ids) - len(set(ids))} duplicates")
         self.assertEqual(sorted(ids), sorted(e["meta"]["id"] for e in batch))

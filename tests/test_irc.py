@@ -11,10 +11,12 @@ from typing import Any, Callable, Optional
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
 from bridges.irc import IRCServer
+from eventstreams.transports import ITCPConnection
 
 from .support import Daemon, Waiters, async_test, rc_event, wait_for
 from .test_stream import StreamTestCase
@@ -40,6 +42,8 @@ def golden(name: str) -> tuple[dict, str, str]:
 class RawIRC(Waiters, Protocol):
     """Lines as the server sent them (CRLF-split bytes, decoded)."""
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self) -> None:
         super().__init__()
         self.buffer = b""
@@ -53,7 +57,7 @@ class RawIRC(Waiters, Protocol):
         self.lines += [line.decode("utf-8") for line in complete]
         self._check_waiters()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.done = True
         self.closed.callback(None)
         self._check_waiters()
@@ -322,7 +326,7 @@ class IRCStreamReplies(IRCTestCase):
         client = RawIRC()
         endpoint = (TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint)(reactor, self.host, d.ports["irc"])
         await endpoint.connect(ClientFactory.forProtocol(lambda: client))
-        self.addCleanup(lambda: client.done or client.transport.abortConnection())
+        self.addCleanup(lambda: None if client.done else client.transport.abortConnection())
         return client
 
     async def exchange(self, client: RawIRC, *lines: str) -> list[str]:

@@ -248,7 +248,7 @@ class SlowPositions(dict):
         time.sleep(0.01)
         return dict.__eq__(self, other)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
 
 class ConsumerPool(unittest.TestCase):

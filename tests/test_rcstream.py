@@ -8,10 +8,11 @@ import json
 import os
 import socket
 import subprocess
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
@@ -44,7 +45,7 @@ async def close_handshake_timers() -> None:
     """Until autobahn's close-handshake timers have run. They outlive the
     connection (connectionLost does not cancel them) and fire within their
     1 s timeout: a test that closed a WebSocket ends with a clean reactor."""
-    await wait_for(lambda: not any(isinstance(getattr(call.func, "__self__", None), _BatchedTimer)
+    await wait_for(lambda: not any(isinstance(getattr(cast(DelayedCall, call).func, "__self__", None), _BatchedTimer)
                                    for call in reactor.getDelayedCalls()),
                    "autobahn's close handshake timer", timeout=5, interval=0.05)
 

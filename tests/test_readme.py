@@ -169,9 +169,11 @@ class Daemon:
             return line
 
         try:
-            return wait_until(started, "the listener line", START, 0.1)
+            line = wait_until(started, "the listener line", START, 0.1)
         except AssertionError as e:
             raise AssertionError(f"{shlex.join(self.argv)} did not start ({e}):\n{self.output[-3000:]}") from None
+        assert line is not None  # (wait_until returns a true value)
+        return line
 
     def stop(self) -> None:
         if self.process.poll() is None:

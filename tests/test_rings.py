@@ -22,14 +22,16 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from eventstreams.backends.base import Record
 from eventstreams.backends.embedded import EmbeddedBackend
 from eventstreams.hub import Hub, Hubs, TooManySets, id_text
 from eventstreams.rings import Rings, events
+from eventstreams.transports import ITCPConnection
 from tests.support import async_test, free_port, sleep
 from tests.test_stream import StreamTestCase
 
@@ -70,6 +72,8 @@ aliases = recentchange
 class Counter(Protocol):
     """A stream client that keeps nothing but counts."""
 
+    transport: ITCPConnection  # (Twisted types it Optional[ITransport])
+
     def __init__(self, request: bytes):
         self.request = request
         self.received = 0
@@ -88,7 +92,7 @@ class Counter(Protocol):
                 self.head = b""
         self.received += len(data)
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost.callback(None)
 
 
@@ -116,7 +120,12 @@ class DistinctSets(unittest.TestCase):
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         proc = subprocess.Popen([twistd, "-n", "--pidfile=", "--logfile", os.path.join(directory, "log"),
                                  "eventstreams", "-c", path], cwd=ROOT)
-        self.addCleanup(lambda: (proc.terminate(), proc.wait(30)))
+
+        def stop() -> None:
+            proc.terminate()
+            proc.wait(30)
+
+        self.addCleanup(stop)
         return proc, port, metrics, directory
 
     @async_test
@@ -217,7 +226,7 @@ class Budget(unittest.SynchronousTestCase):
         self.assertEqual(rings.bytes, sum(ring.bytes for ring in rings.rings.values()))
         for ring in rings.rings.values():
             oldest = ring.oldest()
-            self.assertLessEqual(ring.base[0], oldest.offset)  # type: ignore[union-attr]
+            self.assertLessEqual(ring.base[0], oldest.offset)
             self.assertGreater(ring.base[0], 0)  # the dropped ones are behind it
 
     def test_ring_size_bounds_each_partition_and_the_eviction_order_stays_small(self):
@@ -358,7 +367,7 @@ class Raising(Collect):
 class FanOutFaults(unittest.SynchronousTestCase):
     def test_a_sink_that_raises_does_not_stop_the_pass_for_the_others(self):
         clock = Clock()
-        hub = Hub(None, [A], 100, clock)  # type: ignore[arg-type]  # records are fed by hand
+        hub = Hub(None, [A], 100, clock)  # records are fed by hand
         hub.head = hub.ring_base = ((0, None),)
         sinks = [Collect(), Raising(), Collect(), Raising(), Collect()]
         subs = [hub.subscribe(sink) for sink in sinks]
