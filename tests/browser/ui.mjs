@@ -100,6 +100,9 @@ try {
   await page.waitForFunction(() => /not shown/.test(document.getElementById('counts').textContent), null, { timeout: 10000 });
   result.paused_same_top = before === await page.$eval('#events li', (li) => li.dataset.topic + '/' + li.dataset.offset);
   await page.click('#pause');
+  // The rate is counted per second: wait for a tick that saw events.
+  await page.waitForFunction(() => Number(document.getElementById('rate').textContent) > 0, null, { timeout: 10000 })
+    .catch(() => {});
   result.rate = Number(await page.textContent('#rate'));
   result.status_text = await page.textContent('#status');
 
