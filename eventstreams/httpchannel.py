@@ -81,17 +81,26 @@ class Throttled:
         self.suppressed = 0
 
     def info(self, format: str, **kwargs: Any) -> None:
+        suppressed = self.admit()
+        if suppressed is None:
+            return
+        if suppressed:
+            format += " ({suppressed} similar lines suppressed)"
+            kwargs["suppressed"] = suppressed
+        log.info(format, **kwargs)
+
+    def admit(self) -> Optional[int]:
+        """None: suppress the next line; else it may go, and this many
+        before it were suppressed since the last that went."""
         now = self.clock.seconds()
         if now - self.window_start >= self.interval:
             self.window_start, self.used = now, 0
         if self.used >= self.burst:
             self.suppressed += 1
-            return
+            return None
         self.used += 1
-        if self.suppressed:
-            format += " ({suppressed} similar lines suppressed)"
-            kwargs["suppressed"], self.suppressed = self.suppressed, 0
-        log.info(format, **kwargs)
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
 
 
 class HeadBudget:

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from . import values
 from .config import Config, parse_values
+from .httpchannel import Throttled
 
 access = Logger(namespace="eventstreams.access")
 
@@ -211,6 +212,24 @@ class ApiSite(Site):
     """twisted.web's access line for every request but the streams, which
     have their own, with their fields (stream_finished)."""
 
+    refusals: Any = None  # httpchannel.Throttled, made with the first refusal
+
     def log(self, request: Any) -> None:
-        if not getattr(request, "path", b"").startswith(b"/v2/stream/"):
-            super().log(request)
+        if getattr(request, "path", b"").startswith(b"/v2/stream/"):
+            return
+        if getattr(request, "code", None) in (429, 503):
+            # Refusals come in floods: a few lines, then a count.
+            if self.refusals is None:
+                self.refusals = Throttled(getattr(self, "reactor", None) or _reactor())
+            suppressed = self.refusals.admit()
+            if suppressed is None:
+                return
+            if suppressed:
+                access.info("{n} refused requests (429 or 503) not logged", n=suppressed)
+        super().log(request)
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor

@@ -7,6 +7,7 @@ The harness is tests/abuse_support.py."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from typing import Any, cast
@@ -15,6 +16,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver
 from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -25,7 +27,7 @@ from .abuse_support import (
     ATTACKER, HEALTHY, PROBE_TIMEOUT, AbuseDaemon, Healthy, IRCAbuseTestCase, MiB, Raw,
     RCStreamAbuseCase, check_healthy, connect, get, parse_responses, request,
 )
-from .support import StreamClient, async_test, free_port, sleep
+from .support import StreamClient, async_test, free_port, sleep, wait_for
 from .test_irc import RawIRC
 
 ERROR_KEYS = {"status", "type", "title", "detail", "method", "uri"}
@@ -518,6 +520,79 @@ class HandshakeFlood(RCStreamAbuseCase):
         self.assertLessEqual(most[0], cap, counts)
         self.assertGreater(counts["statuses"].get("429", 0) + counts["statuses"].get("503", 0), 0, counts)
         self.assertEqual(len(bridge.sessions), 1)  # the healthy client's
+
+
+class RefusedHandshakesClose(RCStreamAbuseCase):
+    @async_test
+    async def test_a_refused_handshake_closes_its_connection(self):
+        # Pipelined over one keep-alive connection, refusals would cost the
+        # flood nothing but the request: after a 429 the client reconnects.
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        d = await self.daemon()
+        port = d.ports["api"]
+
+        def pipelined(n: int) -> tuple[list[str], bool]:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"GET /socket.io/1/ HTTP/1.1\r\nHost: x\r\n\r\n" * n)
+                data, closed = b"", False
+                try:
+                    while chunk := sock.recv(65536):
+                        data += chunk
+                    closed = True
+                except TimeoutError:
+                    pass
+            return re.findall(r"HTTP/1\.1 (\d{3}) ", data.decode("latin-1")), closed
+
+        statuses, closed = await deferToThread(pipelined, 40)
+        self.assertTrue(closed, f"the connection stayed open after {statuses}")
+        self.assertEqual(statuses[-1], "429", statuses)
+        self.assertEqual(statuses.count("429"), 1, statuses)
+        self.assertLess(len(statuses), 40, statuses)
+
+
+class RefusalLogging(RCStreamAbuseCase):
+    @async_test
+    async def test_a_flood_of_refusals_logs_a_few_lines_and_a_count(self):
+        import socket
+
+        from twisted.internet.threads import deferToThread
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        d = await self.daemon()
+        port = d.ports["api"]
+        lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            text = formatEvent(event)
+            if "/socket.io/1/" in text or "not logged" in text:
+                lines.append(text)
+
+        observer = cast(ILogObserver, observe)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+        def handshakes(n: int) -> list[str]:
+            statuses = []
+            for _ in range(n):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"GET /socket.io/1/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    data = b""
+                    while chunk := sock.recv(65536):
+                        data += chunk
+                    statuses += re.findall(r"HTTP/1\.1 (\d{3}) ", data.decode("latin-1"))
+            return statuses
+
+        statuses = await deferToThread(handshakes, 60)
+        self.assertGreaterEqual(statuses.count("429"), 40, statuses)
+        refused = [line for line in lines if '" 429 ' in line]
+        self.assertLessEqual(len(refused), 10, refused)
+        # the next refusal after the window reports how many went unlogged
+        d.service.listeners["api"].factory.refusals.window_start -= 60
+        await deferToThread(handshakes, 1)
+        await wait_for(lambda: any("not logged" in line for line in lines), "the count of unlogged refusals")
 
 
 class DeepNesting(RCStreamAbuseCase):

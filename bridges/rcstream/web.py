@@ -51,6 +51,11 @@ def reply(request: Any, body: str | bytes, status: int = 200,
     request.setHeader(b"x-content-type-options", b"nosniff")
     if status in (429, 503):
         request.setHeader(b"retry-after", b"1")
+        # A refused client reconnects: a flood pipelined over one keep-alive
+        # connection would otherwise cost it nothing but the request.
+        request.setHeader(b"connection", b"close")
+        if getattr(request, "channel", None) is not None:
+            request.channel.persistent = False
     cors(request)
     return body if isinstance(body, bytes) else body.encode("utf-8")
 
