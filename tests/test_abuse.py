@@ -595,6 +595,30 @@ class RefusalLogging(RCStreamAbuseCase):
         await wait_for(lambda: any("not logged" in line for line in lines), "the count of unlogged refusals")
 
 
+class InvalidText(RCStreamAbuseCase):
+    @async_test
+    async def test_a_text_message_that_is_not_utf8_fails_the_connection(self):
+        from bench.attacks_rcstream import _eio4, _frame
+
+        d = await self.daemon()
+
+        def send_invalid() -> Any:
+            ws = _eio4("127.0.0.1", d.ports["api"], None)
+            try:
+                ws.sock.sendall(_frame(1, b'42/rc,["subscribe","\xff\xfe"]'))
+                for _ in range(10):  # the connect ack, maybe pings; then the close
+                    if ws.recv() is None:
+                        return None
+                return "still open"
+            except ConnectionResetError:
+                return None
+            finally:
+                ws.close()
+
+        self.assertIsNone(await threads.deferToThread(send_invalid))
+        self.assertEqual(self.failures, [])
+
+
 class DeepNesting(RCStreamAbuseCase):
     @async_test
     async def test_deeply_nested_packets_get_protocol_errors(self):
