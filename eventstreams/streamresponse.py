@@ -7,8 +7,9 @@ The order matters, and it is written once, in StreamResponse.run:
 2. open: the sink, counted in Connections, and the one release hook that
    gives the slot back however the response ends (client gone, error,
    max_lifetime, shutdown);
-3. look up: where the client starts and its hub; an error here releases
-   and answers it (the head is not out yet);
+3. look up: where the client starts and its hub (503 beyond
+   max_stream_sets); an error here releases and answers it (the head is
+   not out yet);
 4. headers: the 200 head and the first bytes; from here the sink writes
    chunks straight to the connection when it can;
 5. subscribe: the hub replays and then sends live batches; max_lifetime
