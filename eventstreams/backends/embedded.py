@@ -153,7 +153,7 @@ class EmbeddedBackend:
         self.read_threads = read_threads
         self.poll_interval = poll_interval
         # A worker process's reader: opens the writer's file without ever
-        # taking SQLite's write lock (see _open_read_only).
+        # taking SQLite's write lock (see _check_read_only).
         self.read_only = read_only
         self._reactor = reactor
         self._running = False
@@ -214,49 +214,24 @@ class EmbeddedBackend:
         conn.close()
 
     def _open(self) -> tuple[sqlite3.Connection, dict[TopicPartition, int]]:
-        if self.read_only:
-            return self._open_read_only()
         path = self.path
-        parent = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as e:
-            raise EmbeddedLogError(
-                f"embedded log {path!r}: cannot create directory {parent!r}: {e}"
-            ) from e
+        if not self.read_only:
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                raise EmbeddedLogError(
+                    f"embedded log {path!r}: cannot create directory {parent!r}: {e}"
+                ) from e
         try:
             conn = self._connect()
         except sqlite3.Error as e:
             raise EmbeddedLogError(f"embedded log {path!r}: cannot open: {e}") from e
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise EmbeddedLogError(
-                    f"embedded log {path!r}: schema version {version} is not "
-                    f"supported (expected {SCHEMA_VERSION})"
-                )
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise EmbeddedLogError(
-                    f"embedded log {path!r}: cannot use WAL mode (journal_mode is {mode})"
-                )
-            conn.execute("PRAGMA synchronous=NORMAL")
-            # BEGIN IMMEDIATE takes the write lock, so a read-only file or
-            # directory is reported now rather than at the first append.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                # The log's identity for ids (made once, kept with the file).
-                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('log_id', ?)",
-                             ("embedded-" + secrets.token_hex(6),))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            if self.read_only:
+                self._check_read_only(conn)
+            else:
+                self._prepare(conn)
             heads = {
                 (topic, partition): next_offset
                 for topic, partition, next_offset in conn.execute(
@@ -271,38 +246,52 @@ class EmbeddedBackend:
             raise EmbeddedLogError(f"embedded log {path!r}: cannot use: {e}") from e
         return conn, heads
 
-    def _open_read_only(self) -> tuple[sqlite3.Connection, dict[TopicPartition, int]]:
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """The writer's open: schema version, WAL, the schema itself."""
+        path = self.path
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise EmbeddedLogError(
+                f"embedded log {path!r}: schema version {version} is not "
+                f"supported (expected {SCHEMA_VERSION})"
+            )
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise EmbeddedLogError(
+                f"embedded log {path!r}: cannot use WAL mode (journal_mode is {mode})"
+            )
+        conn.execute("PRAGMA synchronous=NORMAL")
+        # BEGIN IMMEDIATE takes the write lock, so a read-only file or
+        # directory is reported now rather than at the first append.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # The log's identity for ids (made once, kept with the file).
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('log_id', ?)",
+                         ("embedded-" + secrets.token_hex(6),))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _check_read_only(self, conn: sqlite3.Connection) -> None:
         """Open the file another process writes: no schema, no journal mode
         change, no BEGIN IMMEDIATE. In WAL mode reads never wait for the
         writer, so this runs on the reactor thread without blocking it."""
         path = self.path
-        try:
-            conn = self._connect()
-        except sqlite3.Error as e:
-            raise EmbeddedLogError(f"embedded log {path!r}: cannot open: {e}") from e
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                raise EmbeddedLogError(
-                    f"embedded log {path!r}: schema version {version} (expected {SCHEMA_VERSION}): "
-                    "the writing process creates the log"
-                )
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise EmbeddedLogError(f"embedded log {path!r}: not in WAL mode (journal_mode is {mode})")
-            heads = {
-                (topic, partition): next_offset
-                for topic, partition, next_offset in conn.execute(
-                    "SELECT topic, partition, next_offset FROM partitions"
-                )
-            }
-        except EmbeddedLogError:
-            conn.close()
-            raise
-        except sqlite3.Error as e:
-            conn.close()
-            raise EmbeddedLogError(f"embedded log {path!r}: cannot use: {e}") from e
-        return conn, heads
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise EmbeddedLogError(
+                f"embedded log {path!r}: schema version {version} (expected {SCHEMA_VERSION}): "
+                "the writing process creates the log"
+            )
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise EmbeddedLogError(f"embedded log {path!r}: not in WAL mode (journal_mode is {mode})")
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT).
