@@ -212,15 +212,14 @@ class ApiSite(Site):
     """twisted.web's access line for every request but the streams, which
     have their own, with their fields (stream_finished)."""
 
-    refusals: Any = None  # httpchannel.Throttled, made with the first refusal
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusals = Throttled(self.reactor)  # refusals come in floods: a few lines, then a count
 
     def log(self, request: Any) -> None:
         if getattr(request, "path", b"").startswith(b"/v2/stream/"):
             return
         if getattr(request, "code", None) in (429, 503):
-            # Refusals come in floods: a few lines, then a count.
-            if self.refusals is None:
-                self.refusals = Throttled(getattr(self, "reactor", None) or _reactor())
             suppressed = self.refusals.admit()
             if suppressed is None:
                 return
@@ -228,8 +227,3 @@ class ApiSite(Site):
                 access.info("{n} refused requests (429 or 503) not logged", n=suppressed)
         super().log(request)
 
-
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
