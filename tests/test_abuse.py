@@ -535,10 +535,6 @@ class RefusedHandshakesClose(RCStreamAbuseCase):
     async def test_a_refused_handshake_closes_its_connection(self):
         # Pipelined over one keep-alive connection, refusals would cost the
         # flood nothing but the request: after a 429 the client reconnects.
-        import socket
-
-        from twisted.internet.threads import deferToThread
-
         d = await self.daemon()
         port = d.ports["api"]
 
@@ -554,7 +550,7 @@ class RefusedHandshakesClose(RCStreamAbuseCase):
                     pass
             return re.findall(r"HTTP/1\.1 (\d{3}) ", data.decode("latin-1")), closed
 
-        statuses, closed = await deferToThread(pipelined, 40)
+        statuses, closed = await threads.deferToThread(pipelined, 40)
         self.assertTrue(closed, f"the connection stayed open after {statuses}")
         self.assertEqual(statuses[-1], "429", statuses)
         self.assertEqual(statuses.count("429"), 1, statuses)
@@ -564,9 +560,6 @@ class RefusedHandshakesClose(RCStreamAbuseCase):
 class RefusalLogging(RCStreamAbuseCase):
     @async_test
     async def test_a_flood_of_refusals_logs_a_few_lines_and_a_count(self):
-        import socket
-
-        from twisted.internet.threads import deferToThread
         from twisted.logger import formatEvent, globalLogPublisher
 
         d = await self.daemon()
@@ -593,13 +586,13 @@ class RefusalLogging(RCStreamAbuseCase):
                     statuses += re.findall(r"HTTP/1\.1 (\d{3}) ", data.decode("latin-1"))
             return statuses
 
-        statuses = await deferToThread(handshakes, 60)
+        statuses = await threads.deferToThread(handshakes, 60)
         self.assertGreaterEqual(statuses.count("429"), 40, statuses)
         refused = [line for line in lines if '" 429 ' in line]
         self.assertLessEqual(len(refused), 10, refused)
         # the next refusal after the window reports how many went unlogged
         d.service.listeners["api"].factory.refusals.window_start -= 60
-        await deferToThread(handshakes, 1)
+        await threads.deferToThread(handshakes, 1)
         await wait_for(lambda: any("not logged" in line for line in lines), "the count of unlogged refusals")
 
 
