@@ -48,6 +48,8 @@ CONFIG = """
 listen = tcp:{port}:interface=127.0.0.1:backlog=4096
 heartbeat = 15
 client_ip_connection_limit = {ip_limit}
+# thousands of clients from a few loopback addresses: no request rate per address
+request_rate_per_ip = 0
 max_connections = 0
 ring_size = 10000
 workers = {workers}

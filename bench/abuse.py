@@ -1,7 +1,8 @@
 """`python -m bench abuse`: every attack at once against healthy clients (issue 12).
 
 One daemon (twistd, embedded log, core 0) with the IRC and RCStream
-bridges and their per-address caps as shipped (CAPS, below); healthy clients on core 1: N SSE streams, N/10 IRC clients and
+bridges and their per-address caps as shipped (CAPS, below), and the
+public listener's request rate per address (request_rate); healthy clients on core 1: N SSE streams, N/10 IRC clients and
 N/10 Socket.IO 0.9 WebSocket clients (`--clients N`, default 1,000), fed
 30 events/s through the intake, and a /_info probe every 0.5 s. The run has
 three phases of one publisher: quiet (`--seconds`), all attacks at once
@@ -30,6 +31,8 @@ import threading
 import time
 import urllib.request
 from typing import Any
+
+from eventstreams.config import ServiceConfig
 
 from . import __main__ as base
 from . import bridges, load
@@ -63,6 +66,20 @@ def sections(bridge_count: int) -> tuple[str, list[str]]:
             assert old in text, key
             text = text.replace(old, f"\n{key} = {value}\n", 1)
     return text, raised
+
+
+def request_rate(sse_count: int, bridge_count: int) -> tuple[tuple[str, ...], list[str]]:
+    """The public listener's request rate per address as shipped, its burst
+    raised (if need be) to fit the healthy clients' connects from one
+    address at the ramp: its SSE streams and two requests per Socket.IO
+    client (handshake, WebSocket). bench's CONFIG turns the rate off."""
+    shipped = ServiceConfig()
+    addresses = len(load.SOURCE_ADDRESSES)
+    ramp = -(-sse_count // addresses) + 2 * -(-bridge_count // addresses)
+    burst = max(shipped.request_burst_per_ip, ramp)
+    raised = [f"eventstreams.request_burst_per_ip={burst}"] if burst > shipped.request_burst_per_ip else []
+    return (f"eventstreams.request_rate_per_ip={shipped.request_rate_per_ip:g}",
+            f"eventstreams.request_burst_per_ip={burst}"), raised
 
 
 class Stamped(list):
@@ -194,10 +211,12 @@ def run(args: Any) -> None:
     sse_count = args.clients
     bridge_count = max(1, args.clients // 10)
     section, raised = sections(bridge_count)
+    rate_sets, raised_rate = request_rate(sse_count, bridge_count)
+    raised += raised_rate
     for item in raised:
-        print(f"# note: {item}, so that {bridge_count} healthy clients over {len(load.SOURCE_ADDRESSES)} "
-              "addresses fit", flush=True)
-    server = bridges.BridgeServer(section)
+        print(f"# note: {item}, so that the healthy clients ({sse_count} SSE, {bridge_count} per bridge) "
+              f"over {len(load.SOURCE_ADDRESSES)} addresses fit", flush=True)
+    server = bridges.BridgeServer(section, rate_sets)
     procs: list = []
     try:
         publisher = bridges.MarkedPublisher(server, RATE, 2 * seconds + AFTER)

@@ -80,12 +80,12 @@ max_handshakes_per_second = 0
 class BridgeServer(base.Server):
     """bench's Server (twistd, embedded log, core 0) with a bridge section."""
 
-    def __init__(self, section: str) -> None:
+    def __init__(self, section: str, sets: tuple[str, ...] = ()) -> None:
         self.irc = base.free_port()
         config = base.CONFIG
         base.CONFIG = config + section.replace("{irc}", str(self.irc)).replace("{", "{{").replace("}", "}}")
         try:
-            super().__init__()
+            super().__init__(sets=sets)
         finally:
             base.CONFIG = config
         for _ in range(100):

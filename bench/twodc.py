@@ -35,6 +35,7 @@ listen = tcp:0:interface=127.0.0.1
 backend = kafka
 heartbeat = 0
 hub_linger = 60
+request_rate_per_ip = 0
 
 [kafka]
 bootstrap.servers = {bootstrap}

@@ -97,6 +97,8 @@ class ServiceConfig:
     head_timeout: float = 10.0  # seconds for a whole request head, not reset per byte
     max_pending_heads: int = 1000  # connections waiting for a head, in all (the longest partial head is cut)
     max_pending_heads_per_ip: int = 100  # partial heads per peer address (more refused); 0: no bound
+    request_rate_per_ip: float = 10.0  # request heads a second per peer address (429 beyond); 0: no bound
+    request_burst_per_ip: int = 100  # of those, how many may come at once
     max_body: int = 1024 * 1024  # request body on the public listener (RCStream polling): 413 beyond
 
 
@@ -302,6 +304,8 @@ def _build(
             "head_timeout": values.positive_duration,
             "max_pending_heads": values.count,
             "max_pending_heads_per_ip": values.count,
+            "request_rate_per_ip": values.number,
+            "request_burst_per_ip": values.count,
             "max_body": values.size,
         },
     )

@@ -67,13 +67,17 @@ def make_backend(config: Config, reactor: Any, writer: bool = True) -> Backend:
                            read_only=not writer)
 
 
-def head_budget(reactor: Any, deadline: float, service: ServiceConfig, listener: str) -> HeadBudget:
+def head_budget(reactor: Any, deadline: float, service: ServiceConfig, listener: str,
+                public: bool = True) -> HeadBudget:
     """The request-head budget of one listener. Behind a proxy that names
     the client (client_ip_header) every connection comes from the proxy:
-    only the total bound applies."""
+    only the total bound applies. The request rate per address is for the
+    public listeners (the intake's producers are few and trusted)."""
     per_address = 0 if service.client_ip_header else service.max_pending_heads_per_ip
+    rate = 0.0 if service.client_ip_header or not public else service.request_rate_per_ip
     return HeadBudget(reactor, deadline, pending_bound(service.max_pending_heads), per_address,
-                      max_waiting=waiting_bound(), listener=listener)
+                      max_waiting=waiting_bound(), listener=listener,
+                      request_rate=rate, request_burst=service.request_burst_per_ip)
 
 
 def pending_bound(configured: int) -> int:

@@ -13,7 +13,8 @@ over its bound has new connections refused at once; over the total, the
 connection that has held a partial head longest is cut, else the oldest
 that has had a second to send anything. A burst of connections the reactor
 has not read yet is let in (up to half the open-files limit), so a client
-whose head arrives in one go always gets in.
+whose head arrives in one go always gets in. Heads are also counted per
+address a second (a token bucket): over the rate, a 429 before parsing.
 
 Every refusal is a JSON error in the API's documented shape with the
 standard reason phrase, and logs at most one line (fewer under a flood).
@@ -27,6 +28,7 @@ public line limits `MAX_LENGTH` and `totalHeadersSize`.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from http import HTTPStatus
 from typing import Any, Optional
@@ -39,6 +41,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from . import compat
+from .buckets import Buckets
 from .errors import ApiError
 from .metrics import Sample
 from .positions import MAX_ID_BYTES
@@ -47,6 +50,9 @@ log = Logger()
 
 # A head must carry any id the server emits (as Last-Event-ID) plus the usual headers.
 MAX_HEAD_BYTES = MAX_ID_BYTES + 16 * 1024
+PRUNE_ABOVE = 1000  # addresses with a request bucket before full ones are dropped (at most once a second)
+TOO_MANY_HEADS = ApiError(503, "too_many_connections", "Service Unavailable",
+                          "too many connections from this address are sending a request head", 10)
 
 
 def reason(code: int) -> bytes:
@@ -68,6 +74,14 @@ def error_bytes(error: ApiError, method: str, uri: str) -> bytes:
     if error.retry_after:
         head.append(b"Retry-After: %d" % error.retry_after)
     return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def request_line_of(head: bytes) -> tuple[str, str]:
+    """The method and uri of a head's first line ('' if it has none yet)."""
+    parts = head.partition(b"\n")[0].rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return "", ""
+    return parts[0].decode("ascii", "replace"), parts[1].decode("utf-8", "replace")
 
 
 class Throttled:
@@ -106,7 +120,10 @@ class Throttled:
 class HeadBudget:
     """Connections of one listener that are waiting for or reading a
     request head: a deadline for each, a bound in all and, on those that
-    have sent part of a head, per peer address.
+    have sent part of a head, per peer address; and a rate of heads per
+    peer address, taken at a head's first bytes, so that a few addresses
+    cannot spend the reactor on cheap requests: over it, a 429 and the
+    connection closed before anything is parsed.
 
     A connection accepted but not read yet is no evidence of a slow client
     (a burst of connects outruns any reactor), so it is never refused or cut
@@ -116,7 +133,8 @@ class HeadBudget:
     started, so the next to expire is always the first."""
 
     def __init__(self, clock: IReactorTime, deadline: float, max_pending: int, max_per_address: int,
-                 grace: float = 1.0, max_waiting: int = 0, listener: str = "api") -> None:
+                 grace: float = 1.0, max_waiting: int = 0, listener: str = "api",
+                 request_rate: float = 0, request_burst: int = 0) -> None:
         self.clock = clock
         self.listener = listener  # the label of its metrics
         self.deadline = deadline
@@ -127,7 +145,10 @@ class HeadBudget:
         self.pending: OrderedDict[Any, float] = OrderedDict()  # channel → when it began to wait, oldest first
         self.partial: OrderedDict[Any, str] = OrderedDict()  # of those, the ones that sent part of a head → peer
         self.per_address: dict[str, int] = {}  # partial heads per peer address
+        self.requests = Buckets(request_rate, request_burst)  # heads a second per peer address (0: no bound)
+        self._pruned = clock.seconds()
         self.refused = 0  # over the per-address bound
+        self.over_rate = 0  # over the per-address rate
         self.evicted = 0  # cut to make room (over the total)
         self.timed_out = 0  # past the deadline
         self.log = Throttled(clock)
@@ -138,7 +159,8 @@ class HeadBudget:
         return [("eventstreams_request_heads_cut_total", "counter",
                  "Connections cut while sending a request head: refused (over the per-address bound), "
                  "evicted (the longest waiting, over the total) or timed_out.", {**labels, "reason": reason}, n)
-                for reason, n in (("refused", self.refused), ("evicted", self.evicted), ("timed_out", self.timed_out))]
+                for reason, n in (("refused", self.refused), ("evicted", self.evicted), ("timed_out", self.timed_out),
+                                  ("over_rate", self.over_rate))]
 
     def start(self, channel: Any, address: str) -> bool:
         """Count a connection as waiting for a head; False: refuse it (its
@@ -152,15 +174,35 @@ class HeadBudget:
             self._timer = self.clock.callLater(self.deadline, self._expire)
         return True
 
-    def begun(self, channel: Any, address: str) -> bool:
-        """A waiting connection has sent part of its head; False: refuse it."""
+    def begun(self, channel: Any, address: str) -> Optional[ApiError]:
+        """A waiting connection has sent part of its head: None, or the
+        error to refuse it with."""
         if channel in self.partial or channel not in self.pending:
-            return True
+            return None
         if self._over_address(address):
-            return False
+            return TOO_MANY_HEADS
+        if not self._take_request(address):
+            wait = max(1, math.ceil(self.requests.wait(address, self.clock.seconds())))
+            return ApiError(429, "too_many_requests", "Too Many Requests",
+                            f"more than {self.requests.rate:g} requests a second from this address", wait)
         self.partial[channel] = address
         self.per_address[address] = self.per_address.get(address, 0) + 1
-        return True
+        return None
+
+    def _take_request(self, address: str) -> bool:
+        now = self.clock.seconds()
+        if len(self.requests.buckets) > PRUNE_ABOVE and now - self._pruned >= 1:
+            self._pruned = now
+            self.requests.prune(now)
+        if self.requests.take(address, now):
+            return True
+        self.over_rate += 1
+        self.log.info("refused a request from {address}: over {n:g} requests a second",
+                      address=address, n=self.requests.rate)
+        return False
+
+    def give_back(self, address: str) -> None:
+        self.requests.give_back(address)
 
     def is_partial(self, channel: Any) -> bool:
         return channel in self.partial
@@ -256,8 +298,7 @@ class BudgetedChannel(http.HTTPChannel):
             self._refuse_address()
 
     def _refuse_address(self) -> None:
-        self.refuse(ApiError(503, "too_many_connections", "Service Unavailable",
-                             "too many connections from this address are sending a request head", 10))
+        self.refuse(TOO_MANY_HEADS)
 
     def _head_received(self) -> None:
         budget = self._budget
@@ -274,15 +315,16 @@ class BudgetedChannel(http.HTTPChannel):
         else:
             self.refuse(None)
 
-    def refuse(self, error: Optional[ApiError]) -> None:
+    def refuse(self, error: Optional[ApiError], head: bytes = b"") -> None:
         """Answer an error of the connection (no request to answer yet), or
-        nothing, and close."""
+        nothing, and close; `head`: the first bytes of the head refused, if
+        Twisted has not parsed its request line."""
         if self._refusing:
             return
         self._refusing = True
         self._head_received()
         if error is not None:
-            method, uri = compat.request_line(self)
+            method, uri = request_line_of(head) if head else compat.request_line(self)
             self.transport.write(error_bytes(error, method, uri))
         self.setTimeout(None)
         self.persistent = False
@@ -291,15 +333,25 @@ class BudgetedChannel(http.HTTPChannel):
     # -- twisted.web's parser ---------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refusing:
-            return
         # Bytes of an awaited head: the connection counts against its
         # address until the head is whole (at once, if these hold it).
+        if not self._refusing and self._begun(data):
+            super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # (a pipelined head in bytes already read begins here, not above)
+        if not self._refusing and self._begun(line):
+            super().lineReceived(line)
+
+    def _begun(self, head: bytes) -> bool:
+        """False: the head that `head` begins is refused (and answered)."""
         budget = self._budget
-        if budget is not None and self in budget.pending and not budget.begun(self, self.peer()):
-            self._refuse_address()
-            return
-        super().dataReceived(data)
+        if budget is not None and self in budget.pending:
+            error = budget.begun(self, self.peer())
+            if error is not None:
+                self.refuse(error, head)
+                return False
+        return True
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._too_large()
@@ -331,6 +383,15 @@ class BudgetedChannel(http.HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._head_received()
         super().connectionLost(reason)
+
+
+def not_counted(request: Any) -> None:
+    """The request does not count against its address's request rate (an
+    RCStream session's polls: the session caps bound those)."""
+    channel = getattr(request, "channel", None)
+    budget = getattr(getattr(channel, "factory", None), "head_budget", None)
+    if isinstance(channel, BudgetedChannel) and budget is not None:
+        budget.give_back(channel.peer())
 
 
 class ApiRequest(server.Request):

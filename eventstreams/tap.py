@@ -229,7 +229,7 @@ def build_service(config: Config, reactor: Any, notifier: Optional[Notifier] = N
             intake = Intake(config, backend, reactor)
         except SchemaError as e:
             raise ConfigError(config.path, "intake", "schemas", str(e)) from None
-        budget = head_budget(reactor, config.intake.head_timeout, service, "intake")
+        budget = head_budget(reactor, config.intake.head_timeout, service, "intake", public=False)
         site = guard(intake_site(intake.resource(), config.intake.max_body), budget, max_body=config.intake.max_body)
         listeners["intake"] = listener(reactor, config.intake.listen, site)
         metric_sources.append(budget.samples)

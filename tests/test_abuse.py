@@ -207,9 +207,10 @@ class HonestBurst(unittest.TestCase):
         # clients: a burst faster than the reactor reads (the 10,000 of
         # `bench idle` from 10 addresses) must not meet the head budgets,
         # here as small as the drip tests have them.
+        # (The request rate per address is another limit: off here.)
         daemon = await AbuseDaemon.start(self, overrides=(
             "eventstreams.head_timeout=10", "eventstreams.max_pending_heads=20",
-            "eventstreams.max_pending_heads_per_ip=5"))
+            "eventstreams.max_pending_heads_per_ip=5", "eventstreams.request_rate_per_ip=0"))
         sources = [f"127.0.3.{n}" for n in range(1, 5)]
         tally = await threads.deferToThread(honest_burst, daemon.port, sources, 300)
         self.assertEqual(tally, {200: 1200})
@@ -277,6 +278,45 @@ class BigHeads(unittest.TestCase):
             self.assertEqual(answer.reason, "Request Header Fields Too Large")
             self.assertEqual(body["type"], "request_header_fields_too_large")
         self.assertEqual((await get(daemon.port, "/_info")).status, 200)
+        daemon.check_log(self)
+
+
+class RequestFlood(unittest.TestCase):
+    timeout = 90
+
+    @async_test
+    async def test_valid_requests_from_one_address_are_held_to_its_rate(self):
+        # Cheap valid requests as fast as the daemon answers, 20 pipelined
+        # per connection on 5 connections at a time: before, every one was
+        # routed and answered, so one address had as much of the reactor as
+        # it asked for (a fifth of it in `bench abuse`).
+        rate, burst = 5, 20
+        daemon = await AbuseDaemon.start(self, overrides=(
+            f"eventstreams.request_rate_per_ip={rate}", f"eventstreams.request_burst_per_ip={burst}"))
+        healthy = await Healthy.start(daemon)  # (5 probes a second from its own address)
+        quiet = await healthy.measure(3)
+        tally: dict[int, int] = {}
+        flooding = True
+        raw = b"GET /_info HTTP/1.1\r\nHost: x\r\n\r\n" * 20
+
+        async def flood() -> None:
+            while flooding:
+                for answer in await request(daemon.port, raw, ATTACKER, responses=20):
+                    tally[answer.status] = tally.get(answer.status, 0) + 1
+
+        started = time.monotonic()
+        floods = [defer.ensureDeferred(flood()) for _ in range(5)]
+        during = await healthy.measure(5)
+        flooding = False
+        await defer.gatherResults(floods)
+        elapsed = time.monotonic() - started
+        healthy.stop()
+        check_healthy(self, quiet, during)
+        self.assertLessEqual(tally.get(200, 0), burst + rate * elapsed + 1, tally)
+        self.assertGreater(tally.get(429, 0), 0, tally)
+        self.assertEqual(set(tally), {200, 429}, tally)
+        await logged_until_sentinel(daemon, 0)
+        self.assertLessEqual(len(daemon.log_lines("requests a second")), 20)  # throttled: 10 per 10 s
         daemon.check_log(self)
 
 

@@ -560,6 +560,8 @@ class RequestHeadLimits(ConfigTestCase):
                               config.service.max_pending_heads_per_ip), (10.0, 1000, 100), path)
             self.assertEqual(config.intake.head_timeout, 10.0, path)
             self.assertEqual(config.service.max_body, 1024 * 1024, path)
+            self.assertEqual((config.service.request_rate_per_ip, config.service.request_burst_per_ip),
+                             (10.0, 100), path)
 
     def test_values_are_durations_and_counts(self):
         config = self.load_text(MINIMAL, ("eventstreams.head_timeout=1m", "eventstreams.max_pending_heads=0",
@@ -568,6 +570,14 @@ class RequestHeadLimits(ConfigTestCase):
         self.assertEqual(config.service.max_pending_heads, 0)
         self.assertEqual(config.service.max_pending_heads_per_ip, 3)
         self.assertEqual(config.intake.head_timeout, 5.0)
+
+    def test_the_request_rate_is_a_number_and_its_burst_a_count(self):
+        config = self.load_text(MINIMAL, ("eventstreams.request_rate_per_ip=0.5",
+                                          "eventstreams.request_burst_per_ip=3"))
+        self.assertEqual((config.service.request_rate_per_ip, config.service.request_burst_per_ip), (0.5, 3))
+        self.assertConfigError(MINIMAL, "eventstreams", "request_rate_per_ip", "expected a non-negative number",
+                               ("eventstreams.request_rate_per_ip=-1",),
+                               origin="--set eventstreams.request_rate_per_ip=-1")
 
     def test_a_head_without_a_deadline_is_refused(self):
         for section in ("eventstreams", "intake"):

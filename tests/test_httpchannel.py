@@ -11,7 +11,9 @@ from twisted.trial import unittest
 from twisted.web.server import Site
 from twisted.web.resource import Resource
 
-from eventstreams.httpchannel import MAX_HEAD_BYTES, ApiRequest, HeadBudget, Throttled, guard, reason
+from eventstreams.httpchannel import (
+    MAX_HEAD_BYTES, PRUNE_ABOVE, ApiRequest, HeadBudget, Throttled, guard, not_counted, reason,
+)
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -20,6 +22,8 @@ class Hello(Resource):
     isLeaf = True
 
     def render_GET(self, request) -> bytes:
+        if request.path == b"/poll":  # (as an RCStream session's poll says)
+            not_counted(request)
         return b"hello"
 
 
@@ -56,7 +60,7 @@ class Budgeted(unittest.TestCase):
 
     def test_cut_heads_are_counted_as_metrics_samples_by_listener_and_reason(self):
         budget = HeadBudget(self.clock, deadline=10, max_pending=3, max_per_address=2, listener="intake")
-        zero = {("refused", 0), ("evicted", 0), ("timed_out", 0)}
+        zero = {("refused", 0), ("evicted", 0), ("timed_out", 0), ("over_rate", 0)}
         self.assertEqual({(labels["reason"], n) for _, _, _, labels, n in budget.samples()}, zero)
         channel, transport = self.connect()
         self.clock.advance(10)
@@ -217,6 +221,91 @@ class Budgeted(unittest.TestCase):
         self.assertEqual(status, b"HTTP/1.1 400 Bad Request")
         self.assertEqual(body["uri"], "/v2/stream/%ff")
         self.assertEqual(body["type"], "invalid_path")
+
+
+class RequestRate(unittest.TestCase):
+    """Request heads a second per address: a token bucket taken at a head's
+    first bytes, so the requests over it are never parsed."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.budget = HeadBudget(self.clock, deadline=10, max_pending=100, max_per_address=100,
+                                 request_rate=2, request_burst=3)
+        self.site = guard(Site(Hello(), reactor=self.clock), self.budget, ApiRequest, max_body=1000)
+
+    def connect(self, host: str = "192.0.2.1"):
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_pipelined_requests_over_the_burst_get_a_429_and_the_connection_closes(self):
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST * 10)
+        answers = transport.value().split(b"HTTP/1.1 ")[1:]
+        self.assertEqual([a.split(b"\r\n")[0] for a in answers], [b"200 OK"] * 3 + [b"429 Too Many Requests"])
+        self.assertIn(b"Retry-After: 1\r\n", answers[3])
+        body = json.loads(answers[3].partition(b"\r\n\r\n")[2])
+        self.assertEqual(body["type"], "too_many_requests")
+        self.assertEqual(set(body), {"status", "type", "title", "detail", "method", "uri"})
+        self.assertEqual((body["method"], body["uri"]), ("get", "/"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.budget.over_rate, 1)
+        self.assertIn(("over_rate", 1), {(labels["reason"], n) for _, _, _, labels, n in self.budget.samples()})
+
+    def test_new_connections_count_too_and_other_addresses_are_not_touched(self):
+        statuses = []
+        for _ in range(5):
+            channel, transport = self.connect()
+            channel.dataReceived(b"GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n")
+            statuses.append(transport.value().split(b"\r\n")[0])
+        self.assertEqual(json.loads(transport.value().partition(b"\r\n\r\n")[2])["uri"], "/a?b")
+        self.assertEqual(statuses, [b"HTTP/1.1 200 OK"] * 3 + [b"HTTP/1.1 429 Too Many Requests"] * 2)
+        channel, transport = self.connect("192.0.2.2")
+        channel.dataReceived(REQUEST)
+        self.assertIn(b"hello", transport.value())
+
+    def test_tokens_come_back_at_the_rate(self):
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST * 3)
+        self.clock.advance(1)  # two more
+        channel.dataReceived(REQUEST * 3)
+        self.assertEqual(transport.value().count(b"hello"), 5)
+        self.assertTrue(transport.value().endswith(b"}"))  # the sixth: the 429's JSON body
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_connection_that_sends_nothing_takes_no_token(self):
+        for _ in range(10):
+            self.connect()
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST)
+        self.assertIn(b"hello", transport.value())
+
+    def test_a_request_that_says_it_does_not_count_gives_its_token_back(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /poll HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
+        self.assertEqual(transport.value().count(b"hello"), 20)
+        self.assertFalse(transport.disconnecting)
+
+    def test_full_buckets_are_dropped_when_there_are_many(self):
+        for n in range(PRUNE_ABOVE + 1):
+            channel, _ = self.connect(f"10.0.{n // 250}.{n % 250}")
+            channel.dataReceived(REQUEST)
+        self.assertEqual(len(self.budget.requests.buckets), PRUNE_ABOVE + 1)
+        self.clock.advance(2)  # every bucket full again (burst 3 at 2 a second)
+        channel, _ = self.connect("192.0.2.9")
+        channel.dataReceived(REQUEST)
+        self.assertEqual(list(self.budget.requests.buckets), ["192.0.2.9"])
+
+    def test_no_rate_no_bound(self):
+        budget = HeadBudget(self.clock, deadline=10, max_pending=100, max_per_address=100)
+        site = guard(Site(Hello(), reactor=self.clock), budget, ApiRequest, max_body=1000)
+        channel = site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+        channel.makeConnection(transport)
+        channel.dataReceived(REQUEST * 200)
+        self.assertEqual(transport.value().count(b"hello"), 200)
+        self.assertEqual(budget.requests.buckets, {})
 
 
 class Phrases(unittest.TestCase):

@@ -165,6 +165,21 @@ class XhrPollingByHand(RCStreamCase):
         self.assertEqual((await self.text("GET", url))[2], "7:::1+0")
 
 
+class RequestRate(RCStreamCase):
+    @async_test
+    async def test_a_sessions_polls_do_not_count_against_the_request_rate(self):
+        # A polling client asks again as soon as it is answered: its polls
+        # are bounded by the session caps, not by [eventstreams]
+        # request_rate_per_ip, which other requests from its address meet.
+        d = await self.daemon("eventstreams.request_rate_per_ip=0.1", "eventstreams.request_burst_per_ip=3")
+        _, _, body = await self.text("GET", d.url("/socket.io/1/"))
+        url = d.url(f"/socket.io/1/xhr-polling/{body.split(':')[0]}")
+        answers = [await self.text("POST", url, data=b"2::") for _ in range(10)]
+        self.assertEqual([(code, body) for code, _, body in answers], [(200, "1")] * 10)
+        codes = [(await self.text("GET", d.url("/_info", "api")))[0] for _ in range(3)]
+        self.assertEqual(codes, [200, 200, 429])
+
+
 class EngineIOByHand(RCStreamCase):
     @async_test
     async def test_eio4_polling_handshake_connect_and_event(self):

@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from eventstreams.buckets import Buckets
 from eventstreams.metrics import Sample
 from eventstreams.pacing import Pacer
 
@@ -55,27 +56,6 @@ FULL_FOR_ADDRESS = "Too many sessions from this address"
 TOO_FAST = "Too many handshakes"
 PATTERNS_TOO_FAST = "Too many new subscription patterns, try again in a second"
 COMPILED_CACHE = 4096  # compiled patterns kept for reuse by any session
-
-
-class Buckets:
-    """A token bucket per key (a client address): `rate` tokens a second, at
-    most `rate` saved. Keys whose bucket is full again are dropped by prune()."""
-
-    def __init__(self, rate: int):
-        self.rate = rate
-        self.buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, at)
-
-    def take(self, key: str, now: float) -> bool:
-        if not self.rate:
-            return True
-        tokens, at = self.buckets.get(key, (self.rate, now))
-        tokens = min(self.rate, tokens + (now - at) * self.rate)
-        ok = tokens >= 1
-        self.buckets[key] = (tokens - 1 if ok else tokens, now)
-        return ok
-
-    def prune(self, now: float) -> None:
-        self.buckets = {k: (t, at) for k, (t, at) in self.buckets.items() if t + (now - at) * self.rate < self.rate}
 
 
 class Outgoing:

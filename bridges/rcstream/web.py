@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from eventstreams.fastwrite import no_delay, writer_for
+from eventstreams.httpchannel import not_counted
 from eventstreams.transports import ITCPConnection
 from eventstreams.web import client_ip
 
@@ -242,6 +243,7 @@ class Sio09Resource(_TransportResource):
             if jsonp is not None:
                 return reply(request, P.jsonp_body(jsonp, [NOT_HANDSHAKEN]), 200, b"text/javascript; charset=UTF-8")
             return reply(request, NOT_HANDSHAKEN)
+        not_counted(request)
         if request.method == b"POST":
             return self.polling.post(request, session, jsonp is not None)
         if arg(request, "disconnect") is not None:
@@ -293,6 +295,7 @@ class EioResource(_TransportResource):
         session = self.bridge.sessions.get(sid)
         if session is None or session.generation is not P.EIO.get(int(version)):
             return self._error(request, 1, "Session ID unknown")
+        not_counted(request)
         if request.method == b"POST":
             return self.polling.post(request, session, ok="ok")
         return self.polling.get(request, session)
