@@ -173,7 +173,7 @@ class KafkaOnly(OverKafka, test_stream.StreamTestCase):
 
     @async_test
     async def test_a_hundred_clients_share_one_tail_consumer_and_leave_none_behind(self):
-        d = await self.daemon("eventstreams.client_ip_connection_limit=0")
+        d = await self.daemon("eventstreams.client_ip_connection_limit=0", "eventstreams.request_rate_per_ip=0")
         clients = [await open_stream(d.ports["api"], "/v2/stream/recentchange") for _ in range(100)]
         await d.append(d.rc[0], [rc_event(n) for n in range(10)])
         for c in clients:
