@@ -22,7 +22,9 @@ quietly in production.
   the error.
 
 The listeners (tap.Listener) and the WebSocket bridge use public API only:
-`endpoint.listen` and autobahn's `websocket_extensions_in_use`.
+`endpoint.listen` and autobahn's `websocket_extensions_in_use`; the bridge
+extends autobahn's `sendCloseFrame` (documented, not underscored) to stop
+reading a client it fails with 1009, which tests/test_abuse.py checks.
 """
 from __future__ import annotations
 

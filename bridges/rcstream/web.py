@@ -401,6 +401,16 @@ class SocketProtocol(WebSocketServerProtocol):
             session.detach(self)
             session.close()  # clients open a new session to reconnect
 
+    def sendCloseFrame(self, code: Optional[int] = None, reasonUtf8: Optional[bytes] = None,
+                       isReply: bool = False) -> None:
+        super().sendCloseFrame(code, reasonUtf8, isReply)
+        if code == self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG and not isReply:
+            # Failing the connection (RFC 6455 7.1.7): the close frame goes
+            # out, and nothing more the client sends is read. Waiting for its
+            # close frame read (and dropped) whatever it kept sending, up to
+            # autobahn's 1 s close-handshake timeout: tens of MiB a time.
+            self.dropConnection(abort=False)
+
     # -- Transport (sessions.py) ---------------------------------------------------
 
     def deliver(self, packets: list[str]) -> None:
