@@ -10,8 +10,11 @@ three phases of one publisher: quiet (`--seconds`), all attacks at once
 receive time and counted in the phase it arrived in, so "without
 attackers" is the same run, the same clients, the same connections.
 
-The attacks run as processes of their own (core 1 too: the machine has two
-cores, so the attackers also compete with the healthy clients there):
+The attacks run as processes of their own, on core 1 too (the machine has
+two cores) but at nice 19, so that the healthy clients there keep their
+share of the core (on the internet the attackers have machines of their
+own); what each attack got is printed, to show it still reached the
+server's limits:
 bench/attacks_http.py (header drip, HEAD pipelining, huge Last-Event-ID,
 bad paths), bench/attacks_irc.py (`run_irc_flood`) and
 bench/attacks_rcstream.py (`run_pattern_attack`, `run_big_ws_message`,
@@ -176,8 +179,12 @@ def attack_list(server: Any, seconds: float) -> list[tuple[str, str, str, tuple]
 
 def _attack_main(name: str, module: str, function: str, args: tuple, seconds: float, queue: Any) -> None:
     """Run one attack for `seconds` (one without a duration is repeated);
-    blocking functions and coroutine functions alike."""
+    blocking functions and coroutine functions alike. At the lowest
+    priority: on the internet the attackers run on machines of their own,
+    here they share core 1 with the healthy clients, whose latency must
+    measure the server, not the attackers' share of their core."""
     _pin()
+    os.nice(19)
     try:
         f = getattr(importlib.import_module(module), function)
         end = time.monotonic() + seconds
