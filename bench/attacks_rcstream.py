@@ -278,15 +278,19 @@ def run_deep_nesting(host: str, port: int, depth: int = 30_000, headers: Headers
 
 
 ATTACKS = {
-    "patterns": lambda host, port, arg: run_pattern_attack(host, port, float(arg or 10)),
+    "patterns": lambda host, port, arg, source: run_pattern_attack(host, port, float(arg or 10), source=source),
     # patterns that fit in a 64 KiB message: the pattern limits, not the message size, refuse them
-    "patterns-in-64k": lambda host, port, arg: run_pattern_attack(host, port, float(arg or 10), length=6_000),
-    "big-message": lambda host, port, arg: run_big_ws_message(host, port, int(arg or 200_000_000)),
-    "handshakes": lambda host, port, arg: run_handshake_flood(host, port, float(arg or 30)),
-    "nesting": lambda host, port, arg: run_deep_nesting(host, port, int(arg or 30_000)),
+    "patterns-in-64k": lambda host, port, arg, source: run_pattern_attack(host, port, float(arg or 10),
+                                                                          length=6_000, source=source),
+    "big-message": lambda host, port, arg, source: run_big_ws_message(host, port, int(arg or 200_000_000),
+                                                                      source=source),
+    "handshakes": lambda host, port, arg, source: run_handshake_flood(host, port, float(arg or 30), source=source),
+    "nesting": lambda host, port, arg, source: run_deep_nesting(host, port, int(arg or 30_000)),
 }
 
 
 if __name__ == "__main__":
+    # NAME HOST PORT [ARG [SOURCE]]: SOURCE, the local address to send from
     name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    print(json.dumps(ATTACKS[name](host, port, sys.argv[4] if len(sys.argv) > 4 else None)))
+    arg, source = (sys.argv[4:] + [None, ""])[:2]
+    print(json.dumps(ATTACKS[name](host, port, arg or None, source or "")))
