@@ -189,14 +189,24 @@ def _attack_main(name: str, module: str, function: str, args: tuple, seconds: fl
         f = getattr(importlib.import_module(module), function)
         end = time.monotonic() + seconds
         results = []
+        refused = 0  # runs of a repeated attack the server refused (e.g. a 429 to its handshake)
+        repeated = "seconds" not in inspect.signature(f).parameters
         while True:
-            result = f(*args)
-            if asyncio.iscoroutine(result):
-                result = asyncio.run(result)
-            results.append(result)
-            if "seconds" in inspect.signature(f).parameters or time.monotonic() >= end:
+            try:
+                result = f(*args)
+                if asyncio.iscoroutine(result):
+                    result = asyncio.run(result)
+                results.append(result)
+            except ConnectionError:
+                if not repeated:
+                    raise
+                refused += 1
+                time.sleep(1)  # (Retry-After)
+            if not repeated or time.monotonic() >= end:
                 break
-        queue.put((name, results[0] if len(results) == 1 else {"runs": len(results), "last": results[-1]}))
+        summary = results[0] if len(results) == 1 and not refused else {
+            "runs": len(results), "refused": refused, "last": results[-1] if results else None}
+        queue.put((name, summary))
     except Exception as e:  # an attack that fails is reported, the run goes on
         queue.put((name, f"failed: {type(e).__name__}: {e}"))
 

@@ -14,7 +14,8 @@ connection that has held a partial head longest is cut, else the oldest
 that has had a second to send anything. A burst of connections the reactor
 has not read yet is let in (up to half the open-files limit), so a client
 whose head arrives in one go always gets in. Heads are also counted per
-address a second (a token bucket): over the rate, a 429 before parsing.
+address a second (a token bucket, at the request line): over the rate, a
+429 before the headers are parsed.
 
 Every refusal is a JSON error in the API's documented shape with the
 standard reason phrase, and logs at most one line (fewer under a flood).
@@ -121,9 +122,9 @@ class HeadBudget:
     """Connections of one listener that are waiting for or reading a
     request head: a deadline for each, a bound in all and, on those that
     have sent part of a head, per peer address; and a rate of heads per
-    peer address, taken at a head's first bytes, so that a few addresses
+    peer address, taken at a head's request line, so that a few addresses
     cannot spend the reactor on cheap requests: over it, a 429 and the
-    connection closed before anything is parsed.
+    connection closed before anything more is parsed.
 
     A connection accepted but not read yet is no evidence of a slow client
     (a burst of connects outruns any reactor), so it is never refused or cut
@@ -146,6 +147,7 @@ class HeadBudget:
         self.partial: OrderedDict[Any, str] = OrderedDict()  # of those, the ones that sent part of a head → peer
         self.per_address: dict[str, int] = {}  # partial heads per peer address
         self.requests = Buckets(request_rate, request_burst)  # heads a second per peer address (0: no bound)
+        self.counted: set[Any] = set()  # of the pending, those whose request line took its token
         self._pruned = clock.seconds()
         self.refused = 0  # over the per-address bound
         self.over_rate = 0  # over the per-address rate
@@ -174,32 +176,36 @@ class HeadBudget:
             self._timer = self.clock.callLater(self.deadline, self._expire)
         return True
 
-    def begun(self, channel: Any, address: str) -> Optional[ApiError]:
-        """A waiting connection has sent part of its head: None, or the
-        error to refuse it with."""
+    def begun(self, channel: Any, address: str) -> bool:
+        """A waiting connection has sent part of its head; False: refuse it."""
         if channel in self.partial or channel not in self.pending:
-            return None
+            return True
         if self._over_address(address):
-            return TOO_MANY_HEADS
-        if not self._take_request(address):
-            wait = max(1, math.ceil(self.requests.wait(address, self.clock.seconds())))
-            return ApiError(429, "too_many_requests", "Too Many Requests",
-                            f"more than {self.requests.rate:g} requests a second from this address", wait)
+            return False
         self.partial[channel] = address
         self.per_address[address] = self.per_address.get(address, 0) + 1
-        return None
+        return True
 
-    def _take_request(self, address: str) -> bool:
+    def request_line(self, channel: Any, address: str) -> Optional[ApiError]:
+        """A waiting connection's head has its request line, which takes
+        one of its address's tokens: None, or the 429 to refuse it with.
+        (Not at the first byte: a client dripping its head would get its
+        429 at once and come back at once, a connection a turn.)"""
+        if channel in self.counted or channel not in self.pending:
+            return None
         now = self.clock.seconds()
         if len(self.requests.buckets) > PRUNE_ABOVE and now - self._pruned >= 1:
             self._pruned = now
             self.requests.prune(now)
-        if self.requests.take(address, now):
-            return True
-        self.over_rate += 1
-        self.log.info("refused a request from {address}: over {n:g} requests a second",
-                      address=address, n=self.requests.rate)
-        return False
+        if not self.requests.take(address, now):
+            self.over_rate += 1
+            self.log.info("refused a request from {address}: over {n:g} requests a second",
+                          address=address, n=self.requests.rate)
+            return ApiError(429, "too_many_requests", "Too Many Requests",
+                            f"more than {self.requests.rate:g} requests a second from this address",
+                            max(1, math.ceil(self.requests.wait(address, now))))
+        self.counted.add(channel)
+        return None
 
     def give_back(self, address: str) -> None:
         self.requests.give_back(address)
@@ -250,6 +256,7 @@ class HeadBudget:
     def done(self, channel: Any) -> None:
         if self.pending.pop(channel, None) is None:
             return
+        self.counted.discard(channel)
         if not self.pending:
             self.stop()
         address = self.partial.pop(channel, None)
@@ -317,8 +324,8 @@ class BudgetedChannel(http.HTTPChannel):
 
     def refuse(self, error: Optional[ApiError], head: bytes = b"") -> None:
         """Answer an error of the connection (no request to answer yet), or
-        nothing, and close; `head`: the first bytes of the head refused, if
-        Twisted has not parsed its request line."""
+        nothing, and close; `head`: the request line refused, which Twisted
+        has not parsed."""
         if self._refusing:
             return
         self._refusing = True
@@ -333,25 +340,26 @@ class BudgetedChannel(http.HTTPChannel):
     # -- twisted.web's parser ---------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            return
         # Bytes of an awaited head: the connection counts against its
         # address until the head is whole (at once, if these hold it).
-        if not self._refusing and self._begun(data):
-            super().dataReceived(data)
+        budget = self._budget
+        if budget is not None and self in budget.pending and not budget.begun(self, self.peer()):
+            self._refuse_address()
+            return
+        super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        # (a pipelined head in bytes already read begins here, not above)
-        if not self._refusing and self._begun(line):
-            super().lineReceived(line)
-
-    def _begun(self, head: bytes) -> bool:
-        """False: the head that `head` begins is refused (and answered)."""
+        if self._refusing:
+            return
         budget = self._budget
         if budget is not None and self in budget.pending:
-            error = budget.begun(self, self.peer())
+            error = budget.request_line(self, self.peer())
             if error is not None:
-                self.refuse(error, head)
-                return False
-        return True
+                self.refuse(error, line)
+                return
+        super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._too_large()

@@ -274,12 +274,18 @@ class RequestRate(unittest.TestCase):
         self.assertTrue(transport.value().endswith(b"}"))  # the sixth: the 429's JSON body
         self.assertTrue(transport.disconnecting)
 
-    def test_a_connection_that_sends_nothing_takes_no_token(self):
+    def test_a_connection_takes_its_token_with_its_request_line(self):
+        # Not at its first byte: a head dripped byte by byte gets its 408 at
+        # the deadline, not a 429 at once that sends it back at once.
         for _ in range(10):
-            self.connect()
+            self.connect()  # sends nothing
+        for _ in range(5):
+            channel, transport = self.connect()
+            channel.dataReceived(b"GET /")  # sends part of a request line
         channel, transport = self.connect()
         channel.dataReceived(REQUEST)
         self.assertIn(b"hello", transport.value())
+        self.assertEqual(self.budget.over_rate, 0)
 
     def test_a_request_that_says_it_does_not_count_gives_its_token_back(self):
         channel, transport = self.connect()
