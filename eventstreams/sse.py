@@ -15,7 +15,7 @@ from . import strictjson
 from .delay import DeliveryDelays
 from .errors import ApiError
 from .fastwrite import writer_for
-from .hub import Batch, Entry, Subscription
+from .hub import LIVE, Batch, Entry, Subscription
 
 OK = b":ok\n\n"
 HEARTBEAT = b":\n\n"
@@ -58,12 +58,27 @@ FRAME_KEYS = {(ndjson, chunked): ("ndjson" if ndjson else "sse") + ("-chunk" if 
 
 
 def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
-    """An event as a ready HTTP chunk, built once per entry and shared."""
+    """An event as a ready HTTP chunk, built once per entry and shared.
+    The SSE chunk is joined in one go, not framed and then copied into a
+    chunk: with many sets, every set builds its own for every event."""
     key = FRAME_KEYS[ndjson, True]
     frame = entry.frames.get(key)
     if frame is None:
-        frame = entry.frames[key] = chunk(ndjson_line(entry) if ndjson else event_frame(entry))
+        if ndjson:
+            frame = chunk(ndjson_line(entry))
+        else:
+            cached = entry.frames.get("sse")
+            if cached is not None:
+                frame = chunk(cached)
+            else:
+                id_bytes, data = entry.id_text().encode("utf-8"), entry.data or b""
+                frame = b"".join((b"%x\r\n" % (len(id_bytes) + len(data) + _SSE_FRAMING), b"event: message\nid: ",
+                                  id_bytes, b"\ndata: ", data, b"\n\n\r\n"))
+        entry.frames[key] = frame
     return frame
+
+
+_SSE_FRAMING = len(b"event: message\nid: " + b"\ndata: " + b"\n\n")  # event_frame's bytes beside the id and data
 
 
 def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
@@ -76,9 +91,11 @@ def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
         if len(matched) == 1 and chunked:
             frame = chunked_frame(matched[0], ndjson)
         else:
-            frame = b"".join(ndjson_line(e) if ndjson else event_frame(e) for e in matched)
-            if chunked:
-                frame = chunk(frame)
+            frames = [ndjson_line(e) if ndjson else event_frame(e) for e in matched]
+            if chunked:  # the chunk's head and tail joined with the frames: one copy
+                frames.insert(0, b"%x\r\n" % sum(map(len, frames)))
+                frames.append(b"\r\n")
+            frame = b"".join(frames)
         batch.frames[key] = frame
     return frame
 
@@ -196,7 +213,7 @@ class ResponseSink:
             counters = self.counters
             counters.events_delivered += len(matched)
             counters.bytes_sent += len(data)
-            if self.subscription is not None and self.subscription.live:  # not a replay
+            if self.subscription is not None and self.subscription.state is LIVE:  # not a replay
                 self.connections.delays.observe(batch, self.streams)
             if matched[-1] is batch.last:
                 self.pending = None
