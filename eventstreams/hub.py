@@ -123,12 +123,14 @@ def id_text(tps: Sequence[TopicPartition], vector: Vector) -> str:
 
 
 def id_parts(tps: Sequence[TopicPartition], vector: Vector, suffix: str) -> list[str]:
-    """A position's id in parts, one per partition, whose join (+ "]") is
-    the id: the first opens the array and names the cluster (suffix), the
-    others are the ring items' cached fragments (rings.Item.fragment)."""
+    """A position's id in parts, one per partition and the closing "]",
+    whose join is the id: the first opens the array and names the cluster
+    (suffix), the others are the ring items' cached fragments
+    (rings.Item.fragment)."""
     parts = ["," + id_fragment(tp[0], tp[1], slot[0], slot[1]) + "}" for tp, slot in zip(tps, vector)]
     if parts:
         parts[0] = first_part(parts[0], suffix)
+    parts.append("]")
     return parts
 
 
@@ -363,12 +365,12 @@ class Subscription:
         for item in merged([ring.items_from(o) for ring, o in zip(hub.rings_, offsets)]):
             if item.seq > limit:
                 break  # the hub's next pass sends it
-            i = index[(item.topic, item.partition)]
+            i = index[item.tp]
             offsets[i] = item.offset + 1
             stamps[i] = item.mark
             frags[i] = first_part(item.fragment, suffix) if i == 0 else item.fragment
             entry = Entry(item.seq, item, _LAZY, item.data, tps, tuple(zip(offsets, stamps)))
-            entry._id = "".join(frags) + "]"
+            entry._id = "".join(frags)
             sent += 1
             if cut.add(entry) or sent >= REPLAY_CHUNK:
                 cut.flush()
@@ -440,7 +442,7 @@ class Subscription:
             self.last = None
             event, data = decode_record(record)
             entry = Entry(-1, record, event, data, tps, tuple(zip(self.offsets, self.stamps)))
-            entry._id = "".join(frags) + "]"
+            entry._id = "".join(frags)
             if cut.add(entry) and (self.closed or self.paused):
                 break
         cut.flush()
@@ -623,7 +625,7 @@ class Hub:
         cut = self._cut
         vector: Optional[Vector] = None
         for item in items:
-            i = index.get((item.topic, item.partition))
+            i = index.get(item.tp)
             if i is None or item.offset < head[i][0]:
                 continue
             head[i] = (item.offset + 1, item.mark)
@@ -640,7 +642,7 @@ class Hub:
             # the head as a batch is sent stands after its last entry
             self.head = vector = tuple(head)
             entry = Entry(item.seq, item, _LAZY, data, tps, vector)
-            entry._id = "".join(frags) + "]"
+            entry._id = "".join(frags)
             cut.add(entry)
         self.head = vector if vector is not None else tuple(head)
         cut.flush()

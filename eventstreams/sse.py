@@ -130,7 +130,7 @@ class ResponseSink:
     __slots__ = (
         "_write", "_transport", "_raw_write", "_finish", "ndjson", "id_updates", "connections", "streams",
         "client_ip", "subscription", "pending", "quiet", "closed", "started", "bytes_written", "counters",
-        "timer", "on_lost", "uri",
+        "timer", "on_lost", "uri", "_frame_key",
     )
 
     def __init__(
@@ -161,6 +161,7 @@ class ResponseSink:
         self.timer: Optional[Any] = None  # max_lifetime's DelayedCall
         self.on_lost: Optional[Callable[[], None]] = None  # e.g. give back a limit slot
         self.uri = ""  # the request's, for the body of an error event
+        self._frame_key = FRAME_KEYS[ndjson, False]  # which of a batch's frames this client gets
 
     def begin(self) -> None:
         """The response head is set: write the stream's first bytes."""
@@ -179,6 +180,7 @@ class ResponseSink:
         every client without per-client framing work."""
         self._transport = transport
         self._raw_write = writer_for(transport)
+        self._frame_key = FRAME_KEYS[self.ndjson, True]
 
     @property
     def transport(self) -> Optional[Any]:
@@ -203,7 +205,7 @@ class ResponseSink:
         if matched:
             # _emit, inlined: this runs once per client for every batch
             chunked = self._transport is not None
-            data = batch.frames.get(FRAME_KEYS[self.ndjson, chunked]) or batch_frame(batch, self.ndjson, chunked)
+            data = batch.frames.get(self._frame_key) or batch_frame(batch, self.ndjson, chunked)
             if chunked:
                 self._raw_write(data)
             else:
