@@ -32,43 +32,69 @@ class DeliveryDelays:
 
     The fan-out writes the same batch to every live client of a filter
     group in one pass: those writes are counted together (one clock read
-    and one comparison per client, the per-entry work once per batch)."""
+    and one comparison per client, the per-entry work once per batch).
+    A batch of one event counts with the writes of that event to other
+    sets (each set has its own batch, as its ids are its own): with many
+    sets, one event goes out in many one-event batches in a row."""
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock
         self.stream_of_topic: dict[str, str] = {}  # for clients of several streams
         self.streams: dict[str, _Histogram] = {}
-        self._run: Optional[list] = None  # [batch, streams, first write time, clients]
+        # [batch, streams, first write time, clients, record, stream]: the
+        # last batch written and its clients' streams; for a run of one-event
+        # batches also their record and the stream it counts for
+        self._run: Optional[list] = None
 
     def observe(self, batch: Any, streams: tuple[str, ...]) -> None:
         """A batch's matched entries were just written to a client of `streams`."""
         now = self.clock.seconds()
         run = self._run
-        if run is not None and run[0] is batch and run[1] == streams and now - run[2] < SAME_WRITE:
-            run[3] += 1
-            return
+        if run is not None and now - run[2] < SAME_WRITE:
+            if run[0] is batch and run[1] == streams:
+                run[3] += 1
+                return
+            record = run[4]
+            if record is not None:  # the same event in another set's batch?
+                matched = batch.matched
+                if len(matched) == 1 and matched[0].record is record and run[5] == (
+                        streams[0] if len(streams) == 1 else self.stream_of_topic.get(record.topic)):
+                    run[0], run[1] = batch, streams  # its next clients take the first test
+                    run[3] += 1
+                    return
         self.flush()
-        self._run = [batch, streams, now, 1]
+        matched = batch.matched
+        if len(matched) == 1:
+            record = matched[0].record
+            stream = streams[0] if len(streams) == 1 else self.stream_of_topic.get(record.topic)
+            self._run = [batch, streams, now, 1, record, stream]
+        else:
+            self._run = [batch, streams, now, 1, None, None]
 
     def flush(self) -> None:
         """Count the writes observed so far."""
         run, self._run = self._run, None
         if run is None:
             return
-        batch, streams, now, clients = run
+        batch, streams, now, clients, record, stream = run
         now_ms = now * 1000.0
+        if record is not None:
+            self._count(record, stream, now_ms, clients)
+            return
         single = streams[0] if len(streams) == 1 else None
         for entry in batch.matched:
             record = entry.record
-            stream = single or self.stream_of_topic.get(record.topic)
-            if stream is None:
-                continue
-            histogram = self.streams.get(stream)
-            if histogram is None:
-                histogram = self.streams[stream] = _Histogram()
-            delay = max(0.0, (now_ms - record.timestamp) / 1000.0)
-            histogram.counts[bisect_left(BUCKETS, delay)] += clients
-            histogram.sum += delay * clients
+            self._count(record, single or self.stream_of_topic.get(record.topic), now_ms, clients)
+
+    def _count(self, record: Any, stream: Optional[str], now_ms: float, clients: int) -> None:
+        if stream is None:
+            return
+        histogram = self.streams.get(stream)
+        if histogram is None:
+            histogram = self.streams[stream] = _Histogram()
+        delay = max(0.0, (now_ms - record.timestamp) / 1000.0)
+        histogram.counts[bisect_left(BUCKETS, delay)] += clients
+        histogram.sum += delay * clients
 
     def samples(self, stream_names: Sequence[str]) -> list[Sample]:
         """Prometheus samples (cumulative buckets), every configured stream."""

@@ -36,7 +36,7 @@ from .pacing import Pacer
 from .positions import Mark, Partitions, advance, cluster_suffix, encode_id, id_fragment
 from .rings import Item, PartitionRing, Rings, decode_checked, events, merged
 
-__all__ = ["Batch", "Entry", "Hub", "Hubs", "Sink", "Subscription", "TooManySets", "decode_checked",
+__all__ = ["LIVE", "Batch", "Entry", "Hub", "Hubs", "Sink", "Subscription", "TooManySets", "decode_checked",
            "decode_record", "matching"]
 
 log = Logger()
@@ -123,12 +123,14 @@ def id_text(tps: Sequence[TopicPartition], vector: Vector) -> str:
 
 
 def id_parts(tps: Sequence[TopicPartition], vector: Vector, suffix: str) -> list[str]:
-    """A position's id in parts, one per partition, whose join (+ "]") is
-    the id: the first opens the array and names the cluster (suffix), the
-    others are the ring items' cached fragments (rings.Item.fragment)."""
+    """A position's id in parts, one per partition and the closing "]",
+    whose join is the id: the first opens the array and names the cluster
+    (suffix), the others are the ring items' cached fragments
+    (rings.Item.fragment)."""
     parts = ["," + id_fragment(tp[0], tp[1], slot[0], slot[1]) + "}" for tp, slot in zip(tps, vector)]
     if parts:
         parts[0] = first_part(parts[0], suffix)
+    parts.append("]")
     return parts
 
 
@@ -161,6 +163,8 @@ class Sink(Protocol):
 def matching(entries: list[Entry], flt: Optional[Filter]) -> list[Entry]:
     """The entries a client with this filter gets (the others only move its id)."""
     if flt is None:
+        if len(entries) == 1:  # a pass of one event, the usual case with many sets
+            return entries if entries[0].data is not None else []
         return [e for e in entries if e.data is not None]
     return [e for e in entries if e.data is not None and flt.matches(e.event)]  # type: ignore[arg-type]
 
@@ -361,12 +365,12 @@ class Subscription:
         for item in merged([ring.items_from(o) for ring, o in zip(hub.rings_, offsets)]):
             if item.seq > limit:
                 break  # the hub's next pass sends it
-            i = index[(item.topic, item.partition)]
+            i = index[item.tp]
             offsets[i] = item.offset + 1
             stamps[i] = item.mark
             frags[i] = first_part(item.fragment, suffix) if i == 0 else item.fragment
             entry = Entry(item.seq, item, _LAZY, item.data, tps, tuple(zip(offsets, stamps)))
-            entry._id = "".join(frags) + "]"
+            entry._id = "".join(frags)
             sent += 1
             if cut.add(entry) or sent >= REPLAY_CHUNK:
                 cut.flush()
@@ -438,7 +442,7 @@ class Subscription:
             self.last = None
             event, data = decode_record(record)
             entry = Entry(-1, record, event, data, tps, tuple(zip(self.offsets, self.stamps)))
-            entry._id = "".join(frags) + "]"
+            entry._id = "".join(frags)
             if cut.add(entry) and (self.closed or self.paused):
                 break
         cut.flush()
@@ -474,6 +478,7 @@ class Hub:
         self._tail: Any = None  # the shared rings while this hub follows them
         self._incoming: list[Item] = []  # from the rings, not yet sent
         self._frags: list[str] = []
+        self._cut = Cutter(self._send_live)  # one per hub: a pass makes none
         # max_gap 0: each pass on the turn after records arrive
         self._pacer = Pacer(clock, max_gap, self._fan_out, defer=True)
         self.on_empty: Optional[Callable[["Hub"], None]] = None
@@ -611,13 +616,16 @@ class Hub:
 
     def _fan_out(self) -> None:
         """Move the head over the queued items and send them to the live
-        clients, a batch at a time."""
+        clients, a batch at a time. With many sets this runs once per set
+        for every event, so what it makes per item is the least a set
+        needs: the head, and for live clients one Entry with its id."""
         items, self._incoming = self._incoming, []
         index, tps, suffix, frags = self.index, self.tps, self.suffix, self._frags
         head = list(self.head)
-        cut = Cutter(self._send_live)
+        cut = self._cut
+        vector: Optional[Vector] = None
         for item in items:
-            i = index.get((item.topic, item.partition))
+            i = index.get(item.tp)
             if i is None or item.offset < head[i][0]:
                 continue
             head[i] = (item.offset + 1, item.mark)
@@ -629,12 +637,14 @@ class Hub:
                 self.skipped_records += 1
                 self.skipped_reasons[why] = self.skipped_reasons.get(why, 0) + 1
             if not self.groups:
+                vector = None
                 continue  # nobody live: only the head moves
+            # the head as a batch is sent stands after its last entry
             self.head = vector = tuple(head)
             entry = Entry(item.seq, item, _LAZY, data, tps, vector)
-            entry._id = "".join(frags) + "]"
+            entry._id = "".join(frags)
             cut.add(entry)
-        self.head = tuple(head)
+        self.head = vector if vector is not None else tuple(head)
         cut.flush()
         self._wake()
 
@@ -651,7 +661,7 @@ class Hub:
         for flt, subs in list(self.groups.values()):
             batch = Batch(matching(entries, flt), last)
             for sub in list(subs):  # the fan-out itself: keep it lean
-                if not sub.closed:
+                if sub.state is not GONE:
                     sub.last = last
                     try:
                         sub.sink.send_batch(batch)

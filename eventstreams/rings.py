@@ -79,22 +79,20 @@ class Item:
     partition, offset, timestamp). `data` is None for a skipped record: it
     only moves the id."""
 
-    __slots__ = ("seq", "topic", "partition", "offset", "mark", "data", "fragment")
+    __slots__ = ("seq", "topic", "partition", "tp", "offset", "mark", "data", "fragment")
 
     def __init__(self, seq: int, topic: str, partition: int, offset: int, mark: Mark,
-                 data: Optional[bytes]):
+                 data: Optional[bytes], tp: Optional[TopicPartition] = None):
         self.seq = seq  # arrival order over all rings
         self.topic = topic
         self.partition = partition
+        # made once (its ring's): every set that takes the item looks it up
+        self.tp = tp if tp is not None else (topic, partition)
         self.offset = offset
         self.mark = mark  # the partition's mark after this record
         self.data = data
         # as it follows another partition's entry in an id (hub.id_parts)
         self.fragment = "," + id_fragment(topic, partition, offset + 1, mark) + "}"
-
-    @property
-    def tp(self) -> TopicPartition:
-        return (self.topic, self.partition)
 
     @property
     def timestamp(self) -> int:
@@ -109,8 +107,9 @@ class Skipped(Item):
 
     __slots__ = ("why",)
 
-    def __init__(self, seq: int, topic: str, partition: int, offset: int, mark: Mark, why: str):
-        super().__init__(seq, topic, partition, offset, mark, None)
+    def __init__(self, seq: int, topic: str, partition: int, offset: int, mark: Mark, why: str,
+                 tp: Optional[TopicPartition] = None):
+        super().__init__(seq, topic, partition, offset, mark, None, tp)
         self.why = why
 
 
@@ -385,14 +384,14 @@ class Rings:
             event, data, why = decode_checked(record)
             self.seq += 1
             if event is None:
-                item: Item = Skipped(self.seq, record.topic, record.partition, record.offset, mark, why)
+                item: Item = Skipped(self.seq, record.topic, record.partition, record.offset, mark, why, ring.tp)
                 self.skipped_records += 1
                 log.warn(
                     "skipping a record that is not a strict JSON object ({why}): {topic}/{partition}@{offset}",
                     why=why, topic=record.topic, partition=record.partition, offset=record.offset,
                 )
             else:
-                item = Item(self.seq, record.topic, record.partition, record.offset, mark, data)
+                item = Item(self.seq, record.topic, record.partition, record.offset, mark, data, ring.tp)
                 events.put(item, event)
             self.bytes += ring.push(item)
             self.entries += 1

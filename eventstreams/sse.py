@@ -15,7 +15,7 @@ from . import strictjson
 from .delay import DeliveryDelays
 from .errors import ApiError
 from .fastwrite import writer_for
-from .hub import Batch, Entry, Subscription
+from .hub import LIVE, Batch, Entry, Subscription
 
 OK = b":ok\n\n"
 HEARTBEAT = b":\n\n"
@@ -58,12 +58,27 @@ FRAME_KEYS = {(ndjson, chunked): ("ndjson" if ndjson else "sse") + ("-chunk" if 
 
 
 def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
-    """An event as a ready HTTP chunk, built once per entry and shared."""
+    """An event as a ready HTTP chunk, built once per entry and shared.
+    The SSE chunk is joined in one go, not framed and then copied into a
+    chunk: with many sets, every set builds its own for every event."""
     key = FRAME_KEYS[ndjson, True]
     frame = entry.frames.get(key)
     if frame is None:
-        frame = entry.frames[key] = chunk(ndjson_line(entry) if ndjson else event_frame(entry))
+        if ndjson:
+            frame = chunk(ndjson_line(entry))
+        else:
+            cached = entry.frames.get("sse")
+            if cached is not None:
+                frame = chunk(cached)
+            else:
+                id_bytes, data = entry.id_text().encode("utf-8"), entry.data or b""
+                frame = b"".join((b"%x\r\n" % (len(id_bytes) + len(data) + _SSE_FRAMING), b"event: message\nid: ",
+                                  id_bytes, b"\ndata: ", data, b"\n\n\r\n"))
+        entry.frames[key] = frame
     return frame
+
+
+_SSE_FRAMING = len(b"event: message\nid: " + b"\ndata: " + b"\n\n")  # event_frame's bytes beside the id and data
 
 
 def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
@@ -76,9 +91,11 @@ def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
         if len(matched) == 1 and chunked:
             frame = chunked_frame(matched[0], ndjson)
         else:
-            frame = b"".join(ndjson_line(e) if ndjson else event_frame(e) for e in matched)
-            if chunked:
-                frame = chunk(frame)
+            frames = [ndjson_line(e) if ndjson else event_frame(e) for e in matched]
+            if chunked:  # the chunk's head and tail joined with the frames: one copy
+                frames.insert(0, b"%x\r\n" % sum(map(len, frames)))
+                frames.append(b"\r\n")
+            frame = b"".join(frames)
         batch.frames[key] = frame
     return frame
 
@@ -113,7 +130,7 @@ class ResponseSink:
     __slots__ = (
         "_write", "_transport", "_raw_write", "_finish", "ndjson", "id_updates", "connections", "streams",
         "client_ip", "subscription", "pending", "quiet", "closed", "started", "bytes_written", "counters",
-        "timer", "on_lost", "uri",
+        "timer", "on_lost", "uri", "_frame_key",
     )
 
     def __init__(
@@ -144,6 +161,7 @@ class ResponseSink:
         self.timer: Optional[Any] = None  # max_lifetime's DelayedCall
         self.on_lost: Optional[Callable[[], None]] = None  # e.g. give back a limit slot
         self.uri = ""  # the request's, for the body of an error event
+        self._frame_key = FRAME_KEYS[ndjson, False]  # which of a batch's frames this client gets
 
     def begin(self) -> None:
         """The response head is set: write the stream's first bytes."""
@@ -162,6 +180,7 @@ class ResponseSink:
         every client without per-client framing work."""
         self._transport = transport
         self._raw_write = writer_for(transport)
+        self._frame_key = FRAME_KEYS[self.ndjson, True]
 
     @property
     def transport(self) -> Optional[Any]:
@@ -186,7 +205,7 @@ class ResponseSink:
         if matched:
             # _emit, inlined: this runs once per client for every batch
             chunked = self._transport is not None
-            data = batch.frames.get(FRAME_KEYS[self.ndjson, chunked]) or batch_frame(batch, self.ndjson, chunked)
+            data = batch.frames.get(self._frame_key) or batch_frame(batch, self.ndjson, chunked)
             if chunked:
                 self._raw_write(data)
             else:
@@ -196,7 +215,7 @@ class ResponseSink:
             counters = self.counters
             counters.events_delivered += len(matched)
             counters.bytes_sent += len(data)
-            if self.subscription is not None and self.subscription.live:  # not a replay
+            if self.subscription is not None and self.subscription.state is LIVE:  # not a replay
                 self.connections.delays.observe(batch, self.streams)
             if matched[-1] is batch.last:
                 self.pending = None

@@ -81,6 +81,38 @@ class Histogram(unittest.TestCase):
                                1000 * 2.02 + 0.52 + 2.5, places=6)
 
 
+    def test_one_event_in_many_sets_batches_is_counted_per_client(self):
+        # With many sets each set sends an event in a batch of its own (its
+        # ids are its own): the writes of one event count together, each
+        # client once, for the stream the event counts for.
+        clock = Clock()
+        clock.advance(1_000)
+        delays = DeliveryDelays(clock)
+        delays.stream_of_topic = {"a1": "a", "b1": "b"}
+        event = _Entry("a1", 1_000_000 - 20)
+        for streams in [("a",), ("a", "b"), ("a",), ("b", "a"), ("a", "b")]:
+            batch = _Batch(event)
+            for _ in range(3):  # the clients of one set
+                delays.observe(batch, streams)
+        delays.observe(_Batch(event), ("b",))  # a one-stream client of b counts it under b
+        delays.observe(_Batch(_Entry("a1", 1_000_000 - 20)), ("a",))  # another record: its own
+        clock.advance(0.5)
+        delays.observe(_Batch(event), ("a",))  # the same event, written later: its own delay
+        delays.observe(_Batch(event, _Entry("b1", 1_000_500 - 2_000)), ("a", "b"))
+        samples = {(name, labels["stream"], labels.get("le")): value
+                   for name, _, _, labels, value in delays.samples(["a", "b"])}
+        count, bucket = "eventstreams_delivery_delay_seconds_count", "eventstreams_delivery_delay_seconds_bucket"
+        self.assertEqual(samples[count, "a", None], 15 + 1 + 1 + 1)
+        self.assertEqual(samples[bucket, "a", "0.025"], 16)
+        self.assertEqual(samples[bucket, "a", "0.5"], 16)
+        self.assertEqual(samples[bucket, "a", "1.0"], 18)
+        self.assertEqual(samples[count, "b", None], 2)
+        self.assertEqual(samples[bucket, "b", "0.025"], 1)
+        self.assertEqual(samples[bucket, "b", "2.5"], 2)
+        self.assertAlmostEqual(samples["eventstreams_delivery_delay_seconds_sum", "a", None],
+                               16 * 0.02 + 2 * 0.52, places=6)
+
+
 class DelayMetric(StreamTestCase):
     @async_test
     async def test_live_deliveries_are_measured_and_replays_are_not(self):

@@ -7,8 +7,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from eventstreams.backends.base import Record
-from eventstreams.hub import Entry, decode_checked, decode_record
-from eventstreams.sse import Connections, ResponseSink, comment_frame, error_frame, event_frame, id_frame, ndjson_line
+from eventstreams.hub import Batch, Entry, decode_checked, decode_record
+from eventstreams.sse import (Connections, ResponseSink, batch_frame, chunk, chunked_frame, comment_frame, error_frame,
+                              event_frame, id_frame, ndjson_line)
 
 TPS = (("eqiad.rc", 0), ("codfw.rc", 0))
 
@@ -54,6 +55,24 @@ class Framing(SynchronousTestCase):
         self.assertEqual(frame.count(b"\n"), 4)
         self.assertNotIn(b"\r", frame)
         self.assertIn(b'"comment":"line one\\nline two\\r\\n"', frame)
+
+    def test_chunked_frames_are_the_frames_in_one_http_chunk(self):
+        # Chunks are joined in one go (not framed, then copied into a chunk):
+        # the bytes must be exactly chunk(frame), however the frame was made.
+        for value in (b'{"title": "Z\xc3\xbcrich"}', b"{}"):
+            for ndjson in (False, True):
+                fresh, framed = entry(value), entry(value)
+                frame = ndjson_line(framed) if ndjson else event_frame(framed)  # cached first: reused
+                self.assertEqual(chunked_frame(fresh, ndjson), chunk(frame))
+                self.assertEqual(chunked_frame(framed, ndjson), chunk(frame))
+                self.assertIs(chunked_frame(fresh, ndjson), chunked_frame(fresh, ndjson))
+                one, two = entry(value), entry(b'{"b": 2}')
+                batch = Batch([one, two], two)
+                whole = b"".join(ndjson_line(e) if ndjson else event_frame(e) for e in (one, two))
+                self.assertEqual(batch_frame(batch, ndjson, True), chunk(whole))
+                self.assertEqual(batch_frame(Batch([one, two], two), ndjson, False), whole)
+                self.assertEqual(batch_frame(Batch([one], two), ndjson, True), chunk(whole[:len(whole) - len(
+                    ndjson_line(two) if ndjson else event_frame(two))]))
 
     def test_comment_frame_prefixes_every_line(self):
         self.assertEqual(comment_frame("one\ntwo\r"), b": one\n: two\n\n")
