@@ -32,10 +32,10 @@ import json
 import math
 from collections import OrderedDict
 from http import HTTPStatus
-from typing import Any, Optional
+from typing import Any, Optional, cast
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -278,14 +278,15 @@ class HeadBudget:
 class BudgetedChannel(http.HTTPChannel):
     """HTTPChannel whose request heads live within the site's HeadBudget
     (`site.head_budget`) and whose refusals are JSON errors. It keeps no
-    state of its own beyond `_refusing`: idle streams are many, and each
-    attribute is paid per client."""
+    state of its own beyond `_refusing` (and `_held`, on a connection
+    refused): idle streams are many, and each attribute is paid per client."""
 
     MAX_LENGTH = MAX_HEAD_BYTES  # one header line (LineReceiver's limit)
     totalHeadersSize = MAX_HEAD_BYTES  # over it: a 431 (Twisted's answer is a bare 400)
 
     transport: ITransport  # (Twisted's Optional: set before any of this runs)
     _refusing = False
+    _held: Any = None  # the delayed call of a refusal held back (over the request rate)
 
     @property
     def _budget(self) -> Optional[HeadBudget]:
@@ -322,19 +323,36 @@ class BudgetedChannel(http.HTTPChannel):
         else:
             self.refuse(None)
 
-    def refuse(self, error: Optional[ApiError], head: bytes = b"") -> None:
+    def refuse(self, error: Optional[ApiError], head: bytes = b"", after: float = 0.0) -> None:
         """Answer an error of the connection (no request to answer yet), or
         nothing, and close; `head`: the request line refused, which Twisted
-        has not parsed."""
+        has not parsed. With `after`, the answer waits that long, the
+        connection unread and still counted among those sending a head: a
+        client that comes back as soon as it is answered (a flood's loop)
+        then comes back at that pace, not as fast as the server refuses."""
         if self._refusing:
+            if self._held is not None and self._held.active():
+                self._held.reset(0)  # cut meanwhile (a bound, the deadline): the answer goes now
             return
         self._refusing = True
-        self._head_received()
+        answer = b""
         if error is not None:
             method, uri = request_line_of(head) if head else compat.request_line(self)
-            self.transport.write(error_bytes(error, method, uri))
+            answer = error_bytes(error, method, uri)
         self.setTimeout(None)
         self.persistent = False
+        budget = self._budget
+        if after > 0 and budget is not None:
+            cast(IPushProducer, self.transport).pauseProducing()  # (a FileDescriptor: it is one)
+            self._held = budget.clock.callLater(min(after, budget.deadline or after), self._close_with, answer)
+            return
+        self._close_with(answer)
+
+    def _close_with(self, answer: bytes) -> None:
+        self._held = None
+        self._head_received()
+        if answer:
+            self.transport.write(answer)
         self.transport.loseConnection()
 
     # -- twisted.web's parser ---------------------------------------------------
@@ -357,7 +375,7 @@ class BudgetedChannel(http.HTTPChannel):
         if budget is not None and self in budget.pending:
             error = budget.request_line(self, self.peer())
             if error is not None:
-                self.refuse(error, line)
+                self.refuse(error, line, after=error.retry_after or 1)
                 return
         super().lineReceived(line)
 
@@ -389,6 +407,9 @@ class BudgetedChannel(http.HTTPChannel):
         self.refuse(ApiError(400, "bad_request", "Bad Request", "the request is not valid HTTP/1.1"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         self._head_received()
         super().connectionLost(reason)
 

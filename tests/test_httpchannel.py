@@ -239,9 +239,16 @@ class RequestRate(unittest.TestCase):
         channel.makeConnection(transport)
         return channel, transport
 
-    def test_pipelined_requests_over_the_burst_get_a_429_and_the_connection_closes(self):
+    def test_pipelined_requests_over_the_burst_get_a_429_a_second_later_and_the_connection_closes(self):
         channel, transport = self.connect()
         channel.dataReceived(REQUEST * 10)
+        self.assertEqual(transport.value().count(b"hello"), 3)
+        # The 429 waits (the connection unread, still counted): a flood
+        # that comes back as soon as it is answered comes back at the rate.
+        self.assertEqual(transport.producerState, "paused")
+        self.assertFalse(transport.disconnecting)
+        self.assertIn(channel, self.budget.pending)
+        self.clock.advance(1)
         answers = transport.value().split(b"HTTP/1.1 ")[1:]
         self.assertEqual([a.split(b"\r\n")[0] for a in answers], [b"200 OK"] * 3 + [b"429 Too Many Requests"])
         self.assertIn(b"Retry-After: 1\r\n", answers[3])
@@ -258,7 +265,10 @@ class RequestRate(unittest.TestCase):
         for _ in range(5):
             channel, transport = self.connect()
             channel.dataReceived(b"GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n")
-            statuses.append(transport.value().split(b"\r\n")[0])
+            self.clock.advance(0)
+            statuses.append(transport)
+        self.clock.advance(1)
+        statuses = [t.value().split(b"\r\n")[0] for t in statuses]
         self.assertEqual(json.loads(transport.value().partition(b"\r\n\r\n")[2])["uri"], "/a?b")
         self.assertEqual(statuses, [b"HTTP/1.1 200 OK"] * 3 + [b"HTTP/1.1 429 Too Many Requests"] * 2)
         channel, transport = self.connect("192.0.2.2")
@@ -271,8 +281,30 @@ class RequestRate(unittest.TestCase):
         self.clock.advance(1)  # two more
         channel.dataReceived(REQUEST * 3)
         self.assertEqual(transport.value().count(b"hello"), 5)
+        self.clock.advance(1)
         self.assertTrue(transport.value().endswith(b"}"))  # the sixth: the 429's JSON body
         self.assertTrue(transport.disconnecting)
+
+    def test_a_held_refusal_cut_by_the_deadline_is_answered_then_and_closed(self):
+        budget = HeadBudget(self.clock, deadline=0.5, max_pending=100, max_per_address=100,
+                            request_rate=0.1, request_burst=1)
+        site = guard(Site(Hello(), reactor=self.clock), budget, ApiRequest, max_body=1000)
+        channel = site.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
+        channel.makeConnection(transport)
+        channel.dataReceived(REQUEST * 2)
+        self.clock.advance(0.5)  # the head deadline, before the token's 10 s
+        self.assertIn(b"429 Too Many Requests", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(budget.pending, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_connection_lost_while_its_refusal_is_held_leaves_no_timer(self):
+        channel, transport = self.connect()
+        channel.dataReceived(REQUEST * 4)
+        channel.connectionLost(None)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+        self.assertEqual(self.budget.pending, {})
 
     def test_a_connection_takes_its_token_with_its_request_line(self):
         # Not at its first byte: a head dripped byte by byte gets its 408 at

@@ -171,7 +171,7 @@ class RequestRate(RCStreamCase):
         # A polling client asks again as soon as it is answered: its polls
         # are bounded by the session caps, not by [eventstreams]
         # request_rate_per_ip, which other requests from its address meet.
-        d = await self.daemon("eventstreams.request_rate_per_ip=0.1", "eventstreams.request_burst_per_ip=3")
+        d = await self.daemon("eventstreams.request_rate_per_ip=0.5", "eventstreams.request_burst_per_ip=3")
         _, _, body = await self.text("GET", d.url("/socket.io/1/"))
         url = d.url(f"/socket.io/1/xhr-polling/{body.split(':')[0]}")
         answers = [await self.text("POST", url, data=b"2::") for _ in range(10)]
