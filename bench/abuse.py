@@ -49,7 +49,8 @@ RATE = bridges.RATE  # 30 events/s
 # and 127.0.2.x (HTTP), so the caps tell them apart; only when N/10 bridge
 # clients would put more than a cap on one healthy address is that cap
 # raised to fit them (reported).
-CAPS = {"irc": {"max_clients": 10000, "max_clients_per_address": 50},
+CAPS = {"irc": {"max_clients": 10000, "max_clients_per_address": 50, "connect_rate_per_address": 2,
+                "connect_burst_per_address": 20},
         "rcstream": {"max_sessions": 10000, "max_sessions_per_address": 100, "max_handshakes_per_second": 10}}
 
 
@@ -62,7 +63,7 @@ def sections(bridge_count: int) -> tuple[str, list[str]]:
     raised = []
     for section, caps in CAPS.items():
         for key, value in caps.items():
-            if key != "max_clients" and key != "max_sessions" and per_address > value:
+            if key not in ("max_clients", "max_sessions", "connect_rate_per_address") and per_address > value:
                 raised.append(f"{section}.{key}={per_address}")
                 value = per_address
             old = f"\n{key} = 0\n"

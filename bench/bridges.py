@@ -60,6 +60,8 @@ ping_timeout = 180
 queue_size = 1000
 max_clients = 0
 max_clients_per_address = 0
+connect_rate_per_address = 0
+connect_burst_per_address = 0
 """
 
 RCSTREAM_SECTION = """

@@ -489,7 +489,9 @@ class ConnectionFlood(IRCAbuseTestCase):
     async def test_many_idle_connections_from_one_address_are_capped(self):
         """Connections that never register: the per-address cap refuses the
         excess at once and the registration deadline ends the others."""
-        await self.start("irc.max_clients_per_address=30", "irc.registration_timeout=2")
+        # (the connect rate, ConnectThrottle's, would refuse most of them first)
+        await self.start("irc.max_clients_per_address=30", "irc.registration_timeout=2",
+                         "irc.connect_rate_per_address=0")
         client = await self.healthy_in_channel()
         quiet = await self.measure(client, 3)
         idle: list[RawIRC] = []
@@ -514,6 +516,42 @@ class ConnectionFlood(IRCAbuseTestCase):
         await defer.gatherResults([c.wait_for(lambda c=c: c.done, timeout=10) for c in idle])
         self.assertTrue(all(c.lines[-1].startswith("ERROR :Closing Link: (") for c in idle))
         self.assertIn("ERROR :Closing Link: (Registration timed out)", [c.lines[-1] for c in idle])
+        self.assertFalse(client.done)
+
+
+class ConnectThrottle(IRCAbuseTestCase):
+    @async_test
+    async def test_a_reconnect_loop_is_held_to_the_connect_rate(self):
+        """Clients that connect again as soon as they are closed (the IRC
+        flood's loop): before, each came back at once and cost a whole
+        connection; now those over the rate wait for their ERROR."""
+        rate, burst = 2, 5
+        await self.start(f"irc.connect_rate_per_address={rate}", f"irc.connect_burst_per_address={burst}")
+        client = await self.healthy_in_channel()  # (127.0.0.1: its own tokens)
+        quiet = await self.measure(client, 3)
+        lines: list[str] = []
+        looping = True
+
+        async def reconnect_loop() -> None:
+            while looping:
+                c = RawIRC()
+                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.irc, bindAddress=(ATTACKER, 0))
+                await connectProtocol(endpoint, c)
+                c.send("QUIT")  # closed at once when admitted
+                await c.closed
+                lines.extend(c.lines[-1:])
+
+        started = time.monotonic()
+        loops = [defer.ensureDeferred(reconnect_loop()) for _ in range(5)]
+        attacked = await self.measure(client, 4)
+        looping = False
+        await defer.gatherResults(loops)
+        elapsed = time.monotonic() - started
+        self.assertHealthy(quiet, attacked)
+        throttled = lines.count("ERROR :Closing Link: (Reconnecting too fast, throttled)")
+        self.assertGreater(throttled, 0, lines[-5:])
+        self.assertLessEqual(len(lines) - throttled, burst + rate * elapsed + 1, lines[-5:])
+        self.assertLessEqual(len(lines), burst + rate * elapsed + 5 * (elapsed + 1), lines[-5:])
         self.assertFalse(client.done)
 
 

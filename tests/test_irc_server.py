@@ -650,6 +650,48 @@ class IPv6Hosts(ServerTestCase):
         self.assertEqual(self.server.per_address, {"10.0.0.8": 1})
 
 
+class ConnectThrottle(ServerTestCase):
+    """New connections a second per address (ircds' "throttle"): over it,
+    the ERROR comes after a wait, the connection unread meanwhile."""
+
+    config = dataclasses.replace(ServerTestCase.config, connect_rate_per_address=1, connect_burst_per_address=3)
+
+    def at(self, host: str) -> Client:
+        return Client(self.server, StringTransport(peerAddress=IPv4Address("TCP", host, 4242)))
+
+    def test_connections_over_the_burst_are_told_after_a_wait_and_closed(self):
+        first = [self.at("10.0.0.1") for _ in range(3)]
+        fourth = self.at("10.0.0.1")
+        self.assertEqual(fourth.lines(), [])  # not yet: held
+        self.assertEqual(fourth.transport.producerState, "paused")  # and not read
+        fourth.protocol.dataReceived(b"NICK a\r\nUSER a 0 * :a\r\n")  # (what was already read)
+        self.assertEqual(fourth.lines(), [])
+        self.clock.advance(1)
+        self.assertEqual(fourth.lines(), ["ERROR :Closing Link: (Reconnecting too fast, throttled)"])
+        self.assertTrue(fourth.transport.disconnecting)
+        self.assertFalse(any(c.transport.disconnecting for c in first))
+        self.assertNotIn(fourth.protocol, self.server.clients)
+        other = self.at("10.0.0.2")  # another address: its own tokens
+        self.assertFalse(other.transport.disconnecting)
+        self.clock.advance(1)  # a token back
+        self.assertFalse(self.at("10.0.0.1").transport.disconnecting)
+        samples = {name: value for name, _, _, _, value in self.server.samples()}
+        self.assertEqual(samples["eventstreams_irc_refused_total"], 1)
+
+    def test_a_held_connection_that_goes_away_leaves_no_timer(self):
+        for _ in range(3):
+            self.at("10.0.0.1")
+        held = self.at("10.0.0.1")
+        held.protocol.connectionLost(None)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active() and c.getTime() <= 1.0], [])
+
+    def test_full_buckets_are_dropped_at_the_keepalive(self):
+        self.at("10.0.0.1")
+        self.assertIn("10.0.0.1", self.server.connects.buckets)
+        self.clock.advance(self.config.ping_interval)
+        self.assertEqual(self.server.connects.buckets, {})
+
+
 class LimitsConfig(unittest.TestCase):
     def load(self, *overrides: str):
         return irc_config(load(write_config(self.mktemp()), ("irc.listen=tcp:6667",) + overrides))
@@ -658,6 +700,7 @@ class LimitsConfig(unittest.TestCase):
         c = self.load()
         self.assertEqual((c.max_clients, c.max_clients_per_address, c.registration_timeout, c.flood_rate,
                           c.flood_burst, c.flood_buffer), (10000, 50, 60.0, 10.0, 20, 16384))
+        self.assertEqual((c.connect_rate_per_address, c.connect_burst_per_address), (2.0, 20))
 
     def test_values_and_errors(self):
         c = self.load("irc.max_clients=0", "irc.max_clients_per_address=0", "irc.registration_timeout=2m",
@@ -682,7 +725,7 @@ class LimitsConfig(unittest.TestCase):
                 text = f.read()
             section = text[text.index("[irc]"):]
             for key in ("max_clients", "max_clients_per_address", "registration_timeout", "flood_rate",
-                        "flood_burst", "flood_buffer"):
+                        "flood_burst", "flood_buffer", "connect_rate_per_address", "connect_burst_per_address"):
                 self.assertIn(f"\n{key} = ", section, f"{path}: {key}")
 
 

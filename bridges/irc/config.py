@@ -53,6 +53,8 @@ class IRCConfig:
     # What one client may cost (issue 12); 0 = no limit for the counts.
     max_clients: int = 10000  # connections in all
     max_clients_per_address: int = 50  # connections from one address
+    connect_rate_per_address: float = 2.0  # new connections a second from one address (ircd "throttle")
+    connect_burst_per_address: int = 20  # of those, how many at once
     registration_timeout: float = 60.0  # seconds from connect to NICK + USER done
     flood_rate: float = 10.0  # commands a second, sustained (token bucket refill)
     flood_burst: int = 20  # commands at once (bucket size)
@@ -72,6 +74,8 @@ FIELDS: dict[str, Callable] = declare_section("irc", {
     "flush_interval": values.seconds,
     "max_clients": values.count,
     "max_clients_per_address": values.count,
+    "connect_rate_per_address": values.number,
+    "connect_burst_per_address": values.count,
     "registration_timeout": values.duration,
     "flood_rate": values.number,
     "flood_burst": values.positive_count,

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from eventstreams import __version__
+from eventstreams.buckets import Buckets
 from eventstreams.fastwrite import no_delay, writer_for
 from eventstreams.metrics import Sample
 from eventstreams.pacing import Pacer
@@ -65,6 +66,7 @@ log = Logger()
 
 VERSION = f"eventstreams-{__version__}"
 CLOSE_TIMEOUT = 10.0  # seconds a closing connection may take to flush
+THROTTLED = "Reconnecting too fast, throttled"  # (as ircds say it)
 MAX_LINE = 510  # bytes of a client line (without CRLF) that are run; characters of a line sent
 LINE_CAP = 512  # bytes kept of a line whose newline has not come yet
 NICKLEN = 30
@@ -133,6 +135,7 @@ class IRCServer(Service):
         self.channels: dict[str, Channel] = {}  # by irc_lower(name)
         self.clients: set[IRCClient] = set()
         self.per_address: dict[str, int] = {}  # connected clients by address
+        self.connects = Buckets(config.connect_rate_per_address, config.connect_burst_per_address)
         self.counters = Counters()
         self.bot = f"{config.botname}!{config.botname}@{config.servername}"
         self.factory = _ClientFactory(self)
@@ -213,6 +216,7 @@ class IRCServer(Service):
 
     def keepalive(self) -> None:
         now = self.clock.seconds()
+        self.connects.prune(now)
         timeout = self.config.ping_timeout
         for client in list(self.clients):
             idle = now - client.last_pong
@@ -222,13 +226,16 @@ class IRCServer(Service):
                 client.send(Message("PING", (self.config.servername,), trailing=True))
 
     def admit(self, address: Optional[str]) -> Optional[str]:
-        """Why a new connection from address is refused, or None."""
+        """Why a new connection from address is refused, or None; takes one
+        of the address's connect_rate_per_address tokens."""
         c = self.config
         if c.max_clients and len(self.clients) >= c.max_clients:
             return "Server is full, try later"
         if address is not None and c.max_clients_per_address \
                 and self.per_address.get(address, 0) >= c.max_clients_per_address:
             return "Too many connections from your address"
+        if address is not None and not self.connects.take(address, self.clock.seconds()):
+            return THROTTLED
         return None
 
     # -- metrics -------------------------------------------------------------
@@ -245,7 +252,8 @@ class IRCServer(Service):
             ("eventstreams_irc_clients_dropping", "gauge", "Connected IRC clients that have lost lines.", {},
              sum(1 for client in self.clients if client.dropped)),
             ("eventstreams_irc_refused_total", "counter",
-             "IRC connections refused (max_clients, max_clients_per_address).", {}, c.refused),
+             "IRC connections refused (max_clients, max_clients_per_address, connect_rate_per_address).", {},
+             c.refused),
             ("eventstreams_irc_excess_flood_total", "counter", "IRC clients closed for Excess Flood.", {}, c.flooded),
         ]
 
@@ -305,6 +313,13 @@ class IRCClient(Protocol):
         refused = server.admit(self.address)
         if refused is not None:
             server.counters.refused += 1
+            if refused == THROTTLED and self.address is not None:
+                # Told after a wait, unread meanwhile: a client that comes
+                # back as soon as it is closed comes back at the rate.
+                self.transport.pauseProducing()
+                wait = min(CLOSE_TIMEOUT, max(1.0, server.connects.wait(self.address, clock.seconds())))
+                self._deadline = clock.callLater(wait, self.close, refused)
+                return
             self.close(refused)
             return
         self.counted = True
