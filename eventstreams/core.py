@@ -135,8 +135,8 @@ def tune_gc() -> None:
     less often than Python's 700 (its cost showed at the allocation sites of
     every request), but not so rarely that one collection stalls every
     client: connections that come and go leave cycles (channel, transport,
-    timers) for the collector, and at 20,000 a young collection took 20-55
-    ms and a middle one 177 ms under `bench abuse`; at 5,000, 5-8 and 8-26
-    ms, and the firehose's CPU per delivery is the same."""
-    gc.freeze()
-    gc.set_threshold(5_000, 20, 20)
+    timers) for the collector. Under `bench abuse`'s connection churn, at
+    20,000 a young collection took 20-55 ms and a middle one 177 ms; at
+    10,000, 7-24 and 54-62 ms. (At 5,000 the pauses were shorter still, but
+    `bench idle` took 11-13 KiB per client instead of 8.2.)"""
+    gc.set_threshold(10_000, 20, 20)
