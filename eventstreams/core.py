@@ -139,4 +139,5 @@ def tune_gc() -> None:
     20,000 a young collection took 20-55 ms and a middle one 177 ms; at
     10,000, 7-24 and 54-62 ms. (At 5,000 the pauses were shorter still, but
     `bench idle` took 11-13 KiB per client instead of 8.2.)"""
+    gc.freeze()
     gc.set_threshold(10_000, 20, 20)
