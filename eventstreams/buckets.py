@@ -1,8 +1,8 @@
 """A token bucket per key (a client address), for per-address rates:
 `rate` tokens a second, at most `burst` saved (`rate` when not given, and
-never under one). One
-dict of (tokens, when) pairs serves every address; an address whose bucket
-is full again holds nothing a fresh one would not, so prune() drops it."""
+never under one). One dict of (tokens, when) pairs serves every address;
+an address whose bucket is full again holds nothing a fresh one would not,
+so prune() drops it."""
 from __future__ import annotations
 
 from typing import Optional

@@ -123,8 +123,9 @@ class HeadBudget:
     request head: a deadline for each, a bound in all and, on those that
     have sent part of a head, per peer address; and a rate of heads per
     peer address, taken at a head's request line, so that a few addresses
-    cannot spend the reactor on cheap requests: over it, a 429 and the
-    connection closed before anything more is parsed.
+    cannot spend the reactor on cheap requests: over it, a 429, after a
+    wait (BudgetedChannel.refuse), and the connection closed, nothing more
+    of it parsed.
 
     A connection accepted but not read yet is no evidence of a slow client
     (a burst of connects outruns any reactor), so it is never refused or cut
@@ -160,7 +161,8 @@ class HeadBudget:
         labels = {"listener": self.listener}
         return [("eventstreams_request_heads_cut_total", "counter",
                  "Connections cut while sending a request head: refused (over the per-address bound), "
-                 "evicted (the longest waiting, over the total) or timed_out.", {**labels, "reason": reason}, n)
+                 "evicted (the longest waiting, over the total), timed_out, or over_rate (over the "
+                 "per-address request rate).", {**labels, "reason": reason}, n)
                 for reason, n in (("refused", self.refused), ("evicted", self.evicted), ("timed_out", self.timed_out),
                                   ("over_rate", self.over_rate))]
 
