@@ -23,13 +23,16 @@ NDJSON_START = b"\n"
 NDJSON_HEARTBEAT = b"\n"
 
 
+def event_parts(entry: Entry) -> list[bytes]:
+    """`event: message`, the id over every partition, one `data:` line, in
+    pieces: event_frame joins them, chunked_frame joins them into a chunk."""
+    return [b"event: message\nid: ", entry.id_text().encode("utf-8"), b"\ndata: ", entry.data or b"", b"\n\n"]
+
+
 def event_frame(entry: Entry) -> bytes:
-    """`event: message`, the id over every partition, one `data:` line."""
     frame = entry.frames.get("sse")
     if frame is None:
-        frame = entry.frames["sse"] = b"".join(
-            (b"event: message\nid: ", entry.id_text().encode("utf-8"), b"\ndata: ", entry.data or b"", b"\n\n")
-        )
+        frame = entry.frames["sse"] = b"".join(event_parts(entry))
     return frame
 
 
@@ -53,6 +56,11 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
+def chunk_of(parts: list[bytes]) -> bytes:
+    """The parts as one HTTP/1.1 chunk, joined in one copy."""
+    return b"".join([b"%x\r\n" % sum(map(len, parts)), *parts, b"\r\n"])
+
+
 FRAME_KEYS = {(ndjson, chunked): ("ndjson" if ndjson else "sse") + ("-chunk" if chunked else "")
               for ndjson in (False, True) for chunked in (False, True)}
 
@@ -68,17 +76,9 @@ def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
             frame = chunk(ndjson_line(entry))
         else:
             cached = entry.frames.get("sse")
-            if cached is not None:
-                frame = chunk(cached)
-            else:
-                id_bytes, data = entry.id_text().encode("utf-8"), entry.data or b""
-                frame = b"".join((b"%x\r\n" % (len(id_bytes) + len(data) + _SSE_FRAMING), b"event: message\nid: ",
-                                  id_bytes, b"\ndata: ", data, b"\n\n\r\n"))
+            frame = chunk(cached) if cached is not None else chunk_of(event_parts(entry))
         entry.frames[key] = frame
     return frame
-
-
-_SSE_FRAMING = len(b"event: message\nid: " + b"\ndata: " + b"\n\n")  # event_frame's bytes beside the id and data
 
 
 def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
@@ -92,10 +92,7 @@ def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
             frame = chunked_frame(matched[0], ndjson)
         else:
             frames = [ndjson_line(e) if ndjson else event_frame(e) for e in matched]
-            if chunked:  # the chunk's head and tail joined with the frames: one copy
-                frames.insert(0, b"%x\r\n" % sum(map(len, frames)))
-                frames.append(b"\r\n")
-            frame = b"".join(frames)
+            frame = chunk_of(frames) if chunked else b"".join(frames)
         batch.frames[key] = frame
     return frame
 
