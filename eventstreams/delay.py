@@ -57,8 +57,7 @@ class DeliveryDelays:
             record = run[4]
             if record is not None:  # the same event in another set's batch?
                 matched = batch.matched
-                if len(matched) == 1 and matched[0].record is record and run[5] == (
-                        streams[0] if len(streams) == 1 else self.stream_of_topic.get(record.topic)):
+                if len(matched) == 1 and matched[0].record is record and run[5] == self._stream_of(record, streams):
                     run[0], run[1] = batch, streams  # its next clients take the first test
                     run[3] += 1
                     return
@@ -66,8 +65,7 @@ class DeliveryDelays:
         matched = batch.matched
         if len(matched) == 1:
             record = matched[0].record
-            stream = streams[0] if len(streams) == 1 else self.stream_of_topic.get(record.topic)
-            self._run = [batch, streams, now, 1, record, stream]
+            self._run = [batch, streams, now, 1, record, self._stream_of(record, streams)]
         else:
             self._run = [batch, streams, now, 1, None, None]
 
@@ -81,10 +79,13 @@ class DeliveryDelays:
         if record is not None:
             self._count(record, stream, now_ms, clients)
             return
-        single = streams[0] if len(streams) == 1 else None
         for entry in batch.matched:
-            record = entry.record
-            self._count(record, single or self.stream_of_topic.get(record.topic), now_ms, clients)
+            self._count(entry.record, self._stream_of(entry.record, streams), now_ms, clients)
+
+    def _stream_of(self, record: Any, streams: tuple[str, ...]) -> Optional[str]:
+        """The stream a record counts for: the client's, or its topic's when
+        the client follows several."""
+        return streams[0] if len(streams) == 1 else self.stream_of_topic.get(record.topic)
 
     def _count(self, record: Any, stream: Optional[str], now_ms: float, clients: int) -> None:
         if stream is None:
