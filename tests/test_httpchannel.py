@@ -3,6 +3,7 @@ in-memory transports: deadlines, bounds, and the refusals' wire form."""
 from __future__ import annotations
 
 import json
+from typing import Any, Optional
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -27,17 +28,29 @@ class Hello(Resource):
         return b"hello"
 
 
-class Budgeted(unittest.TestCase):
+class SiteCase(unittest.TestCase):
+    """A guarded site on a fake clock (its HeadBudget made of budget_args),
+    and in-memory connections to it."""
+
+    budget_args: dict[str, Any] = {}
+
     def setUp(self) -> None:
         self.clock = Clock()
-        self.budget = HeadBudget(self.clock, deadline=10, max_pending=3, max_per_address=2)
-        self.site = guard(Site(Hello(), reactor=self.clock), self.budget, ApiRequest, max_body=1000)
+        self.budget, self.site = self.budgeted(**self.budget_args)
 
-    def connect(self, host: str = "192.0.2.1"):
-        channel = self.site.buildProtocol(None)
+    def budgeted(self, **budget_args: Any) -> tuple[HeadBudget, Site]:
+        budget = HeadBudget(self.clock, **budget_args)
+        return budget, guard(Site(Hello(), reactor=self.clock), budget, ApiRequest, max_body=1000)
+
+    def connect(self, host: str = "192.0.2.1", site: Optional[Site] = None):
+        channel = (site or self.site).buildProtocol(None)
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
         channel.makeConnection(transport)
         return channel, transport
+
+
+class Budgeted(SiteCase):
+    budget_args = {"deadline": 10, "max_pending": 3, "max_per_address": 2}
 
     def answer(self, transport: StringTransport) -> tuple[bytes, dict]:
         head, _, body = transport.value().partition(b"\r\n\r\n")
@@ -223,21 +236,11 @@ class Budgeted(unittest.TestCase):
         self.assertEqual(body["type"], "invalid_path")
 
 
-class RequestRate(unittest.TestCase):
+class RequestRate(SiteCase):
     """Request heads a second per address: a token bucket taken at a head's
-    first bytes, so the requests over it are never parsed."""
+    request line, so the headers of the requests over it are never parsed."""
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.budget = HeadBudget(self.clock, deadline=10, max_pending=100, max_per_address=100,
-                                 request_rate=2, request_burst=3)
-        self.site = guard(Site(Hello(), reactor=self.clock), self.budget, ApiRequest, max_body=1000)
-
-    def connect(self, host: str = "192.0.2.1"):
-        channel = self.site.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
-        channel.makeConnection(transport)
-        return channel, transport
+    budget_args = {"deadline": 10, "max_pending": 100, "max_per_address": 100, "request_rate": 2, "request_burst": 3}
 
     def test_pipelined_requests_over_the_burst_get_a_429_a_second_later_and_the_connection_closes(self):
         channel, transport = self.connect()
@@ -286,12 +289,9 @@ class RequestRate(unittest.TestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_a_held_refusal_cut_by_the_deadline_is_answered_then_and_closed(self):
-        budget = HeadBudget(self.clock, deadline=0.5, max_pending=100, max_per_address=100,
-                            request_rate=0.1, request_burst=1)
-        site = guard(Site(Hello(), reactor=self.clock), budget, ApiRequest, max_body=1000)
-        channel = site.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
-        channel.makeConnection(transport)
+        budget, site = self.budgeted(deadline=0.5, max_pending=100, max_per_address=100,
+                                     request_rate=0.1, request_burst=1)
+        channel, transport = self.connect(site=site)
         channel.dataReceived(REQUEST * 2)
         self.clock.advance(0.5)  # the head deadline, before the token's 10 s
         self.assertIn(b"429 Too Many Requests", transport.value())
@@ -336,11 +336,8 @@ class RequestRate(unittest.TestCase):
         self.assertEqual(list(self.budget.requests.buckets), ["192.0.2.9"])
 
     def test_no_rate_no_bound(self):
-        budget = HeadBudget(self.clock, deadline=10, max_pending=100, max_per_address=100)
-        site = guard(Site(Hello(), reactor=self.clock), budget, ApiRequest, max_body=1000)
-        channel = site.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000))
-        channel.makeConnection(transport)
+        budget, site = self.budgeted(deadline=10, max_pending=100, max_per_address=100)
+        channel, transport = self.connect(site=site)
         channel.dataReceived(REQUEST * 200)
         self.assertEqual(transport.value().count(b"hello"), 200)
         self.assertEqual(budget.requests.buckets, {})
