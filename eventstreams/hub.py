@@ -86,7 +86,7 @@ class Entry:
         self.tps = tps
         self.vector = vector
         self.frames: dict[str, bytes] = {}
-        self._id: Optional[str] = None
+        self._id: Optional[bytes] = None  # UTF-8: frames are bytes, and every set makes one per event
 
     @property
     def event(self) -> Optional[dict]:
@@ -95,11 +95,14 @@ class Entry:
             event = self._event = events.get(self.record)
         return event
 
-    def id_text(self) -> str:
+    def id_bytes(self) -> bytes:
         """The SSE id: where to resume after this entry, for every partition."""
         if self._id is None:
-            self._id = id_text(self.tps, self.vector)
+            self._id = id_text(self.tps, self.vector).encode("utf-8")
         return self._id
+
+    def id_text(self) -> str:
+        return self.id_bytes().decode("utf-8")
 
 
 class Batch:
@@ -122,21 +125,26 @@ def id_text(tps: Sequence[TopicPartition], vector: Vector) -> str:
                      getattr(tps, "cluster", None))
 
 
-def id_parts(tps: Sequence[TopicPartition], vector: Vector, suffix: str) -> list[str]:
+def id_parts(tps: Sequence[TopicPartition], vector: Vector, suffix: bytes) -> list[bytes]:
     """A position's id in parts, one per partition and the closing "]",
     whose join is the id: the first opens the array and names the cluster
     (suffix), the others are the ring items' cached fragments
     (rings.Item.fragment)."""
-    parts = ["," + id_fragment(tp[0], tp[1], slot[0], slot[1]) + "}" for tp, slot in zip(tps, vector)]
+    parts = [fragment_of(tp, slot) for tp, slot in zip(tps, vector)]
     if parts:
         parts[0] = first_part(parts[0], suffix)
-    parts.append("]")
+    parts.append(b"]")
     return parts
 
 
-def first_part(fragment: str, suffix: str) -> str:
+def fragment_of(tp: TopicPartition, slot: Slot) -> bytes:
+    """A partition's entry of an id as it follows another's, in UTF-8."""
+    return b"," + id_fragment(tp[0], tp[1], slot[0], slot[1]).encode("utf-8") + b"}"
+
+
+def first_part(fragment: bytes, suffix: bytes) -> bytes:
     """An item's fragment as the first entry of an id."""
-    return "[" + fragment[1:-1] + suffix
+    return b"[" + fragment[1:-1] + suffix
 
 
 class TooManySets(Exception):
@@ -370,7 +378,7 @@ class Subscription:
             stamps[i] = item.mark
             frags[i] = first_part(item.fragment, suffix) if i == 0 else item.fragment
             entry = Entry(item.seq, item, _LAZY, item.data, tps, tuple(zip(offsets, stamps)))
-            entry._id = "".join(frags)
+            entry._id = b"".join(frags)
             sent += 1
             if cut.add(entry) or sent >= REPLAY_CHUNK:
                 cut.flush()
@@ -437,12 +445,12 @@ class Subscription:
                 )
             self.offsets[i] = record.offset + 1
             self.stamps[i] = mark = advance(self.stamps[i], record.timestamp)
-            fragment = "," + id_fragment(record.topic, record.partition, record.offset + 1, mark) + "}"
+            fragment = fragment_of(record.tp, (record.offset + 1, mark))
             frags[i] = first_part(fragment, suffix) if i == 0 else fragment
             self.last = None
             event, data = decode_record(record)
             entry = Entry(-1, record, event, data, tps, tuple(zip(self.offsets, self.stamps)))
-            entry._id = "".join(frags)
+            entry._id = b"".join(frags)
             if cut.add(entry) and (self.closed or self.paused):
                 break
         cut.flush()
@@ -465,10 +473,11 @@ class Hub:
     ):
         self.backend = backend
         self.tps = Partitions(tps, getattr(backend, "cluster", None))  # ids name the cluster
-        self.suffix = cluster_suffix(self.tps.cluster)
+        self.suffix = cluster_suffix(self.tps.cluster).encode("utf-8")
         self.index = {tp: i for i, tp in enumerate(self.tps)}
         self.clock = clock
-        self.head: Vector = tuple((0, None) for _ in self.tps)
+        self._head: Vector = tuple((0, None) for _ in self.tps)
+        self._slots: list[Slot] = list(self._head)  # the head, as each pass moves it
         self.seen_seq = 0  # the last ring item this hub has taken into its head
         self.groups: dict[str, tuple[Optional[Filter], set[Subscription]]] = {}
         self.subscriptions: set[Subscription] = set()
@@ -476,11 +485,12 @@ class Hub:
         self.skipped_records = 0
         self.skipped_reasons: dict[str, int] = {}  # skipped_records by reason (decode_checked)
         self._tail: Any = None  # the shared rings while this hub follows them
-        self._incoming: list[Item] = []  # from the rings, not yet sent
-        self._frags: list[str] = []
+        self.incoming: list[Item] = []  # from the rings (Rings.hand_over), not yet sent
+        self._frags: list[bytes] = []
         self._cut = Cutter(self._send_live)  # one per hub: a pass makes none
         # max_gap 0: each pass on the turn after records arrive
         self._pacer = Pacer(clock, max_gap, self._fan_out, defer=True)
+        self.paced = max_gap > 0  # passes at most every max_gap, else the rings run them
         self.on_empty: Optional[Callable[["Hub"], None]] = None
         self.rings_: list[PartitionRing] = []
         self.ring_set: set[PartitionRing] = set()
@@ -506,7 +516,7 @@ class Hub:
         self.head = tuple(ring.head for ring in self.rings_)
         self._frags = id_parts(self.tps, self.head, self.suffix)
         self.seen_seq = self.shared.seq
-        self._incoming = []
+        self.incoming = []
         for ring in self.rings_:
             ring.hubs.add(self)
         self._tail = self.shared
@@ -517,10 +527,20 @@ class Hub:
             self.shared.release(self, self.rings_)
         self._pacer.cancel()
         self.shared.cancel_pass(self)
-        self._incoming = []
+        self.incoming = []
         self.waiting.clear()
         for sub in list(self.subscriptions):
             sub.cancel()
+
+    @property
+    def head(self) -> Vector:
+        """Where the set stands after the last item a pass took."""
+        return self._head
+
+    @head.setter
+    def head(self, vector: Vector) -> None:
+        self._head = tuple(vector)
+        self._slots = list(vector)
 
     @property
     def ring_base(self) -> Vector:
@@ -606,29 +626,20 @@ class Hub:
         its own rings): into the rings, and from there to the next pass."""
         self.shared.on_records(records)
 
-    def _on_items(self, items: list[Item]) -> None:
-        """Queue ring items for the next fan-out pass (see the module docstring)."""
-        self._incoming.extend(items)
-        if self._pacer.max_gap:
-            self._pacer.request()
-        else:
-            self.shared.pass_next_turn(self)  # what arrives in this turn joins the pass
-
     def _fan_out(self) -> None:
-        """Move the head over the queued items and send them to the live
-        clients, a batch at a time. With many sets this runs once per set
-        for every event, so what it makes per item is the least a set
-        needs: the head, and for live clients one Entry with its id."""
-        items, self._incoming = self._incoming, []
-        index, tps, suffix, frags = self.index, self.tps, self.suffix, self._frags
-        head = list(self.head)
+        """Move the head over the items the rings handed in and send them to
+        the live clients, a batch at a time. With many sets this runs once
+        per set for every event, so what it makes per item is the least a
+        set needs: the head, and for live clients one Entry with its id."""
+        items, self.incoming = self.incoming, []
+        index, tps, suffix, frags, head = self.index, self.tps, self.suffix, self._frags, self._slots
         cut = self._cut
-        vector: Optional[Vector] = None
+        moved = False  # the head moved after the last entry made
         for item in items:
             i = index.get(item.tp)
             if i is None or item.offset < head[i][0]:
                 continue
-            head[i] = (item.offset + 1, item.mark)
+            head[i] = item.slot
             frags[i] = item.fragment if i else first_part(item.fragment, suffix)
             self.seen_seq = item.seq
             data = item.data
@@ -637,14 +648,16 @@ class Hub:
                 self.skipped_records += 1
                 self.skipped_reasons[why] = self.skipped_reasons.get(why, 0) + 1
             if not self.groups:
-                vector = None
+                moved = True
                 continue  # nobody live: only the head moves
             # the head as a batch is sent stands after its last entry
-            self.head = vector = tuple(head)
+            self._head = vector = tuple(head)
+            moved = False
             entry = Entry(item.seq, item, _LAZY, data, tps, vector)
-            entry._id = "".join(frags)
+            entry._id = b"".join(frags)
             cut.add(entry)
-        self.head = vector if vector is not None else tuple(head)
+        if moved:
+            self._head = tuple(head)
         cut.flush()
         self._wake()
 

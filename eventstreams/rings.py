@@ -39,9 +39,9 @@ log = Logger()
 Slot = tuple[int, Optional[Mark]]
 
 # What an item costs beyond its data and fragment: the object, its mark
-# tuple and ints, the bytes and str headers, its ring slot and its place in
-# the eviction order (measured with sys.getsizeof, rounded up).
-ITEM_OVERHEAD = 400
+# and slot tuples and ints, the bytes headers, its ring slot and its place
+# in the eviction order (measured with sys.getsizeof, rounded up).
+ITEM_OVERHEAD = 460
 EVENT_CACHE = 1024  # decoded events kept for filters and bridges, over all rings
 
 
@@ -79,7 +79,7 @@ class Item:
     partition, offset, timestamp). `data` is None for a skipped record: it
     only moves the id."""
 
-    __slots__ = ("seq", "topic", "partition", "tp", "offset", "mark", "data", "fragment")
+    __slots__ = ("seq", "topic", "partition", "tp", "offset", "mark", "slot", "data", "fragment")
 
     def __init__(self, seq: int, topic: str, partition: int, offset: int, mark: Mark,
                  data: Optional[bytes], tp: Optional[TopicPartition] = None):
@@ -90,9 +90,10 @@ class Item:
         self.tp = tp if tp is not None else (topic, partition)
         self.offset = offset
         self.mark = mark  # the partition's mark after this record
+        self.slot = (offset + 1, mark)  # where a set stands after it, shared by all
         self.data = data
-        # as it follows another partition's entry in an id (hub.id_parts)
-        self.fragment = "," + id_fragment(topic, partition, offset + 1, mark) + "}"
+        # as it follows another partition's entry in an id, in UTF-8 (hub.id_parts)
+        self.fragment = b"," + id_fragment(topic, partition, offset + 1, mark).encode("utf-8") + b"}"
 
     @property
     def timestamp(self) -> int:
@@ -350,13 +351,6 @@ class Rings:
 
     # -- passes -------------------------------------------------------------
 
-    def pass_next_turn(self, hub: Any) -> None:
-        """Run hub._fan_out() on the next reactor turn: one timer for every
-        hub that has items, however many sets there are."""
-        self._due[hub] = None
-        if self._call is None:
-            self._call = self.clock.callLater(0, self._passes)
-
     def cancel_pass(self, hub: Any) -> None:
         self._due.pop(hub, None)
 
@@ -421,17 +415,28 @@ class Rings:
                                 and pair[1].seq >= pair[0].items[pair[0].first].seq)  # type: ignore[union-attr]
 
     def _hand_over(self, added: list[tuple[PartitionRing, Item]]) -> None:
+        """Queue the items for every hub whose set includes their partitions
+        (hub.incoming) and run its pass (hub._fan_out) on the next turn,
+        which takes what else arrives in this one: one timer for every hub,
+        however many sets there are; a paced hub runs its pass itself."""
         touched = {ring for ring, _ in added}
-        hubs: set[Any] = set()
-        for ring in touched:
-            hubs |= ring.hubs
+        if len(touched) == 1:
+            hubs: Any = added[0][0].hubs
+        else:
+            hubs = set()
+            for ring in touched:
+                hubs |= ring.hubs
         everything = [item for _, item in added]
+        due = self._due
         for hub in hubs:
             mine = hub.ring_set
-            if touched <= mine:
-                hub._on_items(everything)
+            hub.incoming.extend(everything if touched <= mine else [item for ring, item in added if ring in mine])
+            if hub.paced:
+                hub._pacer.request()
             else:
-                hub._on_items([item for ring, item in added if ring in mine])
+                due[hub] = None
+        if due and self._call is None:
+            self._call = self.clock.callLater(0, self._passes)
 
 
 def merged(iterators: list[Iterator[Item]]) -> Iterator[Item]:

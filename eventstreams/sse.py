@@ -26,7 +26,7 @@ NDJSON_HEARTBEAT = b"\n"
 def event_parts(entry: Entry) -> list[bytes]:
     """`event: message`, the id over every partition, one `data:` line, in
     pieces: event_frame joins them, chunked_frame joins them into a chunk."""
-    return [b"event: message\nid: ", entry.id_text().encode("utf-8"), b"\ndata: ", entry.data or b"", b"\n\n"]
+    return [b"event: message\nid: ", entry.id_bytes(), b"\ndata: ", entry.data or b"", b"\n\n"]
 
 
 def event_frame(entry: Entry) -> bytes:
@@ -40,7 +40,7 @@ def id_frame(entry: Entry) -> bytes:
     """A block with only an id: moves the client's Last-Event-ID, dispatches nothing."""
     frame = entry.frames.get("id")
     if frame is None:
-        frame = entry.frames["id"] = b"id: " + entry.id_text().encode("utf-8") + b"\n\n"
+        frame = entry.frames["id"] = b"id: " + entry.id_bytes() + b"\n\n"
     return frame
 
 
