@@ -7,8 +7,14 @@ time, one pass each, as at `bench combos`' 50 events/s; the clients ask
 for the same sets as bench combos' (random stream and partition subsets,
 then all on one set). It prints the CPU per delivery and per set and
 event: the part of the server's CPU per delivery that the number of sets
-changes, without the noise of a loaded machine (`bench combos` measures
-the whole; `bench.fanout` one set's loop with 10,000 clients).
+changes, without the network (`bench combos` measures the whole;
+`bench.fanout` one set's loop with 10,000 clients).
+
+CPU time on a shared machine swings by half from run to run: `--repeat`
+prints the run that took least, and `--instructions` counts instead of
+timing, under valgrind's callgrind (the same count every run): the
+instructions per event, from two runs of different lengths so that what
+is made once (the hubs, the clients) drops out, and per set and event.
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ import gc
 import json
 import os
 import random
+import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -112,6 +121,21 @@ def run(clients: int, events: int, one_set: bool) -> dict[str, Any]:
             "writes": sum(t.writes for t in transports), "bytes": counters.bytes_sent}
 
 
+def instructions(mode: str, clients: int, events: tuple[int, int] = (20, 60)) -> dict[str, Any]:
+    """Instructions per event of `mode`, counted by callgrind."""
+    counts, result = [], {}
+    for n in events:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m", "bench.setcost",
+             "--clients", str(clients), "--events", str(n), "--mode", mode],
+            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+        counts.append(int(re.search(r"Collected : (\d+)", out.stderr).group(1)))  # type: ignore[union-attr]
+        result = json.loads(out.stdout)
+    per_event = (counts[1] - counts[0]) / (events[1] - events[0])
+    return {"mode": result["mode"], "instructions_per_event": round(per_event),
+            "sets_per_event": result["sets_per_event"], "deliveries_per_event": result["deliveries_per_event"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.setcost", description=__doc__)
     parser.add_argument("--clients", type=int, default=1000)
@@ -119,7 +143,13 @@ def main() -> None:
     parser.add_argument("--mode", choices=["both", "random", "one"], default="both")
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode; the one that took least CPU is printed "
                         "(a shared machine's noise only ever adds)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions under valgrind instead of timing (slow: about a minute a mode)")
     args = parser.parse_args()
+    if args.instructions:
+        for mode in {"both": ("random", "one"), "random": ("random",), "one": ("one",)}[args.mode]:
+            print(json.dumps(instructions(mode, args.clients)), flush=True)
+        return
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)  # as the daemon (eventstreams.core)
     for one_set in {"both": (False, True), "random": (False,), "one": (True,)}[args.mode]:
