@@ -567,10 +567,16 @@ class IRCAbuseTestCase(DaemonTestCase):
         return client
 
     async def healthy_in_channel(self) -> "TimedIRC":
-        """Channels for LIST to answer, and a client in #en.wikipedia."""
-        await self.post([irc_event(0, f"w{n}.wikipedia.org") for n in range(IRC_CHANNELS - 1)] + [irc_event(0)])
+        """Channels for LIST to answer, and a client in #en.wikipedia. The
+        bridge follows the stream from when its feed has started, which the
+        listening ports do not tell: the channels' events are posted again
+        (without a `sent:` time, so no latency counts them) until the
+        channel is there."""
+        channels = [irc_event(0, f"w{n}.wikipedia.org") for n in range(IRC_CHANNELS - 1)] + [irc_event(0)]
+        await self.post(channels)
         client = await self.irc_client()
         deadline = time.monotonic() + 10
+        posted = time.monotonic()
         while True:
             start = len(client.lines)
             client.send("JOIN #en.wikipedia")
@@ -578,6 +584,9 @@ class IRCAbuseTestCase(DaemonTestCase):
             if any(" 366 " in line for line in client.lines[start:]):
                 return client
             self.assertLess(time.monotonic(), deadline, "the channel never appeared")
+            if time.monotonic() - posted > 1:
+                await self.post([dict(event, comment="again") for event in channels])
+                posted = time.monotonic()
             await sleep(0.1)
 
     async def measure(self, client: "TimedIRC", seconds: float) -> dict[str, Any]:
