@@ -57,7 +57,7 @@ from .rcstream_clients import ROOT
 from .support import StreamClient, Waiters, free_port, rc_event, sleep, write_config
 from .test_daemon import Child, DaemonTestCase
 from .test_irc import RawIRC
-from .test_rcstream import RCStreamCase
+from .test_rcstream import RCStreamCase, close_handshake_timers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `twistd -n`, optionally under a lower open-files limit (RLIMIT_NOFILE).
@@ -804,6 +804,9 @@ class RCStreamAbuseCase(RCStreamCase):
         observer = cast(ILogObserver, observe)  # (any callable of an event is one)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
+        # After the test's own cleanups (newest run first): the attacks' WebSockets close in
+        # this process's daemon, and autobahn's close-handshake timers outlive them.
+        self.addCleanup(lambda: ensureDeferred(close_handshake_timers()))
 
     async def attack(self, d: Any, name: str, arg: Any) -> dict:
         """Run bench/attacks_rcstream.py's attack in a process of its own,
