@@ -33,8 +33,8 @@ from zope.interface import implementer
 from .backends.base import Backend, Record, TopicPartition
 from .filters import Filter
 from .pacing import Pacer
-from .positions import Mark, Partitions, advance, cluster_suffix, encode_id, id_fragment
-from .rings import Item, PartitionRing, Rings, decode_checked, events, merged
+from .positions import Mark, Partitions, advance, cluster_suffix, encode_id
+from .rings import Item, PartitionRing, Rings, decode_checked, events, fragment_of, merged
 
 __all__ = ["LIVE", "Batch", "Entry", "Hub", "Hubs", "Sink", "Subscription", "TooManySets", "decode_checked",
            "decode_record", "matching"]
@@ -135,11 +135,6 @@ def id_parts(tps: Sequence[TopicPartition], vector: Vector, suffix: bytes) -> li
         parts[0] = first_part(parts[0], suffix)
     parts.append(b"]")
     return parts
-
-
-def fragment_of(tp: TopicPartition, slot: Slot) -> bytes:
-    """A partition's entry of an id as it follows another's, in UTF-8."""
-    return b"," + id_fragment(tp[0], tp[1], slot[0], slot[1]).encode("utf-8") + b"}"
 
 
 def first_part(fragment: bytes, suffix: bytes) -> bytes:

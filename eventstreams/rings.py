@@ -74,6 +74,11 @@ def decode_checked(record: Record) -> tuple[Optional[dict], Optional[bytes], str
     return event, data, ""
 
 
+def fragment_of(tp: TopicPartition, slot: Slot) -> bytes:
+    """A partition's entry of an id as it follows another's, in UTF-8."""
+    return b"," + id_fragment(tp[0], tp[1], slot[0], slot[1]).encode("utf-8") + b"}"
+
+
 class Item:
     """One record as a ring keeps it (it stands in for the Record: topic,
     partition, offset, timestamp). `data` is None for a skipped record: it
@@ -92,8 +97,7 @@ class Item:
         self.mark = mark  # the partition's mark after this record
         self.slot = (offset + 1, mark)  # where a set stands after it, shared by all
         self.data = data
-        # as it follows another partition's entry in an id, in UTF-8 (hub.id_parts)
-        self.fragment = b"," + id_fragment(topic, partition, offset + 1, mark).encode("utf-8") + b"}"
+        self.fragment = fragment_of(self.tp, self.slot)  # every set's ids join it (hub.id_parts)
 
     @property
     def timestamp(self) -> int:
