@@ -23,16 +23,10 @@ NDJSON_START = b"\n"
 NDJSON_HEARTBEAT = b"\n"
 
 
-EVENT_HEAD = b"event: message\nid: "
-DATA_HEAD = b"\ndata: "
-EVENT_END = b"\n\n"
-FRAMING = len(EVENT_HEAD) + len(DATA_HEAD) + len(EVENT_END)  # an event frame's bytes but its id and data
-
-
 def event_parts(entry: Entry) -> list[bytes]:
     """`event: message`, the id over every partition, one `data:` line, in
-    pieces: event_frame joins them, event_chunk joins them into a chunk."""
-    return [EVENT_HEAD, entry.id_bytes(), DATA_HEAD, entry.data or b"", EVENT_END]
+    pieces: event_frame joins them, chunked_frame joins them into a chunk."""
+    return [b"event: message\nid: ", entry.id_bytes(), b"\ndata: ", entry.data or b"", b"\n\n"]
 
 
 def event_frame(entry: Entry) -> bytes:
@@ -67,29 +61,22 @@ def chunk_of(parts: list[bytes]) -> bytes:
     return b"".join([b"%x\r\n" % sum(map(len, parts)), *parts, b"\r\n"])
 
 
-def event_chunk(entry: Entry) -> bytes:
-    """An event's frame as one HTTP/1.1 chunk, joined in one copy, not
-    framed and then copied into a chunk: with many sets, every set builds
-    its own for every event."""
-    parts = event_parts(entry)
-    return b"".join([b"%x\r\n" % (FRAMING + len(parts[1]) + len(parts[3])), *parts, b"\r\n"])
-
-
 FRAME_KEYS = {(ndjson, chunked): ("ndjson" if ndjson else "sse") + ("-chunk" if chunked else "")
               for ndjson in (False, True) for chunked in (False, True)}
 
 
-def chunked_frame(entry: Entry, ndjson: bool, key: str = "") -> bytes:
-    """An event as a ready HTTP chunk (key: FRAME_KEYS' for it), built once
-    per entry and shared."""
-    key = key or FRAME_KEYS[ndjson, True]
+def chunked_frame(entry: Entry, ndjson: bool) -> bytes:
+    """An event as a ready HTTP chunk, built once per entry and shared.
+    The SSE chunk is joined in one go, not framed and then copied into a
+    chunk: with many sets, every set builds its own for every event."""
+    key = FRAME_KEYS[ndjson, True]
     frame = entry.frames.get(key)
     if frame is None:
         if ndjson:
             frame = chunk(ndjson_line(entry))
         else:
             cached = entry.frames.get("sse")
-            frame = chunk(cached) if cached is not None else event_chunk(entry)
+            frame = chunk(cached) if cached is not None else chunk_of(event_parts(entry))
         entry.frames[key] = frame
     return frame
 
@@ -102,7 +89,7 @@ def batch_frame(batch: Batch, ndjson: bool, chunked: bool) -> bytes:
     if frame is None:
         matched = batch.matched
         if len(matched) == 1 and chunked:
-            frame = chunked_frame(matched[0], ndjson, key)
+            frame = chunked_frame(matched[0], ndjson)
         else:
             frames = [ndjson_line(e) if ndjson else event_frame(e) for e in matched]
             frame = chunk_of(frames) if chunked else b"".join(frames)
