@@ -19,8 +19,8 @@ Scenarios:
   abuse      issue 12: N SSE + N/10 IRC + N/10 Socket.IO healthy clients, quiet then every attack at once
              (bench/abuse.py)
   combos     issue 20: N clients over random stream and partition subsets (4 streams, 8 partitions each,
-             50 events/s), then the same N on one set: RSS over time, readers, CPU per delivery
-             (bench/combos.py)
+             50 events/s), then the same N on one set, then no client (what each event costs by
+             itself): RSS over time, readers, CPU per delivery (bench/combos.py)
 """
 from __future__ import annotations
 

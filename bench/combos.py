@@ -218,10 +218,31 @@ def run_one(args: Any, one_set: bool, count: int = 0, label: str = "") -> dict:
                     f"{max(r.latencies, default=float('nan')) * 1000:.1f}", "ms")
         base.report("gaps / duplicates (sampled clients)", f"{r.gaps} / {r.duplicates}")
         figures = {"cpu_per_delivery": per, "rss": server.rss_kib(), "gaps": r.gaps, "duplicates": r.duplicates,
-                   "per_event": r.frames / max(1, publisher.sent)}
+                   "per_event": r.frames / max(1, publisher.sent), "cpu": cpu_pub, "events": publisher.sent,
+                   "frames": r.frames}
     finally:
         server.stop()
     return figures
+
+
+def event_cost(args: Any) -> float:
+    """Server CPU per published event with no client connected."""
+    server = ComboServer(args.kafka, tuple(args.set))
+    try:
+        time.sleep(1)
+        cpu0 = server.cpu()
+        publisher = Publisher(server, args.rate or 50, args.seconds)
+        publisher.start()
+        publisher.join()
+        cpu = server.cpu() - cpu0  # measured as run_one does
+        print("## no clients", flush=True)
+        base.report("events published (failed posts)", f"{publisher.sent} ({publisher.failed})")
+        base.report("server CPU during publishing", f"{cpu:.1f}", "s")
+        per = cpu / max(1, publisher.sent)
+        base.report("server CPU per event", f"{per * 1e3:.2f}", "ms")
+    finally:
+        server.stop()
+    return per
 
 
 def run(args: Any) -> None:
@@ -233,9 +254,16 @@ def run(args: Any) -> None:
     # per event separates that from what the sets themselves cost.
     matched = max(1, round(random_sets["per_event"]))
     like = run_one(args, one_set=True, count=matched, label=f"one set, {matched} clients")
+    per_event = event_cost(args)
     print("## compared", flush=True)
     base.report("CPU per delivery, random sets / one set",
                 f"{random_sets['cpu_per_delivery'] / max(1e-9, one_set['cpu_per_delivery']):.2f}", "x")
     base.report(f"CPU per delivery, random sets / one set of {matched} (as many deliveries per event)",
                 f"{random_sets['cpu_per_delivery'] / max(1e-9, like['cpu_per_delivery']):.2f}", "x")
     base.report("RSS at end, random sets - one set", f"{(random_sets['rss'] - one_set['rss']) // 1024}", "MiB")
+    # What every event costs with no client, shared out over a leg's
+    # deliveries per event; the rest is what delivering costs.
+    for name, leg in (("random sets", random_sets), ("one set", one_set), (f"one set of {matched}", like)):
+        share = per_event / max(1e-9, leg["per_event"]) * 1e6
+        rest = (leg["cpu"] - per_event * leg["events"]) / max(1, leg["frames"]) * 1e6
+        base.report(f"{name}: CPU per delivery, the events' own / delivering", f"{share:.1f} / {rest:.1f}", "µs")
