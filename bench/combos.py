@@ -254,7 +254,7 @@ def run(args: Any) -> None:
     # per event separates that from what the sets themselves cost.
     matched = max(1, round(random_sets["per_event"]))
     like = run_one(args, one_set=True, count=matched, label=f"one set, {matched} clients")
-    per_event = event_cost(args)
+    event_cpu = event_cost(args)  # seconds per event
     print("## compared", flush=True)
     base.report("CPU per delivery, random sets / one set",
                 f"{random_sets['cpu_per_delivery'] / max(1e-9, one_set['cpu_per_delivery']):.2f}", "x")
@@ -264,6 +264,6 @@ def run(args: Any) -> None:
     # What every event costs with no client, shared out over a leg's
     # deliveries per event; the rest is what delivering costs.
     for name, leg in (("random sets", random_sets), ("one set", one_set), (f"one set of {matched}", like)):
-        share = per_event / max(1e-9, leg["per_event"]) * 1e6
-        rest = (leg["cpu"] - per_event * leg["events"]) / max(1, leg["frames"]) * 1e6
+        share = event_cpu / max(1e-9, leg["per_event"]) * 1e6
+        rest = (leg["cpu"] - event_cpu * leg["events"]) / max(1, leg["frames"]) * 1e6
         base.report(f"{name}: CPU per delivery, the events' own / delivering", f"{share:.1f} / {rest:.1f}", "µs")
