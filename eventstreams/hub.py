@@ -485,7 +485,7 @@ class Hub:
         self._cut = Cutter(self._send_live)  # one per hub: a pass makes none
         # max_gap 0: each pass on the turn after records arrive
         self._pacer = Pacer(clock, max_gap, self._fan_out, defer=True)
-        self.paced = max_gap > 0  # passes at most every max_gap, else the rings run them
+        self.paced = max_gap > 0  # passes at most every max_gap (request_pass), else the rings run them
         self.on_empty: Optional[Callable[["Hub"], None]] = None
         self.rings_: list[PartitionRing] = []
         self.ring_set: set[PartitionRing] = set()
@@ -620,6 +620,10 @@ class Hub:
         """Records of this hub's partitions, handed in directly (a hub with
         its own rings): into the rings, and from there to the next pass."""
         self.shared.on_records(records)
+
+    def request_pass(self) -> None:
+        """Items are queued on a paced hub: its pass runs when due."""
+        self._pacer.request()
 
     def _fan_out(self) -> None:
         """Move the head over the items the rings handed in and send them to

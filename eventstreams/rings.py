@@ -422,7 +422,8 @@ class Rings:
         """Queue the items for every hub whose set includes their partitions
         (hub.incoming) and run its pass (hub._fan_out) on the next turn,
         which takes what else arrives in this one: one timer for every hub,
-        however many sets there are; a paced hub runs its pass itself."""
+        however many sets there are; a paced hub's pass runs when due
+        (hub.request_pass)."""
         touched = {ring for ring, _ in added}
         if len(touched) == 1:
             hubs: Any = added[0][0].hubs
@@ -436,7 +437,7 @@ class Rings:
             mine = hub.ring_set
             hub.incoming.extend(everything if touched <= mine else [item for ring, item in added if ring in mine])
             if hub.paced:
-                hub._pacer.request()
+                hub.request_pass()
             else:
                 due[hub] = None
         if due and self._call is None:
